@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (built from proto/ at install time, never committed)."""
