@@ -58,6 +58,10 @@ class ModelRunner:
         log.info("loaded %s (%s, %s) in %.1fs", path, dtype, device, time.perf_counter() - started)
         return cls(model, torch.device(device))
 
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+
     @torch.inference_mode()
     def forward(self, states: list[SequenceState], logits_to_keep: int) -> torch.Tensor:
         """Feeds each sequence its uncached tokens in one batched forward and caches them.
@@ -65,9 +69,10 @@ class ModelRunner:
         Returns logits [batch, logits_to_keep, vocab] for each sequence's last positions (row i's
         last m entries belong to sequence i's last m tokens).
         """
+        for state in states:
+            if state.kv_len >= len(state.tokens):  # fully cached: recompute the last token for its logits
+                state.kv = state.kv[:, :, :, :len(state.tokens) - 1] if len(state.tokens) > 1 else None
         feeds = [s.tokens[s.kv_len:] for s in states]
-        if any(not f for f in feeds):
-            raise ValueError("every sequence needs at least one uncached token")
         batch, n_new = len(states), max(len(f) for f in feeds)
         n_past = max(s.kv_len for s in states)
         input_ids = torch.zeros((batch, n_new), dtype=torch.long)

@@ -39,7 +39,7 @@ def test_verified_tokens_follow_target_distribution(sampling: Sampling) -> None:
         drafted = [sample_truncated(draft_logits[i], sampling, top_m=4, generator=draft_gen) for i in range(K)]
         drafts = [d[0] for d in drafted]
         accepted, nxt = verify_sampled(p, drafts, [(d[1], d[2]) for d in drafted], target_gen)
-        emitted = drafts[:accepted] + [nxt]
+        emitted = [*drafts[:accepted], nxt]
         first[emitted[0]] += 1
         if len(emitted) > 1:
             second[emitted[1]] += 1

@@ -1,0 +1,103 @@
+"""The `minedraft` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local folders, never from a hub at run time
+
+
+def _run_async(serve) -> int:
+    asyncio.run(serve)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from minedraft.client import Generation, absorb, make_request, stream
+
+    request = make_request(prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                           top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+    result = Generation()
+    with grpc.insecure_channel(args.addr) as channel:
+        try:
+            for response in stream(channel, request, timeout=args.timeout):
+                absorb(result, response)
+                if response.HasField("chunk") and not args.json:
+                    print(response.chunk.text, end="", flush=True)
+        except grpc.RpcError as error:
+            print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(result.as_json()))
+    else:
+        stats = result.stats
+        drafted = int(stats.get("drafted_tokens", 0))
+        alpha = int(stats.get("accepted_tokens", 0)) / drafted if drafted else 0.0
+        print(f"\n[{result.finish_reason}] {stats.get('completion_tokens')} tokens in "
+              f"{float(stats.get('total_s', 0)):.2f}s, alpha {alpha:.2f}", file=sys.stderr)
+    return 0
+
+
+def cmd_models_tiny(args: argparse.Namespace) -> int:
+    from minedraft.tiny_models import build_tiny_pair
+
+    target, draft = build_tiny_pair(args.out, noise=args.noise)
+    print(f"target: {target}\ndraft: {draft}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from minedraft import launcher
+    from services.draft import main as draft_main
+    from services.router import main as router_main
+    from services.target import main as target_main
+
+    parser = argparse.ArgumentParser(prog="minedraft", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("MINEDRAFT_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start draft, target and router on loopback")
+    launcher.add_args(serve)
+    serve.set_defaults(func=launcher.serve)
+
+    for name, module in (("draft", draft_main), ("target", target_main), ("router", router_main)):
+        p = sub.add_parser(name, help=f"start the {name} service alone")
+        module.add_args(p)
+        p.set_defaults(func=lambda a, m=module: _run_async(m.serve(a)))
+
+    gen = sub.add_parser("generate", help="stream a generation from a running router")
+    gen.add_argument("prompt")
+    gen.add_argument("--addr", default="127.0.0.1:50051")
+    gen.add_argument("--max-tokens", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    gen.set_defaults(func=cmd_generate)
+
+    models = sub.add_parser("models", help="prepare models").add_subparsers(dest="models_command", required=True)
+    tiny = models.add_parser("tiny", help="write a tiny random-weight draft/target pair")
+    tiny.add_argument("--out", default="models/tiny")
+    tiny.add_argument("--noise", type=float, default=0.05)
+    tiny.set_defaults(func=cmd_models_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

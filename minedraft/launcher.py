@@ -1,0 +1,131 @@
+"""`minedraft serve`: draft, target and router as three processes on loopback, stopped together."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", default="psd", choices=["ar", "sd", "psd"])
+    parser.add_argument("--port", type=int, default=50051, help="the router's public port")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--draft-model", required=True)
+    parser.add_argument("--target-model", required=True)
+    parser.add_argument("--draft-port", type=int, default=0, help="0: pick a free port")
+    parser.add_argument("--target-port", type=int, default=0, help="0: pick a free port")
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--top-m", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="device of both models (see --draft-device)")
+    parser.add_argument("--draft-device", default=None)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CPU, give the draft and the target disjoint cores (half each)")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def core_split() -> tuple[str, str] | None:
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None
+    half = len(cores) // 2
+    return ",".join(map(str, cores[:half])), ",".join(map(str, cores[half:]))
+
+
+def commands(args: argparse.Namespace) -> dict[str, list[str]]:
+    draft_port, target_port = args.draft_port or free_port(), args.target_port or free_port()
+    cli = [sys.executable, "-m", "minedraft.cli"]
+    common = ["--dtype", args.dtype, "--host", "127.0.0.1"]
+    draft = [*cli, "draft", "--model", args.draft_model, "--port", str(draft_port), "--top-m", str(args.top_m),
+             "--device", args.draft_device or args.device, *common]
+    target = [*cli, "target", "--model", args.target_model, "--port", str(target_port), "--device", args.device,
+              *common]
+    split = core_split() if args.pin_cores and args.device == "cpu" else None
+    if split:
+        draft_cores, target_cores = split
+        draft += ["--cpu-cores", draft_cores, "--threads", str(len(draft_cores.split(",")))]
+        target += ["--cpu-cores", target_cores, "--threads", str(len(target_cores.split(",")))]
+    router = [*cli, "router", "--mode", args.mode, "--port", str(args.port), "--host", args.host,
+              "--target-addr", f"127.0.0.1:{target_port}", "--draft-addr", f"127.0.0.1:{draft_port}",
+              "--tokenizer", args.target_model, "--k", str(args.k), "--max-batch", str(args.max_batch)]
+    procs = {"target": target, "router": router}
+    if args.mode != "ar":
+        procs = {"draft": draft, **procs}
+    return procs
+
+
+class Cluster:
+    """The three processes; stop() sends SIGTERM to each (they drain), then waits."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.address = f"{args.host}:{args.port}"
+        self.procs = {name: subprocess.Popen(cmd) for name, cmd in commands(args).items()}
+
+    def wait_ready(self, timeout_s: float = 900.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                for name, proc in self.procs.items():
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.25)
+        raise TimeoutError(f"the cluster was not serving after {timeout_s:.0f}s")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(args: argparse.Namespace) -> int:
+    cluster = Cluster(args)
+    stop_requested = False
+
+    def on_signal(signum, frame) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        cluster.wait_ready()
+        print(f"minedraft serving on {cluster.address} (mode {args.mode})", flush=True)
+        while not stop_requested and all(p.poll() is None for p in cluster.procs.values()):
+            time.sleep(0.2)
+    finally:
+        cluster.stop()
+    return 0 if stop_requested else 1

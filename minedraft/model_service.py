@@ -1,0 +1,68 @@
+"""Start-up shared by the draft and the target service: arguments, core pinning, loading, warm-up."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable
+
+import grpc
+import torch
+
+from minedraft.grpc_server import ServiceHost
+from minedraft.model_runner import DTYPES, ModelRunner
+from minedraft.sampling import Sampling
+from minedraft.servicing import EngineServicer
+
+log = logging.getLogger(__name__)
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
+    parser.add_argument("--model", required=True, help="local Hugging Face model folder")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=default_port)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--cpu-cores", default=None, help="pin the process to these cores, e.g. 0 or 0-3")
+
+
+def parse_cores(spec: str) -> set[int]:
+    cores: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cores.update(range(int(lo), int(hi or lo) + 1))
+    return cores
+
+
+async def serve_model(args: argparse.Namespace, service_name: str, servicer: EngineServicer,
+                      add_to_server: Callable[[object, grpc.aio.Server], None],
+                      build_engine: Callable[[ModelRunner], object]) -> None:
+    """Serves NOT_SERVING while the model loads and warms up on the device thread, then SERVING."""
+    if args.cpu_cores:
+        os.sched_setaffinity(0, parse_cores(args.cpu_cores))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    host = ServiceHost(args.host, args.port, [service_name])
+    add_to_server(servicer, host.server)
+
+    async def load_and_warm() -> None:
+        runner, _, load_ms = await servicer.worker.run(ModelRunner.load, args.model, args.device, args.dtype)
+        engine = build_engine(runner)
+        await servicer.worker.run(warm_up, engine)
+        servicer.engine = engine
+        log.info("%s ready: %s on %s (loaded in %.1fs)", service_name, args.model, args.device, load_ms / 1e3)
+
+    await host.run(load_and_warm)
+    servicer.worker.shutdown()
+
+
+def warm_up(engine) -> None:
+    """One prefill and one step of a throwaway sequence, so the first request pays no first-call costs."""
+    engine.prefill([("warm-up", [0, 1, 2, 3], Sampling())])
+    if hasattr(engine, "propose"):
+        engine.propose([("warm-up", 4, [], 2)])
+    else:
+        engine.verify([("warm-up", [])])
+    engine.release(["warm-up"])

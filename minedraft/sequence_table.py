@@ -1,0 +1,45 @@
+"""The sequences a service holds, by id, with the checks every service applies to a batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from minedraft.errors import InvalidArgument, NotFound
+from minedraft.model_runner import SequenceState
+
+
+class SequenceTable:
+    def __init__(self, max_context: int, vocab_size: int) -> None:
+        self.max_context = max_context
+        self.vocab_size = vocab_size
+        self._seqs: dict[str, SequenceState] = {}
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def get(self, seq_id: str) -> SequenceState:
+        try:
+            return self._seqs[seq_id]
+        except KeyError:
+            raise NotFound(f"unknown sequence {seq_id!r} (never prefilled, or released)") from None
+
+    def put(self, seq_id: str, state: SequenceState) -> None:
+        self._seqs[seq_id] = state
+
+    def release(self, seq_ids: Iterable[str]) -> int:
+        return sum(self._seqs.pop(seq_id, None) is not None for seq_id in seq_ids)
+
+    def check_batch(self, seq_ids: list[str]) -> None:
+        if not seq_ids:
+            raise InvalidArgument("empty batch")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise InvalidArgument("a sequence appears twice in one batch")
+        if any(not seq_id for seq_id in seq_ids):
+            raise InvalidArgument("empty sequence id")
+
+    def check_tokens(self, tokens: list[int], extra: int = 0) -> None:
+        if any(t < 0 or t >= self.vocab_size for t in tokens):
+            raise InvalidArgument(f"token id outside the vocabulary [0, {self.vocab_size})")
+        if len(tokens) + extra > self.max_context:
+            raise InvalidArgument(f"sequence of {len(tokens) + extra} tokens exceeds the context of "
+                                  f"{self.max_context}")

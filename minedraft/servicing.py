@@ -1,0 +1,48 @@
+"""The one place where a servicer hands work to its device and turns failures into gRPC statuses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+
+from minedraft.device_worker import DeviceWorker
+from minedraft.errors import ServiceError
+from minedraft.protos import common_pb2
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def run_engine(worker: DeviceWorker, context: grpc.aio.ServicerContext, batch_size: int,
+                     fn: Callable[..., T], *args) -> tuple[T, common_pb2.StepStats]:
+    """Runs fn(*args) on the device thread; a ServiceError becomes its status, anything else INTERNAL."""
+    try:
+        result, queue_ms, run_ms = await worker.run(fn, *args)
+    except ServiceError as error:
+        await context.abort(error.code, str(error))
+    except Exception as error:  # a bug or a device fault: report it, keep serving the other requests
+        log.exception("%s failed", getattr(fn, "__name__", fn))
+        await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+    return result, common_pb2.StepStats(forward_ms=run_ms, queue_ms=queue_ms, batch_size=batch_size)
+
+
+class EngineServicer:
+    """Base of the draft and target servicers: the engine arrives once the model has loaded."""
+
+    def __init__(self, worker: DeviceWorker) -> None:
+        self.worker = worker
+        self.engine = None
+
+    async def call(self, context: grpc.aio.ServicerContext, batch_size: int, method: str,
+                   *args) -> tuple[object, common_pb2.StepStats]:
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model still loading")
+        return await run_engine(self.worker, context, batch_size, getattr(self.engine, method), *args)
+
+    async def Release(self, request: common_pb2.ReleaseRequest,
+                      context: grpc.aio.ServicerContext) -> common_pb2.ReleaseResponse:
+        released, _ = await self.call(context, 0, "release", list(request.seq_ids))
+        return common_pb2.ReleaseResponse(released=released, still_held=len(self.engine.table))

@@ -1,0 +1,1 @@
+"""minedraft's three gRPC services: draft, target and router."""

@@ -1,0 +1,1 @@
+"""The router: the public streaming API and the lanes that keep both devices busy."""

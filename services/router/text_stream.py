@@ -1,0 +1,62 @@
+"""Incremental detokenisation with stop strings: streams only text that is final.
+
+Text is released once the tokenizer's decoding of it can no longer change (no dangling partial
+UTF-8 sequence, merged tokens settled) and it cannot be the beginning of a stop string.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+
+class TextStream:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.ids: list[int] = []
+        self.text = ""  # decoded text that no later token can change
+        self.sent = 0  # characters of self.text already streamed
+        self._prefix = 0  # ids[_prefix:_read] decode to the tail of self.text (the context of the next token)
+        self._read = 0
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> None:
+        """Adds one generated token; afterwards check `stopped`."""
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+        longest = max((len(s) for s in self.stops), default=0)
+        window_start = max(0, self.sent - longest)
+        hits = [i for i in (self.text.find(s, window_start) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+
+    def take(self, final: bool = False) -> str:
+        """Text ready to stream now. Holds back a tail that may still grow into a stop string, unless final."""
+        end = len(self.text)
+        if not final and not self.stopped:
+            end -= self._stop_prefix_len()
+        if final and not self.stopped:  # flush what was waiting on more bytes
+            self.text += self._decode(self.ids[self._prefix:])[len(self._decode(self.ids[self._prefix:self._read])):]
+            self._prefix = self._read = len(self.ids)
+            end = len(self.text)
+        delta = self.text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return delta
+
+    def _stop_prefix_len(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        best = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.text)), best, -1):
+                if self.text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best

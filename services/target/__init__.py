@@ -1,0 +1,1 @@
+"""The target service: verifies drafts with the large model, losslessly."""
