@@ -53,8 +53,18 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from minedraft.models.registry import DEFAULT_PAIR
+    from minedraft.models.store import fetch_human_eval, fetch_model
+
+    for role, model in DEFAULT_PAIR.items():
+        print(f"{role}: {fetch_model(model)}", flush=True)
+    print(f"prompts: {fetch_human_eval()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from minedraft import launcher
+    from minedraft import demo, launcher
     from services.draft import main as draft_main
     from services.router import main as router_main
     from services.target import main as target_main
@@ -90,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", default="models/tiny")
     tiny.add_argument("--noise", type=float, default=0.05)
     tiny.set_defaults(func=cmd_models_tiny)
+    fetch = models.add_parser("fetch", help="fetch, verify and convert the embedded default pair (idempotent)")
+    fetch.set_defaults(func=cmd_models_fetch)
+
+    demo_parser = sub.add_parser("demo", help="stream one answer through a psd cluster on the default pair")
+    demo.add_args(demo_parser)
+    demo_parser.set_defaults(func=demo.run)
     return parser
 
 

@@ -41,7 +41,8 @@ def make_request(prompt: str | None = None, messages: list[dict] | None = None, 
 
 def stream(channel: grpc.Channel, request: generate_pb2.GenerateRequest, timeout: float | None = None
            ) -> Iterator[generate_pb2.GenerateResponse]:
-    yield from generate_pb2_grpc.GenerationStub(channel).Generate(request, timeout=timeout)
+    """The server stream: iterate it for responses; `.cancel()` ends it early."""
+    return generate_pb2_grpc.GenerationStub(channel).Generate(request, timeout=timeout)
 
 
 def collect(responses) -> Generation:

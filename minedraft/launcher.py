@@ -17,8 +17,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="psd", choices=["ar", "sd", "psd"])
     parser.add_argument("--port", type=int, default=50051, help="the router's public port")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--draft-model", required=True)
-    parser.add_argument("--target-model", required=True)
+    parser.add_argument("--draft-model", default="default-draft", help="preset, .gguf file or model folder")
+    parser.add_argument("--target-model", default="default-target", help="preset, .gguf file or model folder")
     parser.add_argument("--draft-port", type=int, default=0, help="0: pick a free port")
     parser.add_argument("--target-port", type=int, default=0, help="0: pick a free port")
     parser.add_argument("--k", type=int, default=4)
@@ -47,8 +47,7 @@ def core_split() -> tuple[str, str] | None:
     return ",".join(map(str, cores[:half])), ",".join(map(str, cores[half:]))
 
 
-def commands(args: argparse.Namespace) -> dict[str, list[str]]:
-    draft_port, target_port = args.draft_port or free_port(), args.target_port or free_port()
+def commands(args: argparse.Namespace, draft_port: int, target_port: int) -> dict[str, list[str]]:
     cli = [sys.executable, "-m", "minedraft.cli"]
     common = ["--dtype", args.dtype, "--host", "127.0.0.1"]
     draft = [*cli, "draft", "--model", args.draft_model, "--port", str(draft_port), "--top-m", str(args.top_m),
@@ -62,7 +61,8 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
         target += ["--cpu-cores", target_cores, "--threads", str(len(target_cores.split(",")))]
     router = [*cli, "router", "--mode", args.mode, "--port", str(args.port), "--host", args.host,
               "--target-addr", f"127.0.0.1:{target_port}", "--draft-addr", f"127.0.0.1:{draft_port}",
-              "--tokenizer", args.target_model, "--k", str(args.k), "--max-batch", str(args.max_batch)]
+              "--tokenizer", args.target_model, "--draft-tokenizer", args.draft_model,
+              "--k", str(args.k), "--max-batch", str(args.max_batch)]
     procs = {"target": target, "router": router}
     if args.mode != "ar":
         procs = {"draft": draft, **procs}
@@ -74,13 +74,16 @@ class Cluster:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.address = f"{args.host}:{args.port}"
-        self.procs = {name: subprocess.Popen(cmd) for name, cmd in commands(args).items()}
+        self.draft_address = f"127.0.0.1:{args.draft_port or free_port()}"
+        self.target_address = f"127.0.0.1:{args.target_port or free_port()}"
+        cmds = commands(args, int(self.draft_address.rsplit(":", 1)[1]), int(self.target_address.rsplit(":", 1)[1]))
+        self.procs = {name: subprocess.Popen(cmd) for name, cmd in cmds.items()}
 
-    def wait_ready(self, timeout_s: float = 900.0) -> None:
+    def wait_ready(self, timeout_s: float = 900.0, should_stop=lambda: False) -> None:
         deadline = time.monotonic() + timeout_s
         with grpc.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not should_stop():
                 for name, proc in self.procs.items():
                     if proc.poll() is not None:
                         raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
@@ -91,6 +94,8 @@ class Cluster:
                 except grpc.RpcError:
                     pass
                 time.sleep(0.25)
+        if should_stop():
+            return
         raise TimeoutError(f"the cluster was not serving after {timeout_s:.0f}s")
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -122,7 +127,7 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        cluster.wait_ready()
+        cluster.wait_ready(should_stop=lambda: stop_requested)
         print(f"minedraft serving on {cluster.address} (mode {args.mode})", flush=True)
         while not stop_requested and all(p.poll() is None for p in cluster.procs.values()):
             time.sleep(0.2)

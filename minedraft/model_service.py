@@ -12,6 +12,7 @@ import torch
 
 from minedraft.grpc_server import ServiceHost
 from minedraft.model_runner import DTYPES, ModelRunner
+from minedraft.models.store import resolve_model
 from minedraft.sampling import Sampling
 from minedraft.servicing import EngineServicer
 
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
-    parser.add_argument("--model", required=True, help="local Hugging Face model folder")
+    parser.add_argument("--model", required=True, help="preset (default-draft, default-target), .gguf or folder")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=default_port)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -48,7 +49,8 @@ async def serve_model(args: argparse.Namespace, service_name: str, servicer: Eng
     add_to_server(servicer, host.server)
 
     async def load_and_warm() -> None:
-        runner, _, load_ms = await servicer.worker.run(ModelRunner.load, args.model, args.device, args.dtype)
+        model_path = str(resolve_model(args.model))
+        runner, _, load_ms = await servicer.worker.run(ModelRunner.load, model_path, args.device, args.dtype)
         engine = build_engine(runner)
         await servicer.worker.run(warm_up, engine)
         servicer.engine = engine

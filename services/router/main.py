@@ -11,6 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoConfig, AutoTokenizer
 
 from minedraft.grpc_server import CHANNEL_OPTIONS, ServiceHost
+from minedraft.models.compat import check_same_tokenizer
+from minedraft.models.store import resolve_model
 from minedraft.protos import draft_pb2_grpc, generate_pb2_grpc, target_pb2_grpc
 from services.router.scheduler import MODES, Scheduler
 from services.router.servicer import GenerationServicer
@@ -24,7 +26,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="psd", choices=MODES)
     parser.add_argument("--target-addr", default="127.0.0.1:50062")
     parser.add_argument("--draft-addr", default="127.0.0.1:50061")
-    parser.add_argument("--tokenizer", required=True, help="folder with the target's tokenizer and config")
+    parser.add_argument("--tokenizer", required=True, help="the target model (preset, .gguf or folder)")
+    parser.add_argument("--draft-tokenizer", default=None, help="the draft model, to check the tokenizers match")
     parser.add_argument("--k", type=int, default=4, help="draft tokens per round")
     parser.add_argument("--max-batch", type=int, default=16, help="most sequences in one lane")
     parser.add_argument("--default-max-tokens", type=int, default=256)
@@ -56,8 +59,11 @@ def eos_ids_of(tokenizer, config) -> frozenset[int]:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = AutoConfig.from_pretrained(args.tokenizer)
+    target_path = resolve_model(args.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(target_path)
+    config = AutoConfig.from_pretrained(target_path)
+    if args.mode != "ar" and args.draft_tokenizer:
+        check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(resolve_model(args.draft_tokenizer)))
     target_channel = grpc.aio.insecure_channel(args.target_addr, options=CHANNEL_OPTIONS)
     draft_channel = grpc.aio.insecure_channel(args.draft_addr, options=CHANNEL_OPTIONS) if args.mode != "ar" else None
     scheduler = Scheduler(target_pb2_grpc.TargetStub(target_channel),

@@ -1,0 +1,1 @@
+"""Where models come from: the embedded default pair, GGUF conversion and the local cache."""

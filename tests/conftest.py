@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny model pairs on disk and real clusters (three processes, gRPC on loopback)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+
+from minedraft.launcher import Cluster, add_args, free_port
+from minedraft.tiny_models import build_tiny_pair
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(target, draft): a draft that disagrees now and then."""
+    return build_tiny_pair(tmp_path_factory.mktemp("tiny"), noise=0.3)
+
+
+@pytest.fixture(scope="session")
+def identical_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(target, draft) with the same weights: every draft token must be accepted."""
+    return build_tiny_pair(tmp_path_factory.mktemp("same"), noise=0.0)
+
+
+def cluster_args(mode: str, target: Path, draft: Path, **extra) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    argv = ["--mode", mode, "--port", str(free_port()), "--target-model", str(target), "--draft-model", str(draft),
+            "--dtype", "float64"]
+    for key, value in extra.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return parser.parse_args(argv)
+
+
+class RunningClusters:
+    """Starts clusters on demand (all started ones boot in parallel) and stops them at the end."""
+
+    def __init__(self) -> None:
+        self.clusters: dict[tuple, Cluster] = {}
+
+    def get(self, mode: str, pair: tuple[Path, Path], **extra) -> Cluster:
+        key = (mode, pair, tuple(sorted(extra.items())))
+        if key not in self.clusters:
+            cluster = Cluster(cluster_args(mode, pair[0], pair[1], **extra))
+            self.clusters[key] = cluster
+            cluster.wait_ready(timeout_s=120)
+        return self.clusters[key]
+
+    def stop(self) -> None:
+        for cluster in self.clusters.values():
+            cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def clusters():
+    running = RunningClusters()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_clusters(clusters, tiny_pair) -> dict[str, Cluster]:
+    """ar, sd and psd clusters on the tiny pair, booted side by side."""
+    booting = {mode: Cluster(cluster_args(mode, *tiny_pair, max_batch=4)) for mode in ("ar", "sd", "psd")}
+    for mode, cluster in booting.items():
+        clusters.clusters[(mode, tiny_pair, (("max_batch", 4),))] = cluster
+    for cluster in booting.values():
+        cluster.wait_ready(timeout_s=120)
+    return booting
+
+
+def channel_to(cluster: Cluster) -> grpc.Channel:
+    return grpc.insecure_channel(cluster.address)
