@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -22,6 +23,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("MINEDRAFT_LOG_LEVEL", "WARNING")  # the services' logs would interleave with the answer
     cluster_parser = argparse.ArgumentParser()
     add_cluster_args(cluster_parser)
     cluster_args = cluster_parser.parse_args(["--mode", args.cluster_mode, "--port", str(free_port())])
