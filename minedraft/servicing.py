@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -20,13 +21,15 @@ async def run_engine(worker: DeviceWorker, context: grpc.aio.ServicerContext, ba
                      fn: Callable[..., T], *args) -> tuple[T, common_pb2.StepStats]:
     """Runs fn(*args) on the device thread; a ServiceError becomes its status, anything else INTERNAL."""
     try:
+        started_at = time.time()
         result, queue_ms, run_ms = await worker.run(fn, *args)
     except ServiceError as error:
         await context.abort(error.code, str(error))
     except Exception as error:  # a bug or a device fault: report it, keep serving the other requests
         log.exception("%s failed", getattr(fn, "__name__", fn))
         await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
-    return result, common_pb2.StepStats(forward_ms=run_ms, queue_ms=queue_ms, batch_size=batch_size)
+    return result, common_pb2.StepStats(forward_ms=run_ms, queue_ms=queue_ms, batch_size=batch_size,
+                                        started_at=started_at + queue_ms / 1e3)
 
 
 class EngineServicer:

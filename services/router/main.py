@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoTokenizer
 from minedraft.grpc_server import CHANNEL_OPTIONS, ServiceHost
 from minedraft.models.compat import check_same_tokenizer
 from minedraft.models.store import resolve_model
-from minedraft.protos import draft_pb2_grpc, generate_pb2_grpc, target_pb2_grpc
+from minedraft.protos import draft_pb2_grpc, generate_pb2_grpc, monitor_pb2_grpc, target_pb2_grpc
+from services.router.monitor import MonitorServicer
 from services.router.scheduler import MODES, Scheduler
 from services.router.servicer import GenerationServicer
 
@@ -72,8 +73,9 @@ async def serve(args: argparse.Namespace) -> None:
     servicer = GenerationServicer(scheduler, tokenizer, eos_ids_of(tokenizer, config),
                                   max_context=getattr(config, "max_position_embeddings", 4096),
                                   default_max_tokens=args.default_max_tokens)
-    host = ServiceHost(args.host, args.port, ["minedraft.protos.Generation"])
+    host = ServiceHost(args.host, args.port, ["minedraft.protos.Generation", "minedraft.protos.RouterMonitor"])
     generate_pb2_grpc.add_GenerationServicer_to_server(servicer, host.server)
+    monitor_pb2_grpc.add_RouterMonitorServicer_to_server(MonitorServicer(scheduler), host.server)
 
     async def ready() -> None:
         waits = [wait_serving(target_channel, "target")]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from minedraft.errors import Unavailable
-from minedraft.protos import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
+from minedraft.protos import common_pb2, draft_pb2, draft_pb2_grpc, monitor_pb2, target_pb2, target_pb2_grpc
 from services.router.request import Request
 
 log = logging.getLogger(__name__)
@@ -25,18 +25,13 @@ MODES = ("ar", "sd", "psd")
 
 
 @dataclass
-class LaneStats:
-    rounds: int = 0
-    draft_ms: float = 0.0  # device time of Propose calls
-    verify_ms: float = 0.0  # device time of Verify calls
-    round_ms: float = 0.0  # wall time of whole rounds, router and gRPC included
-
-
-@dataclass
 class Lane:
     index: int
     active: list[Request] = field(default_factory=list)
-    stats: LaneStats = field(default_factory=LaneStats)
+    counters: monitor_pb2.LaneCounters = field(default_factory=monitor_pb2.LaneCounters)
+
+    def __post_init__(self) -> None:
+        self.counters.lane = self.index
 
 
 class Scheduler:
@@ -50,6 +45,7 @@ class Scheduler:
         self.mode, self.k, self.max_batch = mode, k, max_batch
         self.lanes = [Lane(i) for i in range(2 if mode == "psd" else 1)]
         self.waiting: deque[Request] = deque()
+        self.events: deque[monitor_pb2.DeviceEvent] = deque(maxlen=100_000)  # for the benchmark's timeline
         self._wake = asyncio.Condition()
         self._tasks: list[asyncio.Task] = []
 
@@ -62,6 +58,20 @@ class Scheduler:
         self.waiting.append(request)
         async with self._wake:
             self._wake.notify_all()
+
+    def record(self, device: str, kind: str, lane: Lane, stats: common_pb2.StepStats, tokens: int) -> None:
+        self.events.append(monitor_pb2.DeviceEvent(
+            device=device, kind=kind, lane=lane.index, start=stats.started_at,
+            end=stats.started_at + stats.forward_ms / 1e3, batch_size=stats.batch_size, tokens=tokens))
+
+    def snapshot(self, clear: bool = False) -> monitor_pb2.RouterStats:
+        stats = monitor_pb2.RouterStats(mode=self.mode, k=self.k, lanes=[lane.counters for lane in self.lanes],
+                                        events=list(self.events))
+        if clear:
+            self.events.clear()
+            for lane in self.lanes:
+                lane.counters = monitor_pb2.LaneCounters(lane=lane.index)
+        return stats
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run_lane(lane), name=f"lane-{lane.index}") for lane in self.lanes]
@@ -126,7 +136,10 @@ class Scheduler:
                 request.fail(_as_unavailable(results[0], "target prefill"))
             lane.active.extend(joining)  # retired (and released) at the next boundary
             return
+        self.record("target", "prefill", lane, results[0].stats, sum(len(r.prompt_ids) for r in joining))
         draft_ok = self.mode != "ar" and not isinstance(results[1], Exception)
+        if draft_ok:
+            self.record("draft", "prefill", lane, results[1].stats, sum(len(r.prompt_ids) for r in joining))
         for request, first in zip(joining, results[0].tokens, strict=True):
             request.draft_len = len(request.prompt_ids) if draft_ok else 0
             request.add_tokens([first.token_id])
@@ -144,7 +157,12 @@ class Scheduler:
             for request in requests:
                 request.fail(_as_unavailable(error, "target verify"))
             return
-        lane.stats.verify_ms += response.stats.forward_ms
+        counters = lane.counters
+        counters.verify_ms += response.stats.forward_ms
+        counters.verify_calls += 1
+        counters.sequences_in_rounds += len(requests)
+        self.record("target", "verify", lane, response.stats,
+                    sum(len(drafts.get(r.seq_id, [])) + 1 for r in requests))
         for request, verdict in zip(requests, response.verdicts, strict=True):
             proposed = [d.token_id for d in drafts.get(request.seq_id, [])]
             committed = len(request.tokens)
@@ -155,8 +173,8 @@ class Scheduler:
             request.rounds += 1
             if not request.done:
                 request.add_tokens([*proposed[:verdict.accepted], verdict.next_token])
-        lane.stats.rounds += 1
-        lane.stats.round_ms += (loop.time() - started) * 1e3
+        counters.rounds += 1
+        counters.round_ms += (loop.time() - started) * 1e3
 
     async def _propose(self, lane: Lane, requests: list[Request]) -> dict[str, list[common_pb2.DraftToken]]:
         """Drafts up to k tokens per request; a request that can take only one more token gets none."""
@@ -174,7 +192,9 @@ class Scheduler:
         except grpc.aio.AioRpcError as error:  # the draft only accelerates: verify without drafts
             log.warning("draft propose failed, this round runs target-only: %s", error.details())
             return {}
-        lane.stats.draft_ms += response.stats.forward_ms
+        lane.counters.draft_ms += response.stats.forward_ms
+        lane.counters.propose_calls += 1
+        self.record("draft", "propose", lane, response.stats, sum(s.k for s in seqs))
         return {p.seq_id: list(p.tokens) for p in response.proposals}
 
 
