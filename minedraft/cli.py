@@ -65,6 +65,7 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from minedraft import demo, launcher
+    from minedraft.bench import cli as bench_cli
     from services.draft import main as draft_main
     from services.router import main as router_main
     from services.target import main as target_main
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_models_tiny)
     fetch = models.add_parser("fetch", help="fetch, verify and convert the embedded default pair (idempotent)")
     fetch.set_defaults(func=cmd_models_fetch)
+
+    bench_parser = sub.add_parser("bench", help="measure ar, sd and psd side by side")
+    bench_cli.add_args(bench_parser)
+    bench_parser.set_defaults(func=bench_cli.run)
 
     demo_parser = sub.add_parser("demo", help="stream one answer through a psd cluster on the default pair")
     demo.add_args(demo_parser)

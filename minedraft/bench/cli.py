@@ -1,0 +1,78 @@
+"""`minedraft bench`: every mode on the same workload and concurrency, in one run, reported as ratios."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+from minedraft.bench.driver import run_mode
+from minedraft.bench.metrics import compare_modes, summarise_mode
+from minedraft.bench.report import write_all
+from minedraft.bench.workloads import load_prompts
+
+MODES = ("ar", "sd", "psd", "psd2c")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--modes", default="ar,sd,psd,psd2c",
+                        help="comma list of ar, sd, psd and psd2c (psd with 2C in flight: the seed's convention)")
+    parser.add_argument("--workload", default="humaneval", help="humaneval, chat or a JSONL file")
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--concurrency", default="8", help="one value, or a comma list for a sweep")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--draft-model", default="default-draft")
+    parser.add_argument("--target-model", default="default-target")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--draft-device", default=None)
+    parser.add_argument("--out", default="runs/bench")
+
+
+def machine() -> str:
+    cores = len(os.sched_getaffinity(0))
+    return f"{platform.processor() or platform.machine()}, {cores} cores, {platform.system()} {platform.release()}"
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("MINEDRAFT_LOG_LEVEL", "WARNING")
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise SystemExit(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    started = time.time()
+    results: dict = {
+        "settings": {"workload": args.workload, "num_prompts": args.num_prompts, "max_tokens": args.max_tokens,
+                     "k": args.k, "rate": args.rate, "dtype": args.dtype, "device": args.device,
+                     "concurrency": args.concurrency},
+        "models": {"draft": args.draft_model, "target": args.target_model},
+        "machine": machine(),
+        "runs": {},
+    }
+    psd_events = None
+    for concurrency in concurrencies:
+        summaries = {}
+        for mode in modes:
+            c = 2 * concurrency if mode == "psd2c" else concurrency
+            items = load_prompts(args.workload, args.num_prompts * (2 if mode == "psd2c" else 1))
+            raw = run_mode(args, mode, items, c)
+            summaries[mode] = summarise_mode(raw["records"], raw["lanes"], raw["events"])
+            summaries[mode]["concurrency"] = c
+            if mode == "psd":
+                psd_events = raw["events"]
+            print(f"C={concurrency} {mode}: {summaries[mode]['throughput_tok_s']:.2f} tok/s", flush=True)
+        results["runs"][str(concurrency)] = {"modes": summaries, "comparison": compare_modes(summaries)}
+    primary = results["runs"][str(concurrencies[-1])]
+    results["modes"] = primary["modes"]
+    results.update(primary["comparison"])
+    results["bench_wall_s"] = time.time() - started
+    out = Path(args.out)
+    write_all(results, psd_events, out)
+    print((out / "report.md").read_text())
+    print(f"wrote {out}/results.json, report.md and plots in {results['bench_wall_s']:.0f}s")
+    return 0

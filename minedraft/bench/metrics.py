@@ -1,0 +1,128 @@
+"""Benchmark arithmetic, kept pure so it can be tested on synthetic timings (DESIGN.md §2, §5).
+
+PSD at a fixed concurrency C splits the requests into two lanes of C/2:
+    SD  cycle = k·t_d(C) + t_v(C)               PSD cycle = 2 · max(k·t_d(C/2), t_v(C/2))
+Both produce C·τ tokens, so the predicted PSD/SD throughput ratio is SD cycle / PSD cycle, with the
+k-token proposal call's measured time standing for k·t_d.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass
+class RequestRecord:
+    submitted: float  # unix time
+    first_token: float | None
+    finished: float
+    tokens: int
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    error: str = ""
+
+
+@dataclass
+class Event:
+    device: str
+    kind: str
+    lane: int
+    start: float
+    end: float
+
+
+def percentiles(values: Iterable[float]) -> dict[str, float | None]:
+    ordered = sorted(values)
+    if not ordered:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+
+    def at(q: float) -> float:  # linear interpolation between closest ranks
+        pos = q * (len(ordered) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(ordered) - 1)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "mean": sum(ordered) / len(ordered)}
+
+
+def busy_fraction(events: Iterable[Event], device: str, window: tuple[float, float]) -> float:
+    """Share of the window in which the device was running a call (overlapping calls merged)."""
+    start, end = window
+    if end <= start:
+        return 0.0
+    spans = sorted((max(e.start, start), min(e.end, end)) for e in events if e.device == device)
+    busy, cursor = 0.0, start
+    for lo, hi in spans:
+        lo = max(lo, cursor)
+        if hi > lo:
+            busy += hi - lo
+            cursor = hi
+    return busy / (end - start)
+
+
+def steady_window(records: list[RequestRecord]) -> tuple[float, float]:
+    """From the first token of the run until the tail begins (last submission or first completion)."""
+    firsts = [r.first_token for r in records if r.first_token is not None]
+    start = min(firsts) if firsts else min(r.submitted for r in records)
+    end = max(max(r.submitted for r in records), min(r.finished for r in records))
+    return start, max(end, start)
+
+
+def summarise_mode(records: list[RequestRecord], lanes: list[dict], events: list[Event]) -> dict:
+    ok = [r for r in records if not r.error]
+    wall = max(r.finished for r in ok) - min(r.submitted for r in ok)
+    tokens = sum(r.tokens for r in ok)
+    drafted, accepted, rounds = (sum(getattr(r, f) for r in ok) for f in ("drafted", "accepted", "rounds"))
+    propose_calls = sum(lane["propose_calls"] for lane in lanes)
+    verify_calls = sum(lane["verify_calls"] for lane in lanes)
+    draft_ms, verify_ms = sum(lane["draft_ms"] for lane in lanes), sum(lane["verify_ms"] for lane in lanes)
+    round_ms = sum(lane["round_ms"] for lane in lanes)
+    window = steady_window(ok)
+    one_lane = len(lanes) == 1
+    return {
+        "requests": len(records), "errors": len(records) - len(ok), "generated_tokens": tokens,
+        "wall_s": wall,
+        "throughput_tok_s": tokens / wall if wall > 0 else 0.0,
+        "ttft_s": percentiles(r.first_token - r.submitted for r in ok if r.first_token is not None),
+        "tpot_s": percentiles((r.finished - r.first_token) / (r.tokens - 1)
+                              for r in ok if r.first_token is not None and r.tokens > 1),
+        "e2e_latency_s": percentiles(r.finished - r.submitted for r in ok),
+        "alpha": accepted / drafted if drafted else None,
+        "tau": (accepted + rounds) / rounds if rounds else None,
+        "t_draft_ms": draft_ms / propose_calls if propose_calls else None,
+        "t_verify_ms": verify_ms / verify_calls if verify_calls else None,
+        "mean_lane_batch": sum(lane["sequences_in_rounds"] for lane in lanes) / verify_calls if verify_calls else 0,
+        "busy_fraction": {device: busy_fraction(events, device, window) for device in ("draft", "target")},
+        "steady_window_s": window[1] - window[0],
+        # In one lane every round is propose + verify back to back, so the rest of its wall time is the
+        # router's and gRPC's; with two lanes a round also waits for the other lane, so it is not reported.
+        "router_overhead_frac": 1 - (draft_ms + verify_ms) / round_ms if one_lane and round_ms else None,
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def predicted_psd_over_sd(sd: dict, psd: dict) -> float | None:
+    """(k·t_d + t_v in sd) / (2 · max(k·t_d, t_v) in psd), from measured stage times."""
+    if None in (sd.get("t_draft_ms"), sd.get("t_verify_ms"), psd.get("t_draft_ms"), psd.get("t_verify_ms")):
+        return None
+    return (sd["t_draft_ms"] + sd["t_verify_ms"]) / (2 * max(psd["t_draft_ms"], psd["t_verify_ms"]))
+
+
+def compare_modes(modes: dict[str, dict]) -> dict:
+    """Top-level ratios, all measured at the same concurrency unless named otherwise."""
+    throughput = {name: m["throughput_tok_s"] for name, m in modes.items()}
+    sd, psd = modes.get("sd"), modes.get("psd")
+    return {
+        "psd_over_sd": _ratio(throughput.get("psd"), throughput.get("sd")),
+        "psd_over_ar": _ratio(throughput.get("psd"), throughput.get("ar")),
+        "sd_over_ar": _ratio(throughput.get("sd"), throughput.get("ar")),
+        "predicted_psd_over_sd": predicted_psd_over_sd(sd, psd) if sd and psd else None,
+        "overlap_efficiency": max(psd["busy_fraction"].values()) if psd else None,
+        # The seed paper's convention: PSD holding 2C requests (two lanes of C) against SD holding C.
+        "psd2c_over_sd": _ratio(throughput.get("psd2c"), throughput.get("sd")),
+    }
