@@ -45,6 +45,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the service at ADDR says SERVING (for container healthchecks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.addr) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as error:
+            print(f"{args.addr}: {error.code().name}", file=sys.stderr)
+            return 1
+    print(f"{args.addr}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def cmd_models_tiny(args: argparse.Namespace) -> int:
     from minedraft.tiny_models import build_tiny_pair
 
@@ -95,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
     gen.set_defaults(func=cmd_generate)
+
+    health = sub.add_parser("health", help="check a service's gRPC health (exit 0 when SERVING)")
+    health.add_argument("addr")
+    health.add_argument("--service", default="")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=cmd_health)
 
     models = sub.add_parser("models", help="prepare models").add_subparsers(dest="models_command", required=True)
     tiny = models.add_parser("tiny", help="write a tiny random-weight draft/target pair")

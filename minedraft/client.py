@@ -25,11 +25,11 @@ class Generation:
 
 def make_request(prompt: str | None = None, messages: list[dict] | None = None, max_tokens: int | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stop: list[str] | None = None) -> generate_pb2.GenerateRequest:
+                 stop: list[str] | None = None, speculation: str = "") -> generate_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     if seed is not None:
         sampling.seed = seed
-    request = generate_pb2.GenerateRequest(sampling=sampling, stop=stop or [])
+    request = generate_pb2.GenerateRequest(sampling=sampling, stop=stop or [], speculation=speculation)
     if max_tokens is not None:
         request.max_tokens = max_tokens
     if messages is not None:

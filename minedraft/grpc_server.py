@@ -11,19 +11,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from minedraft.telemetry import server_interceptors, shutdown_tracing
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-SERVER_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-CHANNEL_OPTIONS = SERVER_OPTIONS
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
 
 class ServiceHost:
     """A grpc.aio server whose health reports SERVING only after `ready()`."""
 
-    def __init__(self, host: str, port: int, service_names: Iterable[str]) -> None:
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+    def __init__(self, host: str, port: int, service_names: Iterable[str],
+                 max_receive_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        options = [("grpc.max_receive_message_length", max_receive_bytes),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        self.server = grpc.aio.server(options=options, interceptors=server_interceptors())
         self.health = health.aio.HealthServicer()
         self.service_names = list(service_names)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -46,9 +50,11 @@ class ServiceHost:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         await warm_up()
-        await self.set_serving(True)
+        if not self.stopping.is_set():
+            await self.set_serving(True)
         log.info("serving %s on port %d", ", ".join(self.service_names), self.port)
         await self.stopping.wait()
         log.info("draining (grace %.0fs)", grace_s)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        shutdown_tracing()

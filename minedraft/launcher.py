@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", default="psd", choices=["ar", "sd", "psd"])
+    parser.add_argument("--mode", default="psd", choices=["ar", "sd", "psd", "auto"])
     parser.add_argument("--port", type=int, default=50051, help="the router's public port")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--draft-model", default="default-draft", help="preset, .gguf file or model folder")
@@ -22,7 +22,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-port", type=int, default=0, help="0: pick a free port")
     parser.add_argument("--target-port", type=int, default=0, help="0: pick a free port")
     parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=16, help="most sequences in one lane")
+    parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a lane")
+    parser.add_argument("--draft-timeout", type=float, default=10.0)
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="Prometheus ports: router on this one, draft +1, target +2 (0: off)")
     parser.add_argument("--top-m", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="device of both models (see --draft-device)")
     parser.add_argument("--draft-device", default=None)
@@ -62,7 +66,11 @@ def commands(args: argparse.Namespace, draft_port: int, target_port: int) -> dic
     router = [*cli, "router", "--mode", args.mode, "--port", str(args.port), "--host", args.host,
               "--target-addr", f"127.0.0.1:{target_port}", "--draft-addr", f"127.0.0.1:{draft_port}",
               "--tokenizer", args.target_model, "--draft-tokenizer", args.draft_model,
-              "--k", str(args.k), "--max-batch", str(args.max_batch)]
+              "--k", str(args.k), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
+              "--draft-timeout", str(args.draft_timeout)]
+    if args.metrics_port:
+        for offset, cmd in enumerate((router, draft, target)):
+            cmd += ["--metrics-port", str(args.metrics_port + offset)]
     procs = {"target": target, "router": router}
     if args.mode != "ar":
         procs = {"draft": draft, **procs}
@@ -70,14 +78,20 @@ def commands(args: argparse.Namespace, draft_port: int, target_port: int) -> dic
 
 
 class Cluster:
-    """The three processes; stop() sends SIGTERM to each (they drain), then waits."""
+    """The three processes. stop() drains the router first (its streams finish), then the model services."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.address = f"{args.host}:{args.port}"
         self.draft_address = f"127.0.0.1:{args.draft_port or free_port()}"
         self.target_address = f"127.0.0.1:{args.target_port or free_port()}"
-        cmds = commands(args, int(self.draft_address.rsplit(":", 1)[1]), int(self.target_address.rsplit(":", 1)[1]))
-        self.procs = {name: subprocess.Popen(cmd) for name, cmd in cmds.items()}
+        self.commands = commands(args, int(self.draft_address.rsplit(":", 1)[1]),
+                                 int(self.target_address.rsplit(":", 1)[1]))
+        self.procs = {name: subprocess.Popen(cmd) for name, cmd in self.commands.items()}
+
+    def restart(self, name: str) -> None:
+        """Starts a service again with its original command (after it died or was killed)."""
+        self.procs[name].wait()
+        self.procs[name] = subprocess.Popen(self.commands[name])
 
     def wait_ready(self, timeout_s: float = 900.0, should_stop=lambda: False) -> None:
         deadline = time.monotonic() + timeout_s
@@ -98,16 +112,19 @@ class Cluster:
             return
         raise TimeoutError(f"the cluster was not serving after {timeout_s:.0f}s")
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+    def stop(self, timeout_s: float = 90.0) -> None:
         deadline = time.monotonic() + timeout_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        order = ["router", *(name for name in self.procs if name != "router")]
+        for group in (order[:1], order[1:]):
+            for name in group:
+                if self.procs[name].poll() is None:
+                    self.procs[name].send_signal(signal.SIGTERM)
+            for name in group:
+                try:
+                    self.procs[name].wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    self.procs[name].kill()
+                    self.procs[name].wait()
 
     def __enter__(self) -> Cluster:
         return self

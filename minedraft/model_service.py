@@ -11,10 +11,12 @@ import grpc
 import torch
 
 from minedraft.grpc_server import ServiceHost
+from minedraft.metrics import serve_metrics
 from minedraft.model_runner import DTYPES, ModelRunner
 from minedraft.models.store import resolve_model
 from minedraft.sampling import Sampling
 from minedraft.servicing import EngineServicer
+from minedraft.telemetry import setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--cpu-cores", default=None, help="pin the process to these cores, e.g. 0 or 0-3")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
 
 
 def parse_cores(spec: str) -> set[int]:
@@ -45,6 +48,8 @@ async def serve_model(args: argparse.Namespace, service_name: str, servicer: Eng
         os.sched_setaffinity(0, parse_cores(args.cpu_cores))
     if args.threads:
         torch.set_num_threads(args.threads)
+    setup_tracing(service_name.rsplit(".", 1)[-1].lower())
+    serve_metrics(args.metrics_port, args.host)
     host = ServiceHost(args.host, args.port, [service_name])
     add_to_server(servicer, host.server)
 

@@ -30,7 +30,8 @@ class Sampling:
 
     @classmethod
     def from_proto(cls, msg) -> Sampling:
-        return cls(temperature=msg.temperature, top_p=msg.top_p or 1.0, top_k=msg.top_k, seed=msg.seed)
+        top_p = msg.top_p if msg.HasField("top_p") else 1.0
+        return cls(temperature=msg.temperature, top_p=top_p, top_k=msg.top_k, seed=msg.seed)
 
 
 def make_generator(seed: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -8,7 +8,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
+from opentelemetry import trace
 
+from minedraft import metrics
 from minedraft.device_worker import DeviceWorker
 from minedraft.errors import ServiceError
 from minedraft.protos import common_pb2
@@ -28,6 +30,15 @@ async def run_engine(worker: DeviceWorker, context: grpc.aio.ServicerContext, ba
     except Exception as error:  # a bug or a device fault: report it, keep serving the other requests
         log.exception("%s failed", getattr(fn, "__name__", fn))
         await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+    method = getattr(fn, "__name__", "call")
+    metrics.DEVICE_CALL_SECONDS.labels(method).observe(run_ms / 1e3)
+    metrics.DEVICE_QUEUE_SECONDS.labels(method).observe(queue_ms / 1e3)
+    metrics.DEVICE_BATCH.labels(method).observe(batch_size)
+    metrics.DEVICE_BUSY.inc(run_ms / 1e3)
+    span = trace.get_current_span()
+    span.set_attribute("minedraft.batch_size", batch_size)
+    span.set_attribute("minedraft.forward_ms", run_ms)
+    span.set_attribute("minedraft.queue_ms", queue_ms)
     return result, common_pb2.StepStats(forward_ms=run_ms, queue_ms=queue_ms, batch_size=batch_size,
                                         started_at=started_at + queue_ms / 1e3)
 
@@ -43,7 +54,10 @@ class EngineServicer:
                    *args) -> tuple[object, common_pb2.StepStats]:
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model still loading")
-        return await run_engine(self.worker, context, batch_size, getattr(self.engine, method), *args)
+        try:
+            return await run_engine(self.worker, context, batch_size, getattr(self.engine, method), *args)
+        finally:
+            metrics.SEQUENCES_HELD.set(len(self.engine.table))
 
     async def Release(self, request: common_pb2.ReleaseRequest,
                       context: grpc.aio.ServicerContext) -> common_pb2.ReleaseResponse:

@@ -127,3 +127,9 @@ def test_empty_prompt_is_invalid_argument_and_service_keeps_serving(tiny_cluster
             collect(stream(channel, make_request(prompt="")))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert collect(stream(channel, make_request(prompt="Hello", max_tokens=3))).finish_reason
+
+
+def test_auto_mode_and_lane_switching_change_no_token(clusters, tiny_pair, tiny_clusters) -> None:
+    expected = [r.token_ids for r in run_all(tiny_clusters["ar"], PROMPTS)]
+    auto = clusters.get("auto", tiny_pair, max_batch=4)
+    assert [r.token_ids for r in run_all(auto, PROMPTS, stagger_s=0.03)] == expected

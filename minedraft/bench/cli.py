@@ -13,12 +13,12 @@ from minedraft.bench.metrics import compare_modes, summarise_mode
 from minedraft.bench.report import write_all
 from minedraft.bench.workloads import load_prompts
 
-MODES = ("ar", "sd", "psd", "psd2c")
+MODES = ("ar", "sd", "psd", "psd2c", "auto")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default="ar,sd,psd,psd2c",
-                        help="comma list of ar, sd, psd and psd2c (psd with 2C in flight: the seed's convention)")
+                        help="comma list of ar, sd, psd, auto and psd2c (psd with 2C in flight: the seed's convention)")
     parser.add_argument("--workload", default="humaneval", help="humaneval, chat or a JSONL file")
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--concurrency", default="8", help="one value, or a comma list for a sweep")

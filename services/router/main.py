@@ -7,18 +7,22 @@ import asyncio
 import logging
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoConfig, AutoTokenizer
 
+from minedraft.metrics import serve_metrics
 from minedraft.grpc_server import CHANNEL_OPTIONS, ServiceHost
 from minedraft.models.compat import check_same_tokenizer
 from minedraft.models.store import resolve_model
-from minedraft.protos import draft_pb2_grpc, generate_pb2_grpc, monitor_pb2_grpc, target_pb2_grpc
+from minedraft.protos import draft_pb2_grpc, monitor_pb2_grpc, target_pb2_grpc
+from minedraft.telemetry import client_interceptors, setup_tracing
+from services.router.admission import Admission
+from services.router.backends import Backend
 from services.router.monitor import MonitorServicer
 from services.router.scheduler import MODES, Scheduler
-from services.router.servicer import GenerationServicer
+from services.router.servicer import GenerationServicer, add_generation_servicer
 
 log = logging.getLogger(__name__)
+PUBLIC_MAX_REQUEST_BYTES = 8 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED from gRPC itself
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -29,34 +33,24 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-addr", default="127.0.0.1:50061")
     parser.add_argument("--tokenizer", required=True, help="the target model (preset, .gguf or folder)")
     parser.add_argument("--draft-tokenizer", default=None, help="the draft model, to check the tokenizers match")
-    parser.add_argument("--k", type=int, default=4, help="draft tokens per round")
+    parser.add_argument("--k", type=int, default=4, help="draft tokens per round (auto: the calibration's k)")
+    parser.add_argument("--k-max", type=int, default=8, help="auto: the largest k the policy may choose")
     parser.add_argument("--max-batch", type=int, default=16, help="most sequences in one lane")
+    parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a lane")
+    parser.add_argument("--rate-limit", type=float, default=None, help="most new requests per second")
     parser.add_argument("--default-max-tokens", type=int, default=256)
-
-
-async def wait_serving(channel: grpc.aio.Channel, name: str, timeout_s: float = 600.0) -> None:
-    """Polls a service's health until it says SERVING (the model has loaded and warmed up)."""
-    stub = health_pb2_grpc.HealthStub(channel)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        if loop.time() > deadline:
-            raise TimeoutError(f"{name} not serving after {timeout_s:.0f}s")
-        await asyncio.sleep(0.2)
+    parser.add_argument("--draft-timeout", type=float, default=10.0, help="seconds before a draft call counts as "
+                        "failed (the round then runs target-only)")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
+    parser.add_argument("--drain-timeout", type=float, default=60.0, help="seconds in-flight streams get to "
+                        "finish after SIGTERM")
 
 
 def eos_ids_of(tokenizer, config) -> frozenset[int]:
-    ids = {tokenizer.eos_token_id, getattr(config, "eos_token_id", None)}
-    flat = set()
-    for value in ids:
-        flat.update(value if isinstance(value, list) else [value])
-    return frozenset(i for i in flat if i is not None)
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
+        ids.update(value if isinstance(value, list) else [value])
+    return frozenset(i for i in ids if i is not None)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -65,25 +59,37 @@ async def serve(args: argparse.Namespace) -> None:
     config = AutoConfig.from_pretrained(target_path)
     if args.mode != "ar" and args.draft_tokenizer:
         check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(resolve_model(args.draft_tokenizer)))
-    target_channel = grpc.aio.insecure_channel(args.target_addr, options=CHANNEL_OPTIONS)
-    draft_channel = grpc.aio.insecure_channel(args.draft_addr, options=CHANNEL_OPTIONS) if args.mode != "ar" else None
-    scheduler = Scheduler(target_pb2_grpc.TargetStub(target_channel),
-                          draft_pb2_grpc.DraftStub(draft_channel) if draft_channel else None,
-                          mode=args.mode, k=args.k, max_batch=args.max_batch)
+    setup_tracing("router")
+    serve_metrics(args.metrics_port, args.host)
+    public = ["minedraft.protos.Generation", "minedraft.protos.RouterMonitor"]
+    host = ServiceHost(args.host, args.port, public, max_receive_bytes=PUBLIC_MAX_REQUEST_BYTES)
+
+    def on_target_change(up: bool) -> None:  # the router is only as healthy as its target
+        asyncio.get_running_loop().create_task(host.set_serving(up))
+
+    target = Backend("target", grpc.aio.insecure_channel(args.target_addr, options=CHANNEL_OPTIONS,
+                                                interceptors=client_interceptors()),
+                     target_pb2_grpc.TargetStub, on_change=on_target_change)
+    draft = None
+    if args.mode != "ar":
+        draft = Backend("draft", grpc.aio.insecure_channel(args.draft_addr, options=CHANNEL_OPTIONS,
+                                                  interceptors=client_interceptors()),
+                        draft_pb2_grpc.DraftStub)
+    scheduler = Scheduler(target, draft, mode=args.mode, k=args.k, max_batch=args.max_batch,
+                          draft_timeout_s=args.draft_timeout, k_max=args.k_max)
+    lanes = len(scheduler.lanes)
+    admission = Admission(max_sequences=lanes * args.max_batch + args.max_queue, rate_per_s=args.rate_limit)
     servicer = GenerationServicer(scheduler, tokenizer, eos_ids_of(tokenizer, config),
                                   max_context=getattr(config, "max_position_embeddings", 4096),
-                                  default_max_tokens=args.default_max_tokens)
-    host = ServiceHost(args.host, args.port, ["minedraft.protos.Generation", "minedraft.protos.RouterMonitor"])
-    generate_pb2_grpc.add_GenerationServicer_to_server(servicer, host.server)
+                                  admission=admission, default_max_tokens=args.default_max_tokens)
+    add_generation_servicer(servicer, host.server)
     monitor_pb2_grpc.add_RouterMonitorServicer_to_server(MonitorServicer(scheduler), host.server)
 
     async def ready() -> None:
-        waits = [wait_serving(target_channel, "target")]
-        if draft_channel is not None:
-            waits.append(wait_serving(draft_channel, "draft"))
-        await asyncio.gather(*waits)
+        await asyncio.gather(*(b.wait_serving() for b in (target, draft) if b is not None))
+        await scheduler.calibrate()
         scheduler.start()
-        log.info("router ready: mode %s, k %d", args.mode, args.k)
+        log.info("router ready: mode %s, k %d, %d lane(s) of up to %d", args.mode, args.k, lanes, args.max_batch)
 
-    await host.run(ready)
+    await host.run(ready, grace_s=args.drain_timeout)
     await scheduler.stop()

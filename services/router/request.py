@@ -6,7 +6,9 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from minedraft.protos import generate_pb2
+from opentelemetry.trace import INVALID_SPAN, Span
+
+from minedraft.protos import common_pb2, generate_pb2
 from minedraft.sampling import Sampling
 from services.router.text_stream import TextStream
 
@@ -21,7 +23,9 @@ class Request:
     eos_ids: frozenset[int]
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     generated: list[int] = field(default_factory=list)
+    speculate: bool = True  # False: decoded by the target alone
     draft_len: int = 0  # tokens of prompt + generated that the draft service holds, verified
+    draft_epoch: int = -1  # the draft's epoch when it got this sequence (-1: it never did)
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0
@@ -29,6 +33,7 @@ class Request:
     first_token_at: float | None = None
     finish_reason: str | None = None
     cancelled: bool = False
+    span: Span = INVALID_SPAN  # the request's trace span, parent of the batch spans it leads
 
     @property
     def tokens(self) -> list[int]:
@@ -68,10 +73,21 @@ class Request:
             self.events.put_nowait(generate_pb2.GenerateResponse(final=generate_pb2.Final(
                 finish_reason=self.finish_reason, stats=self.stats())))
 
+    def sampling_proto(self) -> common_pb2.SamplingParams:
+        s = self.sampling
+        return common_pb2.SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
+
     def fail(self, error: BaseException) -> None:
         """Ends the request with an error the servicer turns into a gRPC status."""
         self.finish_reason = "error"
         self.events.put_nowait(error)
+
+    def end_span(self) -> None:
+        self.span.set_attributes({
+            "minedraft.finish_reason": self.finish_reason or "cancelled", "minedraft.completion_tokens": len(self.generated),
+            "minedraft.drafted_tokens": self.drafted, "minedraft.accepted_tokens": self.accepted,
+            "minedraft.rounds": self.rounds})
+        self.span.end()
 
     def stats(self) -> generate_pb2.RequestStats:
         now = time.perf_counter()

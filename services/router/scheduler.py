@@ -4,6 +4,9 @@ Modes: `ar` (one lane, target only), `sd` (one lane: propose, then verify) and `
 loops run concurrently). Each service runs one call at a time, first come first served, so while the
 target verifies lane A the draft proposes for lane B: the overlap comes from the two loops alone.
 A lane is only ever drafted from its own verified state, so no work is thrown away.
+
+The draft only accelerates: when it fails, rounds go on target-only, and speculation resumes (after
+re-sending each sequence's tokens) once the draft is serving again. Output never changes.
 """
 
 from __future__ import annotations
@@ -15,19 +18,24 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from minedraft import metrics
 from minedraft.errors import Unavailable
-from minedraft.protos import common_pb2, draft_pb2, draft_pb2_grpc, monitor_pb2, target_pb2, target_pb2_grpc
+from minedraft.protos import common_pb2, draft_pb2, monitor_pb2, target_pb2
+from minedraft.telemetry import batch_span
+from services.router.backends import Backend
+from services.router.policy import Plan, StageModel, best_plan, rebalance
 from services.router.request import Request
 
 log = logging.getLogger(__name__)
 
-MODES = ("ar", "sd", "psd")
+MODES = ("ar", "sd", "psd", "auto")
 
 
 @dataclass
 class Lane:
     index: int
     active: list[Request] = field(default_factory=list)
+    incoming: list[Request] = field(default_factory=list)  # handed over by the other lane, joins next round
     counters: monitor_pb2.LaneCounters = field(default_factory=monitor_pb2.LaneCounters)
 
     def __post_init__(self) -> None:
@@ -35,31 +43,46 @@ class Lane:
 
 
 class Scheduler:
-    def __init__(self, target: target_pb2_grpc.TargetStub, draft: draft_pb2_grpc.DraftStub | None,
-                 mode: str = "psd", k: int = 4, max_batch: int = 16) -> None:
+    def __init__(self, target: Backend, draft: Backend | None, mode: str = "psd", k: int = 4,
+                 max_batch: int = 16, draft_timeout_s: float = 10.0, k_max: int | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if mode != "ar" and draft is None:
             raise ValueError(f"mode {mode} needs a draft service")
         self.target, self.draft = target, draft
         self.mode, self.k, self.max_batch = mode, k, max_batch
-        self.lanes = [Lane(i) for i in range(2 if mode == "psd" else 1)]
+        self.draft_timeout_s = draft_timeout_s
+        self.lanes = [Lane(i) for i in range(2 if mode in ("psd", "auto") else 1)]
+        self.stages = StageModel()
+        self.k_max = k_max or 2 * k
+        self.plan = Plan(lanes=len(self.lanes), k=k, tokens_per_s=0.0)
         self.waiting: deque[Request] = deque()
         self.events: deque[monitor_pb2.DeviceEvent] = deque(maxlen=100_000)  # for the benchmark's timeline
-        self._wake = asyncio.Condition()
+        self._work = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
     @property
     def in_flight(self) -> int:
         return len(self.waiting) + sum(len(lane.active) for lane in self.lanes)
 
+    @property
+    def target_up(self) -> bool:
+        return self.target.up
+
+    @property
+    def speculating(self) -> bool:
+        return self.mode != "ar" and self.draft is not None and self.draft.up
+
     async def submit(self, request: Request) -> None:
         """Queues a request; it joins the smaller lane at that lane's next round boundary."""
         self.waiting.append(request)
-        async with self._wake:
-            self._wake.notify_all()
+        self._work.set()
+
+    def poke(self) -> None:
+        self._work.set()
 
     def record(self, device: str, kind: str, lane: Lane, stats: common_pb2.StepStats, tokens: int) -> None:
+        metrics.STAGE_SECONDS.labels(f"{device}_{kind}").observe(stats.forward_ms / 1e3)
         self.events.append(monitor_pb2.DeviceEvent(
             device=device, kind=kind, lane=lane.index, start=stats.started_at,
             end=stats.started_at + stats.forward_ms / 1e3, batch_size=stats.batch_size, tokens=tokens))
@@ -81,23 +104,100 @@ class Scheduler:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    @property
+    def round_k(self) -> int:
+        return self.plan.k if self.mode == "auto" else self.k
+
+    async def calibrate(self, batches: tuple[int, ...] = (1, 4), prompt_len: int = 16) -> None:
+        """auto: measures one draft step and one verify at a few batch sizes before serving, so the first
+        plans rest on this machine's stage times (later rounds keep the estimates current)."""
+        if self.mode != "auto" or self.draft is None:
+            return
+        sampling = common_pb2.SamplingParams()
+        for batch in batches:
+            ids = [f"calibrate-{batch}-{i}" for i in range(batch)]
+            prompt = list(range(prompt_len))
+            await self.draft.stub.Prefill(draft_pb2.DraftPrefillRequest(seqs=[
+                draft_pb2.DraftPrefillSeq(seq_id=i, tokens=prompt, sampling=sampling) for i in ids]))
+            firsts = await self.target.stub.Prefill(target_pb2.TargetPrefillRequest(seqs=[
+                target_pb2.TargetPrefillSeq(seq_id=i, tokens=prompt, sampling=sampling) for i in ids]))
+            proposal = await self.draft.stub.Propose(draft_pb2.ProposeRequest(seqs=[
+                draft_pb2.ProposeSeq(seq_id=f.seq_id, k=self.k, commit=draft_pb2.Commit(keep=prompt_len,
+                                                                                      append=[f.token_id]))
+                for f in firsts.tokens]))
+            verdicts = await self.target.stub.Verify(target_pb2.VerifyRequest(seqs=[
+                target_pb2.VerifySeq(seq_id=p.seq_id, drafts=p.tokens) for p in proposal.proposals]))
+            self.stages.observe_propose(batch, self.k, proposal.stats.forward_ms)
+            self.stages.observe_verify(batch, verdicts.stats.forward_ms)
+            release = common_pb2.ReleaseRequest(seq_ids=ids)
+            await asyncio.gather(self.draft.stub.Release(release), self.target.stub.Release(release))
+        self._replan()
+        lo, hi = batches[0], batches[-1]
+        log.info("calibrated: draft step %.1f ms (batch %d) / %.1f ms (batch %d), verify %.1f / %.1f ms; plan %s",
+                 self.stages.draft_step(lo), lo, self.stages.draft_step(hi), hi, self.stages.verify(lo),
+                 self.stages.verify(hi), self.plan)
+
+    def _replan(self) -> None:
+        """auto: choose one lane or two, and k, for the sequences now in flight."""
+        if self.mode == "auto" and self.speculating:
+            self.plan = best_plan(self.stages, self.in_flight, self.k_max)
+        elif self.mode == "auto":
+            self.plan = Plan(lanes=1, k=0, tokens_per_s=0.0)
+
+    def _lane_open(self, lane: Lane) -> bool:
+        return lane.index < self.plan.lanes
+
+    def _hand_over(self, lane: Lane) -> None:
+        """At this lane's own boundary (none of its sequences is mid-round), give sequences to the other lane:
+        all of them when it is closed, else enough to even out a tail so neither lane idles."""
+        if len(self.lanes) != 2:
+            return
+        other = self.lanes[1 - lane.index]
+        if not self._lane_open(lane):
+            count = len(lane.active)
+        elif self._lane_open(other):
+            count = rebalance([len(lane.active), len(other.active) + len(other.incoming)])
+            count = count if len(lane.active) > len(other.active) + len(other.incoming) else 0
+        else:
+            count = 0
+        if count:
+            other.incoming.extend(lane.active[-count:])
+            del lane.active[-count:]
+            self._work.set()
+
     async def _run_lane(self, lane: Lane) -> None:
         while True:
-            await self._retire(lane)
-            joining = self._take_waiting(lane)
-            if joining:
-                await self._prefill(lane, joining)
-            if not lane.active:
-                async with self._wake:
-                    await self._wake.wait_for(lambda: bool(self.waiting))
-                continue
-            await self._round(lane)
+            try:
+                await self._retire(lane)
+                self._replan()
+                lane.active.extend(lane.incoming)
+                lane.incoming.clear()
+                self._hand_over(lane)
+                joining = self._take_waiting(lane) if self._lane_open(lane) else []
+                metrics.WAITING.set(len(self.waiting))
+                metrics.LANE_SEQUENCES.labels(str(lane.index)).set(len(lane.active) + len(joining))
+                if joining:
+                    await self._prefill(lane, joining)
+                if not lane.active:
+                    if not (self.waiting and self._lane_open(lane)) and not lane.incoming:
+                        self._work.clear()
+                        await self._work.wait()
+                    continue
+                await self._round(lane)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a bug must not stop the lane: fail its requests, keep serving
+                log.exception("lane %d round failed", lane.index)
+                for request in lane.active:
+                    if not request.done:
+                        request.fail(Unavailable(f"internal router error: {error}"))
 
     def _take_waiting(self, lane: Lane) -> list[Request]:
         """Moves waiting requests into this lane while it is (one of) the smallest and not full."""
         joining: list[Request] = []
         while self.waiting and len(lane.active) + len(joining) < self.max_batch:
-            others = min((len(o.active) for o in self.lanes if o is not lane), default=self.max_batch)
+            others = min((len(o.active) + len(o.incoming) for o in self.lanes if o is not lane and self._lane_open(o)),
+                         default=self.max_batch)
             if len(lane.active) + len(joining) > others:
                 break
             request = self.waiting.popleft()
@@ -111,52 +211,74 @@ class Scheduler:
         if not done:
             return
         lane.active = [r for r in lane.active if not r.done]
-        ids = [r.seq_id for r in done]
-        calls = [self.target.Release(common_pb2.ReleaseRequest(seq_ids=ids))]
-        drafted_ids = [r.seq_id for r in done if r.draft_len]
-        if self.draft is not None and drafted_ids:
-            calls.append(self.draft.Release(common_pb2.ReleaseRequest(seq_ids=drafted_ids)))
+        release = common_pb2.ReleaseRequest(seq_ids=[r.seq_id for r in done])
+        calls = [self.target.stub.Release(release, timeout=10)]
+        drafted = [r.seq_id for r in done if r.draft_epoch >= 0]
+        if self.draft is not None and drafted:
+            calls.append(self.draft.stub.Release(common_pb2.ReleaseRequest(seq_ids=drafted), timeout=10))
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, Exception):
                 log.warning("release failed: %s", result)
 
     async def _prefill(self, lane: Lane, joining: list[Request]) -> None:
         """Prompts run on the target (first token) and the draft (cache) at the same time."""
-        target_call = self.target.Prefill(target_pb2.TargetPrefillRequest(seqs=[
-            target_pb2.TargetPrefillSeq(seq_id=r.seq_id, tokens=r.prompt_ids, sampling=_sampling_proto(r))
-            for r in joining]))
-        calls = [target_call]
-        if self.mode != "ar":
-            calls.append(self.draft.Prefill(draft_pb2.DraftPrefillRequest(seqs=[
-                draft_pb2.DraftPrefillSeq(seq_id=r.seq_id, tokens=r.prompt_ids, sampling=_sampling_proto(r))
-                for r in joining])))
+        with batch_span("prefill", [r.span for r in joining], **{
+                "minedraft.lane": lane.index, "minedraft.batch_size": len(joining)}):
+            await self._prefill_batch(lane, joining)
+
+    async def _prefill_batch(self, lane: Lane, joining: list[Request]) -> None:
+        tokens = sum(len(r.prompt_ids) for r in joining)
+        calls = [self.target.stub.Prefill(target_pb2.TargetPrefillRequest(seqs=[
+            target_pb2.TargetPrefillSeq(seq_id=r.seq_id, tokens=r.prompt_ids, sampling=r.sampling_proto())
+            for r in joining]))]
+        with_draft = [r for r in joining if r.speculate] if self.speculating else []
+        if with_draft:
+            calls.append(self._draft_prefill(with_draft, lane))
         results = await asyncio.gather(*calls, return_exceptions=True)
+        lane.active.extend(joining)  # failed ones are retired (and released) at the next boundary
         if isinstance(results[0], Exception):
-            for request in joining:
-                request.fail(_as_unavailable(results[0], "target prefill"))
-            lane.active.extend(joining)  # retired (and released) at the next boundary
+            self._target_failed(joining, results[0], "prefill")
             return
-        self.record("target", "prefill", lane, results[0].stats, sum(len(r.prompt_ids) for r in joining))
-        draft_ok = self.mode != "ar" and not isinstance(results[1], Exception)
-        if draft_ok:
-            self.record("draft", "prefill", lane, results[1].stats, sum(len(r.prompt_ids) for r in joining))
+        self.record("target", "prefill", lane, results[0].stats, tokens)
         for request, first in zip(joining, results[0].tokens, strict=True):
-            request.draft_len = len(request.prompt_ids) if draft_ok else 0
             request.add_tokens([first.token_id])
-        lane.active.extend(joining)
+
+    async def _draft_prefill(self, requests: list[Request], lane: Lane) -> None:
+        """Sends the draft every token of these requests; a failure only turns speculation off."""
+        epoch, lengths = self.draft.epoch, [len(r.tokens) for r in requests]
+        try:
+            response = await self.draft.stub.Prefill(draft_pb2.DraftPrefillRequest(seqs=[
+                draft_pb2.DraftPrefillSeq(seq_id=r.seq_id, tokens=r.tokens, sampling=r.sampling_proto())
+                for r in requests]), timeout=self.draft_timeout_s)
+        except grpc.aio.AioRpcError as error:
+            self.draft.mark_down(f"prefill: {error.code().name} {error.details()}")
+            return
+        self.record("draft", "prefill", lane, response.stats, sum(len(r.tokens) for r in requests))
+        for request, length in zip(requests, lengths, strict=True):
+            request.draft_len, request.draft_epoch = length, epoch
 
     async def _round(self, lane: Lane) -> None:
+        requests = list(lane.active)
+        with batch_span("round", [r.span for r in requests], **{
+                "minedraft.lane": lane.index, "minedraft.k": self.round_k if self.speculating else 0,
+                "minedraft.batch_size": len(requests)}) as span:
+            drafted, accepted = await self._round_batch(lane, requests)
+            span.set_attribute("minedraft.drafted", drafted)
+            span.set_attribute("minedraft.accepted", accepted)
+
+    async def _round_batch(self, lane: Lane, requests: list[Request]) -> tuple[int, int]:
+        """One draft + verify round for these requests; returns (tokens drafted, tokens accepted)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        requests = list(lane.active)
-        drafts = await self._propose(lane, requests) if self.mode != "ar" else {}
+        drafts = await self._propose(lane, requests) if self.speculating else {}
         try:
-            response = await self.target.Verify(target_pb2.VerifyRequest(seqs=[
+            response = await self.target.stub.Verify(target_pb2.VerifyRequest(seqs=[
                 target_pb2.VerifySeq(seq_id=r.seq_id, drafts=drafts.get(r.seq_id, [])) for r in requests]))
         except grpc.aio.AioRpcError as error:
-            for request in requests:
-                request.fail(_as_unavailable(error, "target verify"))
-            return
+            self._target_failed(requests, error, "verify")
+            return 0, 0
+        if drafts:
+            self.stages.observe_verify(len(requests), response.stats.forward_ms)
         counters = lane.counters
         counters.verify_ms += response.stats.forward_ms
         counters.verify_calls += 1
@@ -165,44 +287,58 @@ class Scheduler:
                     sum(len(drafts.get(r.seq_id, [])) + 1 for r in requests))
         for request, verdict in zip(requests, response.verdicts, strict=True):
             proposed = [d.token_id for d in drafts.get(request.seq_id, [])]
-            committed = len(request.tokens)
             if proposed:
-                request.draft_len = committed + verdict.accepted
+                request.draft_len = len(request.tokens) + verdict.accepted
             request.drafted += len(proposed)
             request.accepted += verdict.accepted
             request.rounds += 1
+            for position in range(1, len(proposed) + 1):
+                metrics.DRAFTED.labels(str(position)).inc()
+                if position <= verdict.accepted:
+                    metrics.ACCEPTED.labels(str(position)).inc()
+            request.span.add_event("round", {"minedraft.lane": lane.index, "minedraft.drafted": len(proposed),
+                                             "minedraft.accepted": verdict.accepted})
             if not request.done:
                 request.add_tokens([*proposed[:verdict.accepted], verdict.next_token])
+        drafted_total = sum(len(d) for d in drafts.values())
+        accepted_total = sum(v.accepted for v in response.verdicts)
+        self.stages.observe_acceptance(drafted_total, accepted_total)
         counters.rounds += 1
         counters.round_ms += (loop.time() - started) * 1e3
+        metrics.ROUND_SECONDS.labels(str(lane.index)).observe(loop.time() - started)
+        return drafted_total, accepted_total
 
     async def _propose(self, lane: Lane, requests: list[Request]) -> dict[str, list[common_pb2.DraftToken]]:
         """Drafts up to k tokens per request; a request that can take only one more token gets none."""
-        seqs = []
-        for r in requests:
-            k = min(self.k, r.remaining - 1)
-            if k > 0 and r.draft_len and not r.done:
-                tokens = r.tokens
-                seqs.append(draft_pb2.ProposeSeq(seq_id=r.seq_id, k=k, commit=draft_pb2.Commit(
-                    keep=r.draft_len, append=tokens[r.draft_len:])))
-        if not seqs:
+        wanted = [r for r in requests if r.speculate and not r.done and r.remaining > 1]
+        stale = [r for r in wanted if r.draft_epoch != self.draft.epoch]
+        if stale:  # new to the draft, or the draft restarted since: send their tokens first
+            await self._draft_prefill(stale, lane)
+        ready = [r for r in wanted if r.draft_epoch == self.draft.epoch]
+        if not ready or not self.draft.up:
             return {}
+        k = self.round_k
+        if k <= 0:
+            return {}
+        seqs = [draft_pb2.ProposeSeq(seq_id=r.seq_id, k=min(k, r.remaining - 1), commit=draft_pb2.Commit(
+            keep=r.draft_len, append=r.tokens[r.draft_len:])) for r in ready]
         try:
-            response = await self.draft.Propose(draft_pb2.ProposeRequest(seqs=seqs))
-        except grpc.aio.AioRpcError as error:  # the draft only accelerates: verify without drafts
-            log.warning("draft propose failed, this round runs target-only: %s", error.details())
+            response = await self.draft.stub.Propose(draft_pb2.ProposeRequest(seqs=seqs),
+                                                     timeout=self.draft_timeout_s)
+        except grpc.aio.AioRpcError as error:  # verify without drafts: same output, just slower
+            self.draft.mark_down(f"propose: {error.code().name} {error.details()}")
             return {}
+        self.stages.observe_propose(len(seqs), max(s.k for s in seqs), response.stats.forward_ms)
         lane.counters.draft_ms += response.stats.forward_ms
         lane.counters.propose_calls += 1
         self.record("draft", "propose", lane, response.stats, sum(s.k for s in seqs))
         return {p.seq_id: list(p.tokens) for p in response.proposals}
 
-
-def _sampling_proto(request: Request) -> common_pb2.SamplingParams:
-    s = request.sampling
-    return common_pb2.SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
-
-
-def _as_unavailable(error: BaseException, what: str) -> Unavailable:
-    details = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
-    return Unavailable(f"{what} failed: {details}")
+    def _target_failed(self, requests: list[Request], error: BaseException, what: str) -> None:
+        details = f"{error.code().name}: {error.details()}" if isinstance(error, grpc.aio.AioRpcError) else str(error)
+        for request in requests:
+            if not request.done:
+                request.fail(Unavailable(f"target {what} failed ({details})"))
+        if isinstance(error, grpc.aio.AioRpcError) and error.code() in (
+                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND):
+            self.target.mark_down(f"{what}: {details}")

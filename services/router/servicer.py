@@ -1,4 +1,4 @@
-"""The public Generate API: validates and tokenizes a request, hands it to the scheduler, streams it back."""
+"""The public Generate API: validates and tokenizes a request, admits it, streams it back."""
 
 from __future__ import annotations
 
@@ -10,31 +10,42 @@ from collections.abc import AsyncIterator
 import grpc
 from transformers import PreTrainedTokenizerBase
 
-from minedraft.errors import InvalidArgument, ServiceError
-from minedraft.protos import generate_pb2, generate_pb2_grpc
+from minedraft import metrics
+from minedraft.errors import InvalidArgument, ServiceError, Unavailable
+from minedraft.protos import generate_pb2
 from minedraft.sampling import Sampling
+from minedraft.telemetry import tracer
+from services.router.admission import Admission
 from services.router.request import Request
 from services.router.scheduler import Scheduler
 from services.router.text_stream import TextStream
+from services.router.validation import Checked, Malformed, check_request, parse_request
 
 log = logging.getLogger(__name__)
 
 
-class GenerationServicer(generate_pb2_grpc.GenerationServicer):
+class GenerationServicer:
     def __init__(self, scheduler: Scheduler, tokenizer: PreTrainedTokenizerBase, eos_ids: frozenset[int],
-                 max_context: int, default_max_tokens: int = 256) -> None:
+                 max_context: int, admission: Admission, default_max_tokens: int = 256) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_context = max_context
+        self.admission = admission
         self.default_max_tokens = default_max_tokens
 
-    async def Generate(self, request: generate_pb2.GenerateRequest,
+    async def Generate(self, request: generate_pb2.GenerateRequest | Malformed,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[generate_pb2.GenerateResponse]:
         try:
             job = self._build(request)
+            if not self.scheduler.target_up:
+                raise Unavailable("the target service is down; the router is waiting for it to come back")
+            await self.admission.admit(self.scheduler.in_flight)
         except ServiceError as error:
             await context.abort(error.code, str(error))
+        job.span = tracer().start_span("generate", attributes={
+            "minedraft.prompt_tokens": len(job.prompt_ids), "minedraft.max_tokens": job.max_tokens,
+            "minedraft.temperature": job.sampling.temperature, "minedraft.speculate": job.speculate})
         await self.scheduler.submit(job)
         try:
             while True:
@@ -45,33 +56,42 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                 if event.HasField("final"):
                     return
         finally:
-            if job.finish_reason is None:  # the client went away: free the sequence at the next boundary
+            if job.finish_reason is None:  # the client went away or its deadline passed: free it next round
                 job.cancelled = True
+                self.scheduler.poke()
+            job.end_span()
+            metrics.REQUESTS.labels(job.finish_reason or "cancelled").inc()
+            metrics.GENERATED_TOKENS.inc(len(job.generated))
 
-    def _build(self, request: generate_pb2.GenerateRequest) -> Request:
-        prompt_ids = self._prompt_ids(request)
+    def _build(self, request: generate_pb2.GenerateRequest | Malformed) -> Request:
+        checked = check_request(request)
+        prompt_ids = self._prompt_ids(checked)
         if not prompt_ids:
             raise InvalidArgument("the prompt is empty")
         room = self.max_context - len(prompt_ids)
         if room <= 0:
             raise InvalidArgument(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_context}")
         max_tokens = request.max_tokens if request.HasField("max_tokens") else min(self.default_max_tokens, room)
-        if max_tokens <= 0 or max_tokens > room:
-            raise InvalidArgument(f"max_tokens must be in [1, {room}] for this prompt")
-        params = request.sampling
-        seed = params.seed if params.HasField("seed") else secrets.randbits(63)
-        sampling = Sampling(temperature=params.temperature, top_p=params.top_p or 1.0, top_k=params.top_k,
-                            seed=seed)
+        if max_tokens > room:
+            raise InvalidArgument(f"max_tokens must be at most {room} for this prompt of {len(prompt_ids)} tokens "
+                                  f"(context {self.max_context})")
+        seed = checked.seed if checked.seed is not None else secrets.randbits(63)
+        sampling = Sampling(temperature=checked.temperature, top_p=checked.top_p, top_k=checked.top_k, seed=seed)
         return Request(seq_id=uuid.uuid4().hex, prompt_ids=prompt_ids, sampling=sampling, max_tokens=max_tokens,
-                       text=TextStream(self.tokenizer, list(request.stop)), eos_ids=self.eos_ids)
+                       text=TextStream(self.tokenizer, checked.stops), eos_ids=self.eos_ids,
+                       speculate=checked.speculate)
 
-    def _prompt_ids(self, request: generate_pb2.GenerateRequest) -> list[int]:
-        if request.WhichOneof("input") == "chat":
-            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-            if not messages:
-                raise InvalidArgument("the chat has no messages")
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def _prompt_ids(self, checked: Checked) -> list[int]:
+        if checked.chat is not None:
+            text = self.tokenizer.apply_chat_template(checked.chat, tokenize=False, add_generation_prompt=True)
             return self.tokenizer.encode(text, add_special_tokens=False)
-        if request.WhichOneof("input") == "prompt":
-            return self.tokenizer.encode(request.prompt, add_special_tokens=False)
-        raise InvalidArgument("give a prompt or chat messages")
+        return self.tokenizer.encode(checked.prompt, add_special_tokens=False)
+
+
+def add_generation_servicer(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+    """Like the generated add_…_to_server, but bad request bytes reach the servicer as Malformed."""
+    handler = grpc.method_handlers_generic_handler("minedraft.protos.Generation", {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=parse_request,
+            response_serializer=generate_pb2.GenerateResponse.SerializeToString)})
+    server.add_generic_rpc_handlers((handler,))

@@ -1,0 +1,109 @@
+"""Choosing one lane or two, and k, from measured stage times (DESIGN.md §2).
+
+At N sequences, one lane (SD) costs  k·t_d(N) + t_v(N)  per cycle; two lanes (PSD) cost
+2·max(k·t_d(N/2), t_v(N/2)). Both cycles produce N·E[tokens per round], where with acceptance α a
+round of k drafts yields (1 − α^(k+1)) / (1 − α) tokens. The policy picks the layout and k with the
+most tokens per second. It only decides *how* tokens are computed, never which: output is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LinearCost:
+    """t(B) ≈ a + b·B fitted by exponentially weighted least squares over recent observations."""
+
+    decay: float = 0.95
+    _sw: float = 0.0
+    _sx: float = 0.0
+    _sy: float = 0.0
+    _sxx: float = 0.0
+    _sxy: float = 0.0
+
+    def observe(self, batch: float, ms: float) -> None:
+        d = self.decay
+        self._sw = d * self._sw + 1
+        self._sx = d * self._sx + batch
+        self._sy = d * self._sy + ms
+        self._sxx = d * self._sxx + batch * batch
+        self._sxy = d * self._sxy + batch * ms
+
+    @property
+    def known(self) -> bool:
+        return self._sw > 0
+
+    def __call__(self, batch: float) -> float:
+        if not self.known:
+            return 0.0
+        mean_x, mean_y = self._sx / self._sw, self._sy / self._sw
+        var = self._sxx / self._sw - mean_x * mean_x
+        slope = max(0.0, (self._sxy / self._sw - mean_x * mean_y) / var) if var > 1e-9 else 0.0
+        return max(1e-3, mean_y + slope * (batch - mean_x))
+
+
+@dataclass
+class StageModel:
+    """Live estimates of one draft step t_d(B), one verify t_v(B), and the acceptance rate α."""
+
+    draft_step: LinearCost = field(default_factory=LinearCost)
+    verify: LinearCost = field(default_factory=LinearCost)
+    drafted: float = 0.0
+    accepted: float = 0.0
+
+    def observe_propose(self, batch: int, k: int, ms: float) -> None:
+        if k > 0:
+            self.draft_step.observe(batch, ms / k)
+
+    def observe_verify(self, batch: int, ms: float) -> None:
+        self.verify.observe(batch, ms)
+
+    def observe_acceptance(self, drafted: int, accepted: int, decay: float = 0.99) -> None:
+        self.drafted = decay * self.drafted + drafted
+        self.accepted = decay * self.accepted + accepted
+
+    @property
+    def alpha(self) -> float:
+        return min(0.99, self.accepted / self.drafted) if self.drafted else 0.7
+
+    @property
+    def known(self) -> bool:
+        return self.draft_step.known and self.verify.known
+
+
+def tokens_per_round(alpha: float, k: int) -> float:
+    return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+@dataclass(frozen=True)
+class Plan:
+    lanes: int  # 1 (SD) or 2 (PSD)
+    k: int
+    tokens_per_s: float  # predicted, for all N sequences
+
+
+def best_plan(model: StageModel, sequences: int, k_max: int, allow_two: bool = True) -> Plan:
+    """The layout and k with the highest predicted throughput at this many sequences."""
+    if sequences <= 0 or not model.known:
+        return Plan(lanes=2 if allow_two and sequences >= 2 else 1, k=k_max, tokens_per_s=0.0)
+    best = Plan(1, 0, sequences / model.verify(sequences) * 1e3)  # k = 0: target-only
+    for k in range(1, k_max + 1):
+        per_seq = tokens_per_round(model.alpha, k)
+        one = k * model.draft_step(sequences) + model.verify(sequences)
+        candidates = [(1, one)]
+        if allow_two and sequences >= 2:
+            half = sequences / 2
+            candidates.append((2, 2 * max(k * model.draft_step(half), model.verify(half))))
+        for lanes, cycle_ms in candidates:
+            rate = sequences * per_seq / cycle_ms * 1e3
+            if rate > best.tokens_per_s:
+                best = Plan(lanes, k, rate)
+    return best
+
+
+def rebalance(sizes: list[int]) -> int:
+    """How many sequences the larger of two lanes should hand the smaller (never leaves one idle)."""
+    if len(sizes) != 2:
+        return 0
+    return max(0, (max(sizes) - min(sizes)) // 2)

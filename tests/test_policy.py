@@ -1,0 +1,54 @@
+"""The lane policy on synthetic stage times: it must pick the right regime at both ends (DESIGN.md §2)."""
+
+import pytest
+
+from services.router.policy import LinearCost, StageModel, best_plan, rebalance, tokens_per_round
+
+
+def model(draft_step, verify, alpha: float, batches=(1, 2, 4, 8, 16, 32)) -> StageModel:
+    stages = StageModel()
+    for b in batches:
+        stages.observe_propose(b, 4, 4 * draft_step(b))
+        stages.observe_verify(b, verify(b))
+    stages.observe_acceptance(1000, round(1000 * alpha))
+    return stages
+
+
+def test_linear_cost_recovers_intercept_and_slope() -> None:
+    cost = LinearCost()
+    for b in (1, 2, 4, 8):
+        cost.observe(b, 3.0 + 0.5 * b)
+    assert cost(16) == pytest.approx(11.0)
+    assert not LinearCost().known
+
+
+def test_launch_bound_small_batches_use_one_lane() -> None:
+    # A forward costs the same at any batch size: splitting only doubles the number of forwards.
+    plan = best_plan(model(lambda b: 10.0, lambda b: 50.0, alpha=0.8), sequences=2, k_max=8)
+    assert plan.lanes == 1 and plan.k > 0
+
+
+def test_compute_bound_large_batches_use_two_lanes() -> None:
+    # Cost grows with the batch: half-size forwards in two overlapped lanes approach 2x.
+    plan = best_plan(model(lambda b: 2.0 * b, lambda b: 12.0 * b, alpha=0.8), sequences=32, k_max=8)
+    assert plan.lanes == 2
+
+
+def test_k_follows_acceptance() -> None:
+    stages = lambda alpha: model(lambda b: 5.0 + b, lambda b: 40.0 + 4 * b, alpha)  # noqa: E731
+    high, low = best_plan(stages(0.95), 8, k_max=8), best_plan(stages(0.05), 8, k_max=8)
+    assert high.k > low.k
+    assert low.k == 0, "a draft that is almost never right is not worth running"
+
+
+def test_two_lane_k_fills_but_does_not_exceed_the_verify_time() -> None:
+    stages = model(lambda b: 2.0 * b, lambda b: 40.0 * b, alpha=0.99)
+    plan = best_plan(stages, 16, k_max=32)
+    assert plan.lanes == 2
+    assert plan.k * stages.draft_step(8) <= stages.verify(8) * 1.05 + stages.draft_step(8)
+
+
+def test_tokens_per_round_and_rebalance() -> None:
+    assert tokens_per_round(0.0, 4) == 1.0 and tokens_per_round(1.0, 4) == 5.0
+    assert tokens_per_round(0.5, 2) == pytest.approx(1.75)
+    assert rebalance([5, 1]) == 2 and rebalance([3, 3]) == 0 and rebalance([1, 0]) == 0
