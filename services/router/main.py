@@ -9,8 +9,8 @@ import logging
 import grpc
 from transformers import AutoConfig, AutoTokenizer
 
-from minedraft.metrics import serve_metrics
 from minedraft.grpc_server import CHANNEL_OPTIONS, ServiceHost
+from minedraft.metrics import serve_metrics
 from minedraft.models.compat import check_same_tokenizer
 from minedraft.models.store import resolve_model
 from minedraft.protos import draft_pb2_grpc, monitor_pb2_grpc, target_pb2_grpc

@@ -84,7 +84,8 @@ class Request:
 
     def end_span(self) -> None:
         self.span.set_attributes({
-            "minedraft.finish_reason": self.finish_reason or "cancelled", "minedraft.completion_tokens": len(self.generated),
+            "minedraft.finish_reason": self.finish_reason or "cancelled",
+            "minedraft.completion_tokens": len(self.generated),
             "minedraft.drafted_tokens": self.drafted, "minedraft.accepted_tokens": self.accepted,
             "minedraft.rounds": self.rounds})
         self.span.end()

@@ -211,12 +211,14 @@ class Scheduler:
         if not done:
             return
         lane.active = [r for r in lane.active if not r.done]
-        release = common_pb2.ReleaseRequest(seq_ids=[r.seq_id for r in done])
-        calls = [self.target.stub.Release(release, timeout=10)]
-        drafted = [r.seq_id for r in done if r.draft_epoch >= 0]
-        if self.draft is not None and drafted:
-            calls.append(self.draft.stub.Release(common_pb2.ReleaseRequest(seq_ids=drafted), timeout=10))
-        for result in await asyncio.gather(*calls, return_exceptions=True):
+        with batch_span("release", [r.span for r in done], **{"minedraft.batch_size": len(done)}):
+            release = common_pb2.ReleaseRequest(seq_ids=[r.seq_id for r in done])
+            calls = [self.target.stub.Release(release, timeout=10)]
+            drafted = [r.seq_id for r in done if r.draft_epoch >= 0]
+            if self.draft is not None and drafted:
+                calls.append(self.draft.stub.Release(common_pb2.ReleaseRequest(seq_ids=drafted), timeout=10))
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        for result in results:
             if isinstance(result, Exception):
                 log.warning("release failed: %s", result)
 
