@@ -30,6 +30,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--cpu-cores", default=None, help="pin the process to these cores, e.g. 0 or 0-3")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
+    parser.add_argument("--cpu-linear", default="onednn", choices=["onednn", "torch"],
+                        help="CPU float32 linear kernels for large layers (DESIGN.md §4)")
 
 
 def parse_cores(spec: str) -> set[int]:
@@ -55,7 +57,8 @@ async def serve_model(args: argparse.Namespace, service_name: str, servicer: Eng
 
     async def load_and_warm() -> None:
         model_path = str(resolve_model(args.model))
-        runner, _, load_ms = await servicer.worker.run(ModelRunner.load, model_path, args.device, args.dtype)
+        runner, _, load_ms = await servicer.worker.run(ModelRunner.load, model_path, args.device, args.dtype,
+                                                       None, args.cpu_linear)
         engine = build_engine(runner)
         await servicer.worker.run(warm_up, engine)
         servicer.engine = engine

@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from minedraft.model_runner import ModelRunner, SequenceState
+from minedraft.model_runner import ModelRunner, SequenceState, use_onednn_linears
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
 
@@ -46,3 +46,22 @@ def test_multi_token_feed_and_truncation_match_reference(tiny_pair) -> None:
     expected = runner.forward([SequenceState(list(long.tokens))], logits_to_keep=1)[0, -1]
     assert torch.allclose(rolled, expected, atol=1e-10)
     assert long.kv_len == len(long.tokens)
+
+
+def test_onednn_linears_keep_greedy_tokens_and_logits(tiny_pair) -> None:
+    target, _ = tiny_pair
+    plain = ModelRunner.load(str(target), dtype="float32", cpu_linear="torch")
+    fast = ModelRunner.load(str(target), dtype="float32", cpu_linear="torch")
+    assert use_onednn_linears(fast.model, min_params=0) > 0  # tiny layers: force the swap
+    runs = []
+    for runner in (plain, fast):
+        states = [SequenceState(list(p)) for p in PROMPTS]
+        logits = []
+        for _ in range(8):
+            step = runner.forward(states, logits_to_keep=1)[:, -1]
+            logits.append(step)
+            for i, state in enumerate(states):
+                state.tokens.append(int(step[i].argmax()))
+        runs.append(([s.tokens for s in states], torch.stack(logits)))
+    assert runs[0][0] == runs[1][0]
+    assert torch.allclose(runs[0][1], runs[1][1], atol=1e-4)
