@@ -31,8 +31,8 @@ class DraftEngine:
             if not tokens:
                 raise InvalidArgument("empty prompt")
             self.table.check_tokens(tokens)
-            states.append(SequenceState(list(tokens), extra={
-                "sampling": sampling, "generator": make_generator(sampling.seed, DRAFT_STREAM)}))
+            generator = make_generator(sampling.seed, DRAFT_STREAM, self.runner.device)
+            states.append(SequenceState(list(tokens), extra={"sampling": sampling, "generator": generator}))
         self.runner.forward(states, logits_to_keep=1)
         for (seq_id, _, _), state in zip(seqs, states, strict=True):
             self.table.put(seq_id, state)

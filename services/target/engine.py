@@ -31,8 +31,8 @@ class TargetEngine:
             if not tokens:
                 raise InvalidArgument("empty prompt")
             self.table.check_tokens(tokens, extra=1)
-            states.append(SequenceState(list(tokens), extra={
-                "sampling": sampling, "generator": make_generator(sampling.seed, TARGET_STREAM)}))
+            generator = make_generator(sampling.seed, TARGET_STREAM, self.runner.device)
+            states.append(SequenceState(list(tokens), extra={"sampling": sampling, "generator": generator}))
         logits = self.runner.forward(states, logits_to_keep=1)[:, -1]
         firsts = []
         for (seq_id, _, _), state, row in zip(seqs, states, logits, strict=True):
