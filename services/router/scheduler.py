@@ -312,15 +312,13 @@ class Scheduler:
 
     async def _propose(self, lane: Lane, requests: list[Request]) -> dict[str, list[common_pb2.DraftToken]]:
         """Drafts up to k tokens per request; a request that can take only one more token gets none."""
-        wanted = [r for r in requests if r.speculate and not r.done and r.remaining > 1]
+        k = self.round_k
+        wanted = [r for r in requests if r.speculate and not r.done and r.remaining > 1] if k > 0 else []
         stale = [r for r in wanted if r.draft_epoch != self.draft.epoch]
         if stale:  # new to the draft, or the draft restarted since: send their tokens first
             await self._draft_prefill(stale, lane)
         ready = [r for r in wanted if r.draft_epoch == self.draft.epoch]
         if not ready or not self.draft.up:
-            return {}
-        k = self.round_k
-        if k <= 0:
             return {}
         seqs = [draft_pb2.ProposeSeq(seq_id=r.seq_id, k=min(k, r.remaining - 1), commit=draft_pb2.Commit(
             keep=r.draft_len, append=r.tokens[r.draft_len:])) for r in ready]
