@@ -34,6 +34,8 @@ class ServiceHost:
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if not self.port:
+            raise RuntimeError(f"cannot listen on {host}:{port} (in use?)")
         self.stopping = asyncio.Event()
 
     async def set_serving(self, serving: bool) -> None:

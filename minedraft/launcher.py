@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,12 +36,27 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="on CPU, give the draft and the target disjoint cores (half each)")
 
 
-def free_port() -> int:
-    import socket
+ROUTER_SERVICE = "minedraft.protos.Generation"
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+
+def free_ports(count: int, exclude: tuple[int, ...] = ()) -> list[int]:
+    """Distinct free loopback ports: every socket stays bound until all are picked."""
+    sockets, ports = [], []
+    try:
+        while len(ports) < count:
+            sock = socket.socket()
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+            if sock.getsockname()[1] not in exclude:
+                ports.append(sock.getsockname()[1])
+    finally:
+        for sock in sockets:
+            sock.close()
+    return ports
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def core_split() -> tuple[str, str] | None:
@@ -82,8 +98,9 @@ class Cluster:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.address = f"{args.host}:{args.port}"
-        self.draft_address = f"127.0.0.1:{args.draft_port or free_port()}"
-        self.target_address = f"127.0.0.1:{args.target_port or free_port()}"
+        spare = iter(free_ports(2, exclude=(args.port,)))
+        self.draft_address = f"127.0.0.1:{args.draft_port or next(spare)}"
+        self.target_address = f"127.0.0.1:{args.target_port or next(spare)}"
         self.commands = commands(args, int(self.draft_address.rsplit(":", 1)[1]),
                                  int(self.target_address.rsplit(":", 1)[1]))
         self.procs = {name: subprocess.Popen(cmd) for name, cmd in self.commands.items()}
@@ -102,7 +119,8 @@ class Cluster:
                     if proc.poll() is not None:
                         raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
                 try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == \
+                    # Ask for the router's own service: another server on the port must not pass for it.
+                    if stub.Check(health_pb2.HealthCheckRequest(service=ROUTER_SERVICE), timeout=1.0).status == \
                             health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:
