@@ -2,7 +2,7 @@
 
 import pytest
 
-from services.router.policy import LinearCost, StageModel, best_plan, rebalance, tokens_per_round
+from services.router.policy import LinearCost, Plan, StageModel, best_plan, next_plan, rebalance, tokens_per_round
 
 
 def model(draft_step, verify, alpha: float, batches=(1, 2, 4, 8, 16, 32)) -> StageModel:
@@ -52,3 +52,26 @@ def test_tokens_per_round_and_rebalance() -> None:
     assert tokens_per_round(0.0, 4) == 1.0 and tokens_per_round(1.0, 4) == 5.0
     assert tokens_per_round(0.5, 2) == pytest.approx(1.75)
     assert rebalance([5, 1]) == 2 and rebalance([3, 3]) == 0 and rebalance([1, 0]) == 0
+
+
+def test_layout_holds_for_one_sequence_and_small_gains() -> None:
+    stages = model(lambda b: 2.0 * b, lambda b: 12.0 * b, alpha=0.8)  # two lanes win at 32
+    two = best_plan(stages, 32, k_max=8)
+    assert two.lanes == 2
+    assert next_plan(stages, two, sequences=1, k_max=8).lanes == 2, "one sequence: no reason to switch"
+    assert next_plan(stages, Plan(1, 4, 0.0), sequences=32, k_max=8).lanes == 2, "a clear gain switches"
+    flat = model(lambda b: 10.0, lambda b: 50.0, alpha=0.8)
+    one = best_plan(flat, 2, k_max=8)
+    assert one.lanes == 1 and next_plan(flat, one, sequences=2, k_max=8) == one
+
+
+def test_acceptance_prior_damps_early_samples() -> None:
+    stages = StageModel()
+    stages.observe_acceptance(4, 4)
+    assert 0.7 < stages.alpha < 0.8
+
+
+def test_one_sequence_under_two_lanes_still_drafts() -> None:
+    stages = model(lambda b: 10.0 + b, lambda b: 60.0 + 5 * b, alpha=0.8)
+    plan = next_plan(stages, Plan(2, 4, 0.0), sequences=1, k_max=8)
+    assert plan.lanes == 2 and plan.k > 0

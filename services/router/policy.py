@@ -49,8 +49,9 @@ class StageModel:
 
     draft_step: LinearCost = field(default_factory=LinearCost)
     verify: LinearCost = field(default_factory=LinearCost)
-    drafted: float = 0.0
-    accepted: float = 0.0
+    # A prior worth 20 drafted tokens at α = 0.7, so a few early rounds cannot swing the plan.
+    drafted: float = 20.0
+    accepted: float = 14.0
 
     def observe_propose(self, batch: int, k: int, ms: float) -> None:
         if k > 0:
@@ -65,7 +66,7 @@ class StageModel:
 
     @property
     def alpha(self) -> float:
-        return min(0.99, self.accepted / self.drafted) if self.drafted else 0.7
+        return min(0.99, self.accepted / self.drafted)
 
     @property
     def known(self) -> bool:
@@ -83,22 +84,35 @@ class Plan:
     tokens_per_s: float  # predicted, for all N sequences
 
 
-def best_plan(model: StageModel, sequences: int, k_max: int, allow_two: bool = True) -> Plan:
-    """The layout and k with the highest predicted throughput at this many sequences."""
+def best_plan(model: StageModel, sequences: int, k_max: int, layouts: tuple[int, ...] = (1, 2)) -> Plan:
+    """The layout (among `layouts`) and k with the highest predicted throughput at this many sequences."""
+    allow_two = 2 in layouts and sequences >= 2
     if sequences <= 0 or not model.known:
-        return Plan(lanes=2 if allow_two and sequences >= 2 else 1, k=k_max, tokens_per_s=0.0)
+        return Plan(lanes=2 if allow_two else 1, k=k_max, tokens_per_s=0.0)
     best = Plan(1, 0, sequences / model.verify(sequences) * 1e3)  # k = 0: target-only
     for k in range(1, k_max + 1):
         per_seq = tokens_per_round(model.alpha, k)
         one = k * model.draft_step(sequences) + model.verify(sequences)
-        candidates = [(1, one)]
-        if allow_two and sequences >= 2:
+        candidates = [(1, one)] if 1 in layouts or sequences < 2 else []  # a lone sequence runs as in one lane
+        if allow_two:
             half = sequences / 2
             candidates.append((2, 2 * max(k * model.draft_step(half), model.verify(half))))
         for lanes, cycle_ms in candidates:
             rate = sequences * per_seq / cycle_ms * 1e3
             if rate > best.tokens_per_s:
                 best = Plan(lanes, k, rate)
+    return best
+
+
+def next_plan(model: StageModel, current: Plan, sequences: int, k_max: int, switch_gain: float = 1.05) -> Plan:
+    """best_plan with hysteresis: the layout changes only for a clear predicted gain, and never for one
+    sequence or none (a lone sequence in two lanes already runs exactly as in one)."""
+    same_layout = best_plan(model, sequences, k_max, layouts=(current.lanes,))
+    if sequences <= 1:
+        return Plan(current.lanes, same_layout.k, same_layout.tokens_per_s)
+    best = best_plan(model, sequences, k_max)
+    if best.lanes != current.lanes and best.tokens_per_s < switch_gain * same_layout.tokens_per_s:
+        return same_layout
     return best
 
 

@@ -23,7 +23,7 @@ from minedraft.errors import Unavailable
 from minedraft.protos import common_pb2, draft_pb2, monitor_pb2, target_pb2
 from minedraft.telemetry import batch_span
 from services.router.backends import Backend
-from services.router.policy import Plan, StageModel, best_plan, rebalance
+from services.router.policy import Plan, StageModel, next_plan, rebalance
 from services.router.request import Request
 
 log = logging.getLogger(__name__)
@@ -139,10 +139,13 @@ class Scheduler:
 
     def _replan(self) -> None:
         """auto: choose one lane or two, and k, for the sequences now in flight."""
-        if self.mode == "auto" and self.speculating:
-            self.plan = best_plan(self.stages, self.in_flight, self.k_max)
-        elif self.mode == "auto":
-            self.plan = Plan(lanes=1, k=0, tokens_per_s=0.0)
+        if self.mode != "auto":
+            return
+        plan = next_plan(self.stages, self.plan, self.in_flight, self.k_max) if self.speculating else Plan(1, 0, 0.0)
+        if (plan.lanes, plan.k) != (self.plan.lanes, self.plan.k):
+            log.info("plan for %d sequences: %d lane(s), k=%d, %.2f tokens/s predicted (alpha %.2f)",
+                     self.in_flight, plan.lanes, plan.k, plan.tokens_per_s, self.stages.alpha)
+        self.plan = plan
 
     def _lane_open(self, lane: Lane) -> bool:
         return lane.index < self.plan.lanes
