@@ -68,3 +68,7 @@ def test_comparison_ratios() -> None:
     assert result["psd_over_sd"] == 1.25 and result["psd_over_ar"] == 2.5
     assert result["overlap_efficiency"] == 0.95 and result["psd2c_over_sd"] == 1.8
     assert result["predicted_psd_over_sd"] == pytest.approx(100 / 90)
+    assert result["auto_over_best_fixed"] is None
+    with_auto = compare_modes({"sd": mode(20, 40, 60, {}), "psd": mode(25, 30, 45, {"target": 0.9}),
+                               "auto": mode(24, 30, 45, {})})
+    assert with_auto["auto_over_best_fixed"] == pytest.approx(24 / 25)

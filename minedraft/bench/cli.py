@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         "runs": {},
     }
     psd_events = None
+    out = Path(args.out)
     for concurrency in concurrencies:
         summaries = {}
         for mode in modes:
@@ -67,12 +68,11 @@ def run(args: argparse.Namespace) -> int:
                 psd_events = raw["events"]
             print(f"C={concurrency} {mode}: {summaries[mode]['throughput_tok_s']:.2f} tok/s", flush=True)
         results["runs"][str(concurrency)] = {"modes": summaries, "comparison": compare_modes(summaries)}
-    primary = results["runs"][str(concurrencies[-1])]
-    results["modes"] = primary["modes"]
-    results.update(primary["comparison"])
-    results["bench_wall_s"] = time.time() - started
-    out = Path(args.out)
-    write_all(results, psd_events, out)
+        # The last concurrency is the headline; written after every level so a late failure keeps the rest.
+        results["modes"] = summaries
+        results.update(results["runs"][str(concurrency)]["comparison"])
+        results["bench_wall_s"] = time.time() - started
+        write_all(results, psd_events, out)
     print((out / "report.md").read_text())
     print(f"wrote {out}/results.json, report.md and plots in {results['bench_wall_s']:.0f}s")
     return 0

@@ -125,4 +125,7 @@ def compare_modes(modes: dict[str, dict]) -> dict:
         "overlap_efficiency": max(psd["busy_fraction"].values()) if psd else None,
         # The seed paper's convention: PSD holding 2C requests (two lanes of C) against SD holding C.
         "psd2c_over_sd": _ratio(throughput.get("psd2c"), throughput.get("sd")),
+        # auto against the better of the two fixed layouts at this concurrency (issue: ≥ 0.95).
+        "auto_over_best_fixed": _ratio(throughput.get("auto"),
+                                       max((throughput[m] for m in ("sd", "psd") if m in throughput), default=None)),
     }
