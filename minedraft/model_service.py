@@ -71,8 +71,5 @@ async def serve_model(args: argparse.Namespace, service_name: str, servicer: Eng
 def warm_up(engine) -> None:
     """One prefill and one step of a throwaway sequence, so the first request pays no first-call costs."""
     engine.prefill([("warm-up", [0, 1, 2, 3], Sampling())])
-    if hasattr(engine, "propose"):
-        engine.propose([("warm-up", 4, [], 2)])
-    else:
-        engine.verify([("warm-up", [])])
+    engine.step_once("warm-up")
     engine.release(["warm-up"])

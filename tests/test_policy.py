@@ -75,3 +75,23 @@ def test_one_sequence_under_two_lanes_still_drafts() -> None:
     stages = model(lambda b: 10.0 + b, lambda b: 60.0 + 5 * b, alpha=0.8)
     plan = next_plan(stages, Plan(2, 4, 0.0), sequences=1, k_max=8)
     assert plan.lanes == 2 and plan.k > 0
+
+
+def test_bursty_acceptance_is_valued_by_its_measured_survival() -> None:
+    """Half the rounds accept all four drafts, half none: α = 0.5 but a round yields 3 tokens, not 1.94."""
+    stages = StageModel()
+    for _ in range(50):
+        stages.observe_round(4, 4)
+        stages.observe_round(4, 0)
+    assert stages.tokens_per_round(4) == pytest.approx(3.0, abs=0.05)
+    assert tokens_per_round(0.5, 4) == pytest.approx(1.9375)
+    assert stages.tokens_per_round(6) > stages.tokens_per_round(4), "beyond the data it extrapolates"
+
+
+def test_survival_never_increases_with_position() -> None:
+    stages = StageModel()
+    for _ in range(20):
+        stages.observe_round(2, 0)
+        stages.observe_round(3, 3)
+    # Position 3 was only reached by the all-accepted rounds, but it cannot beat position 2.
+    assert stages.tokens_per_round(3) - stages.tokens_per_round(2) <= stages.tokens_per_round(2) - 1

@@ -63,5 +63,9 @@ class DraftEngine:
                 proposals[i].append(ProposedToken(token, support, probs))
         return proposals
 
+    def step_once(self, seq_id: str) -> None:
+        """Proposes two tokens for a held sequence (warm-up)."""
+        self.propose([(seq_id, len(self.table.get(seq_id).tokens), [], 2)])
+
     def release(self, seq_ids: list[str]) -> int:
         return self.table.release(seq_ids)

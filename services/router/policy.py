@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_POSITIONS = 32
+MIN_POSITION_SAMPLES = 8
+
 
 @dataclass
 class LinearCost:
@@ -45,13 +48,16 @@ class LinearCost:
 
 @dataclass
 class StageModel:
-    """Live estimates of one draft step t_d(B), one verify t_v(B), and the acceptance rate α."""
+    """Live estimates of one draft step t_d(B), one verify t_v(B), the acceptance rate α, and how far
+    into a round acceptance reaches: survival[i] / reached[i] = P(the first i drafts are all accepted)."""
 
     draft_step: LinearCost = field(default_factory=LinearCost)
     verify: LinearCost = field(default_factory=LinearCost)
     # A prior worth 20 drafted tokens at α = 0.7, so a few early rounds cannot swing the plan.
     drafted: float = 20.0
     accepted: float = 14.0
+    reached: list[float] = field(default_factory=lambda: [0.0] * (MAX_POSITIONS + 1))
+    survived: list[float] = field(default_factory=lambda: [0.0] * (MAX_POSITIONS + 1))
 
     def observe_propose(self, batch: int, k: int, ms: float) -> None:
         if k > 0:
@@ -64,6 +70,29 @@ class StageModel:
         self.drafted = decay * self.drafted + drafted
         self.accepted = decay * self.accepted + accepted
 
+    def observe_round(self, drafted: int, accepted: int, decay: float = 0.998) -> None:
+        """One sequence's round: `drafted` proposals, the first `accepted` of them kept."""
+        for i in range(1, MAX_POSITIONS + 1):
+            self.reached[i] *= decay
+            self.survived[i] *= decay
+        for i in range(1, min(drafted, MAX_POSITIONS) + 1):
+            self.reached[i] += 1
+            self.survived[i] += i <= accepted
+
+    def tokens_per_round(self, k: int) -> float:
+        """Expected tokens one sequence gains from a round of k drafts: 1 + Σ P(first i accepted).
+
+        Measured per position where there is data. Acceptance is bursty (code: long runs of easy tokens),
+        so this is usually well above the i.i.d. (1 − α^(k+1)) / (1 − α); past the data it continues
+        geometrically with α.
+        """
+        total, survival = 1.0, 1.0
+        for i in range(1, k + 1):
+            measured = self.survived[i] / self.reached[i] if self.reached[i] >= MIN_POSITION_SAMPLES else None
+            survival = min(survival, measured) if measured is not None else survival * self.alpha
+            total += survival
+        return total
+
     @property
     def alpha(self) -> float:
         return min(0.99, self.accepted / self.drafted)
@@ -74,6 +103,7 @@ class StageModel:
 
 
 def tokens_per_round(alpha: float, k: int) -> float:
+    """The i.i.d. model: each draft accepted with probability α independently."""
     return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
@@ -91,7 +121,7 @@ def best_plan(model: StageModel, sequences: int, k_max: int, layouts: tuple[int,
         return Plan(lanes=2 if allow_two else 1, k=k_max, tokens_per_s=0.0)
     best = Plan(1, 0, sequences / model.verify(sequences) * 1e3)  # k = 0: target-only
     for k in range(1, k_max + 1):
-        per_seq = tokens_per_round(model.alpha, k)
+        per_seq = model.tokens_per_round(k)
         one = k * model.draft_step(sequences) + model.verify(sequences)
         candidates = [(1, one)] if 1 in layouts or sequences < 2 else []  # a lone sequence runs as in one lane
         if allow_two:

@@ -294,6 +294,8 @@ class Scheduler:
             proposed = [d.token_id for d in drafts.get(request.seq_id, [])]
             if proposed:
                 request.draft_len = len(request.tokens) + verdict.accepted
+            if proposed:
+                self.stages.observe_round(len(proposed), verdict.accepted)
             request.drafted += len(proposed)
             request.accepted += verdict.accepted
             request.rounds += 1

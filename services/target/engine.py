@@ -73,5 +73,9 @@ class TargetEngine:
             verdicts.append((accepted, token))
         return verdicts
 
+    def step_once(self, seq_id: str) -> None:
+        """Decodes one token for a held sequence (warm-up)."""
+        self.verify([(seq_id, [])])
+
     def release(self, seq_ids: list[str]) -> int:
         return self.table.release(seq_ids)
