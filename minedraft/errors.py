@@ -23,7 +23,3 @@ class ResourceExhausted(ServiceError):
 
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
-
-
-async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
-    await context.abort(error.code, str(error))
