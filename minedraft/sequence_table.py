@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
+
 from minedraft.errors import InvalidArgument, NotFound
 from minedraft.model_runner import SequenceState
+from minedraft.sampling import Sampling, make_generator
 
 
 class SequenceTable:
@@ -36,6 +39,21 @@ class SequenceTable:
             raise InvalidArgument("a sequence appears twice in one batch")
         if any(not seq_id for seq_id in seq_ids):
             raise InvalidArgument("empty sequence id")
+
+    def new_states(self, seqs: list[tuple[str, list[int], Sampling]], stream: int, device: torch.device,
+                   room: int = 0) -> list[SequenceState]:
+        """Checked states for a prefill batch, each with its own sampling generator on `stream`.
+
+        `room`: tokens the service adds at once (the target samples a first token)."""
+        self.check_batch([seq_id for seq_id, _, _ in seqs])
+        states = []
+        for _, tokens, sampling in seqs:
+            if not tokens:
+                raise InvalidArgument("empty prompt")
+            self.check_tokens(tokens, extra=room)
+            generator = make_generator(sampling.seed, stream, device)
+            states.append(SequenceState(list(tokens), extra={"sampling": sampling, "generator": generator}))
+        return states
 
     def check_tokens(self, tokens: list[int], extra: int = 0) -> None:
         if any(t < 0 or t >= self.vocab_size for t in tokens):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minedraft.errors import InvalidArgument
-from minedraft.model_runner import ModelRunner, SequenceState
-from minedraft.sampling import DRAFT_STREAM, Sampling, make_generator, sample_truncated
+from minedraft.model_runner import ModelRunner
+from minedraft.sampling import DRAFT_STREAM, Sampling, sample_truncated
 from minedraft.sequence_table import SequenceTable
 
 
@@ -25,14 +25,7 @@ class DraftEngine:
 
     def prefill(self, seqs: list[tuple[str, list[int], Sampling]]) -> None:
         """Caches each prompt in one batched forward (a known id is replaced: re-sync after a restart)."""
-        self.table.check_batch([seq_id for seq_id, _, _ in seqs])
-        states = []
-        for _, tokens, sampling in seqs:
-            if not tokens:
-                raise InvalidArgument("empty prompt")
-            self.table.check_tokens(tokens)
-            generator = make_generator(sampling.seed, DRAFT_STREAM, self.runner.device)
-            states.append(SequenceState(list(tokens), extra={"sampling": sampling, "generator": generator}))
+        states = self.table.new_states(seqs, DRAFT_STREAM, self.runner.device)
         self.runner.forward(states, logits_to_keep=1)
         for (seq_id, _, _), state in zip(seqs, states, strict=True):
             self.table.put(seq_id, state)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from minedraft.errors import InvalidArgument
-from minedraft.model_runner import ModelRunner, SequenceState
+from minedraft.model_runner import ModelRunner
 from minedraft.sampling import (
     TARGET_STREAM,
     Sampling,
-    make_generator,
     next_token,
     verify_greedy,
     verify_sampled,
@@ -25,14 +24,7 @@ class TargetEngine:
 
     def prefill(self, seqs: list[tuple[str, list[int], Sampling]]) -> list[int]:
         """Runs each prompt (one batched forward) and returns each sequence's first token."""
-        self.table.check_batch([seq_id for seq_id, _, _ in seqs])
-        states = []
-        for _, tokens, sampling in seqs:
-            if not tokens:
-                raise InvalidArgument("empty prompt")
-            self.table.check_tokens(tokens, extra=1)
-            generator = make_generator(sampling.seed, TARGET_STREAM, self.runner.device)
-            states.append(SequenceState(list(tokens), extra={"sampling": sampling, "generator": generator}))
+        states = self.table.new_states(seqs, TARGET_STREAM, self.runner.device, room=1)
         logits = self.runner.forward(states, logits_to_keep=1)[:, -1]
         firsts = []
         for (seq_id, _, _), state, row in zip(seqs, states, logits, strict=True):
