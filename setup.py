@@ -26,4 +26,5 @@ class BuildWithStubs(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildWithStubs})
+if __name__ == "__main__":  # importable, so scripts/gpu-check can generate the stubs without installing
+    setup(cmdclass={"build_py": BuildWithStubs})

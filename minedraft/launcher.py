@@ -13,6 +13,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from minedraft.model_service import add_kv_args
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="psd", choices=["ar", "sd", "psd", "auto"])
@@ -32,6 +34,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="device of both models (see --draft-device)")
     parser.add_argument("--draft-device", default=None)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--tokenizer", default=None, help="the router's tokenizer (default: the target model's)")
+    add_kv_args(parser)
     parser.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
                         help="on CPU, give the draft and the target disjoint cores (half each)")
 
@@ -69,7 +73,8 @@ def core_split() -> tuple[str, str] | None:
 
 def commands(args: argparse.Namespace, draft_port: int, target_port: int) -> dict[str, list[str]]:
     cli = [sys.executable, "-m", "minedraft.cli"]
-    common = ["--dtype", args.dtype, "--host", "127.0.0.1"]
+    common = ["--dtype", args.dtype, "--host", "127.0.0.1", "--kv", args.kv, "--max-seqs", str(args.max_seqs),
+              "--max-context", str(args.max_context), "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
     draft = [*cli, "draft", "--model", args.draft_model, "--port", str(draft_port), "--top-m", str(args.top_m),
              "--device", args.draft_device or args.device, *common]
     target = [*cli, "target", "--model", args.target_model, "--port", str(target_port), "--device", args.device,
@@ -81,7 +86,8 @@ def commands(args: argparse.Namespace, draft_port: int, target_port: int) -> dic
         target += ["--cpu-cores", target_cores, "--threads", str(len(target_cores.split(",")))]
     router = [*cli, "router", "--mode", args.mode, "--port", str(args.port), "--host", args.host,
               "--target-addr", f"127.0.0.1:{target_port}", "--draft-addr", f"127.0.0.1:{draft_port}",
-              "--tokenizer", args.target_model, "--draft-tokenizer", args.draft_model,
+              "--tokenizer", args.tokenizer or args.target_model,
+              "--draft-tokenizer", args.tokenizer or args.draft_model,
               "--k", str(args.k), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
               "--draft-timeout", str(args.draft_timeout)]
     if args.metrics_port:

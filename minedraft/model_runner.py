@@ -1,13 +1,17 @@
 """One causal LM on one device, run as a batch over sequences that each keep their own KV cache.
 
 Shared by the draft and the target service. Every call is one batched forward, whatever the
-sequences' lengths: each sequence's cached keys/values are right-aligned in a padded past, its new
-tokens right-aligned in a padded input, and an explicit 4D mask hides the padding. Right-aligning
-the inputs puts every sequence's last positions in the same columns, so `logits_to_keep` works.
+sequences' lengths: each sequence's new tokens are right-aligned in a padded input (so every row's
+last positions share columns, and `logits_to_keep` works) and an explicit 4D mask hides the padding.
+Two cache layouts, same results:
+- dynamic (the CPU default): each sequence owns a KV tensor; a call right-aligns them in a padded past.
+- static (`kv="static"`, the GPU default): preallocated slots written in place (`static_kv`), with
+  fixed-shape steps replayed as CUDA graphs on a GPU (`cuda_graphs`).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,6 +19,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils.mkldnn
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+
+from minedraft.cuda_graphs import StepGraphs
+from minedraft.models.random_shapes import is_random, random_model
+from minedraft.static_kv import StaticKV
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +35,21 @@ class SequenceState:
     """Tokens a service holds for one sequence, and the KV cache of the first `kv_len` of them."""
 
     tokens: list[int]
-    kv: torch.Tensor | None = None  # [layers, 2, kv_heads, kv_len, head_dim]
+    kv: torch.Tensor | None = None  # dynamic layout: [layers, 2, kv_heads, kv_len, head_dim]
+    slot: int | None = None  # static layout: this sequence's row of the preallocated cache
+    kv_len: int = 0  # how many of `tokens` have cached keys/values
     extra: dict = field(default_factory=dict)  # per-service data (sampling state)
-
-    @property
-    def kv_len(self) -> int:
-        return 0 if self.kv is None else self.kv.shape[3]
 
     def truncate(self, length: int) -> None:
         """Forgets every token from `length` on, and their cached keys/values."""
         del self.tokens[length:]
-        if self.kv is not None and self.kv.shape[3] > length:
-            self.kv = self.kv[:, :, :, :length].clone() if length else None
+        self.uncache_from(length)
+
+    def uncache_from(self, length: int) -> None:
+        if self.kv_len > length:
+            self.kv_len = length
+            if self.kv is not None:
+                self.kv = self.kv[:, :, :, :length].clone() if length else None
 
 
 ONEDNN_MIN_PARAMS = 1 << 20
@@ -61,31 +72,61 @@ def use_onednn_linears(module: torch.nn.Module, min_params: int = ONEDNN_MIN_PAR
     return swapped
 
 
+def load_model(path: str, device: str, dtype: torch.dtype, **load_kwargs) -> PreTrainedModel:
+    if is_random(path):
+        return random_model(path, device, dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **load_kwargs).to(device).eval()
+
+
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); the GPU image may hold an older 5.x."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, device: torch.device) -> None:
+    def __init__(self, model: PreTrainedModel, device: torch.device, static: StaticKV | None = None,
+                 cuda_graphs: bool = False) -> None:
         self.model = model
         self.device = device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = model.config.vocab_size
+        self.static = static
+        self._cache_kwarg = cache_kwarg(model)
+        self.graphs = StepGraphs(self._static_step, self._scratch_inputs) if static and cuda_graphs else None
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: str = "float32", threads: int | None = None,
-             cpu_linear: str = "onednn", **load_kwargs) -> ModelRunner:
+             cpu_linear: str = "onednn", kv: str = "auto", max_seqs: int = 64, max_context: int = 4096,
+             cuda_graphs: bool = True, **load_kwargs) -> ModelRunner:
+        """`kv`: dynamic, static, or auto (static on CUDA). `max_seqs`/`max_context` size the static cache."""
         if threads:
             torch.set_num_threads(threads)
         started = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **load_kwargs)
-        model.to(device).eval()
+        model = load_model(path, device, DTYPES[dtype], **load_kwargs)
         swapped = 0
         if cpu_linear == "onednn" and device == "cpu" and dtype == "float32" and torch.backends.mkldnn.is_available():
             swapped = use_onednn_linears(model)
-        log.info("loaded %s (%s, %s, %d oneDNN linears) in %.1fs", path, dtype, device, swapped,
-                 time.perf_counter() - started)
-        return cls(model, torch.device(device))
+        on_cuda = torch.device(device).type == "cuda"
+        static = None
+        if kv == "static" or (kv == "auto" and on_cuda):
+            context = min(max_context, int(getattr(model.config, "max_position_embeddings", max_context)))
+            static = StaticKV(model.config, max_seqs, context, DTYPES[dtype], torch.device(device),
+                              pad_shapes=on_cuda and cuda_graphs)
+        log.info("loaded %s (%s, %s, %d oneDNN linears, %s KV%s) in %.1fs", path, dtype, device, swapped,
+                 f"static {max_seqs}x{static.max_context} ({static.bytes / 2**30:.2f} GiB)" if static else "dynamic",
+                 ", CUDA graphs" if static and on_cuda and cuda_graphs else "", time.perf_counter() - started)
+        return cls(model, torch.device(device), static, cuda_graphs=on_cuda and cuda_graphs)
 
     @property
     def max_context(self) -> int:
+        if self.static:
+            return self.static.max_context
         return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+
+    def drop(self, state: SequenceState) -> None:
+        """Returns a released sequence's cache space."""
+        if self.static:
+            self.static.free(state)
 
     @torch.inference_mode()
     def forward(self, states: list[SequenceState], logits_to_keep: int) -> torch.Tensor:
@@ -94,9 +135,47 @@ class ModelRunner:
         Returns logits [batch, logits_to_keep, vocab] for each sequence's last positions (row i's
         last m entries belong to sequence i's last m tokens).
         """
+        for state in states:  # fully cached: recompute the last token for its logits
+            state.uncache_from(min(state.kv_len, len(state.tokens) - 1))
+        if self.static:
+            return self._forward_static(states, logits_to_keep)
+        return self._forward_dynamic(states, logits_to_keep)
+
+    def _forward_static(self, states: list[SequenceState], logits_to_keep: int) -> torch.Tensor:
+        assigned = self.static.assign(states)
+        try:
+            feeds = [s.tokens[s.kv_len:] for s in states]
+            step = self.static.inputs(states, feeds).tensors()
+            if self.graphs:
+                logits = self.graphs(step, logits_to_keep)
+            else:
+                logits = self._static_step(logits_to_keep=logits_to_keep, **step)
+        except BaseException:
+            for state in assigned:
+                self.static.free(state)
+            raise
         for state in states:
-            if state.kv_len >= len(state.tokens):  # fully cached: recompute the last token for its logits
-                state.kv = state.kv[:, :, :, :len(state.tokens) - 1] if len(state.tokens) > 1 else None
+            state.kv_len = len(state.tokens)
+        return logits[:len(states)]
+
+    def _static_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, slots: torch.Tensor,
+                     write_pos: torch.Tensor, mask: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        """One fixed-shape forward over the static cache (what a CUDA graph captures)."""
+        cache = self.static.cache_for(slots, write_pos, mask.shape[-1])
+        masks = {"full_attention": mask, "sliding_attention": mask}  # a dict is used as given, not rebuilt
+        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=masks,
+                         use_cache=True, logits_to_keep=logits_to_keep, **{self._cache_kwarg: cache})
+        return out.logits
+
+    def _scratch_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inputs of the same shapes that only write to the scratch slot (for warm-up and capture)."""
+        return {"input_ids": torch.zeros_like(inputs["input_ids"]),
+                "position_ids": torch.zeros_like(inputs["position_ids"]),
+                "slots": torch.full_like(inputs["slots"], self.static.scratch_slot),
+                "write_pos": torch.full_like(inputs["write_pos"], self.static.scratch_col),
+                "mask": torch.zeros_like(inputs["mask"])}
+
+    def _forward_dynamic(self, states: list[SequenceState], logits_to_keep: int) -> torch.Tensor:
         feeds = [s.tokens[s.kv_len:] for s in states]
         batch, n_new = len(states), max(len(f) for f in feeds)
         n_past = max(s.kv_len for s in states)
@@ -119,9 +198,9 @@ class ModelRunner:
             cache = DynamicCache(ddp_cache_data=[(layer[0], layer[1]) for layer in past],
                                  config=self.model.config)
         out = self.model(input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device),
-                         attention_mask=mask.to(self.device), cache=cache, use_cache=True,
-                         logits_to_keep=logits_to_keep)
-        self._store_new_kv(states, feeds, out.cache, n_past, n_new)
+                         attention_mask=mask.to(self.device), use_cache=True, logits_to_keep=logits_to_keep,
+                         **{self._cache_kwarg: cache})
+        self._store_new_kv(states, feeds, getattr(out, self._cache_kwarg), n_past, n_new)
         return out.logits
 
     def _padded_past(self, states: list[SequenceState], n_past: int) -> torch.Tensor:
@@ -146,3 +225,4 @@ class ModelRunner:
             else:
                 old = full[:, :, i, :, n_past - state.kv_len:n_past]
                 state.kv = torch.cat([old, new], dim=3)
+            state.kv_len = state.kv.shape[3]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import torch
 from minedraft.grpc_server import ServiceHost
 from minedraft.metrics import serve_metrics
 from minedraft.model_runner import DTYPES, ModelRunner
+from minedraft.models.random_shapes import is_random
 from minedraft.models.store import resolve_model
 from minedraft.sampling import Sampling
 from minedraft.servicing import EngineServicer
@@ -32,6 +34,17 @@ def add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     parser.add_argument("--cpu-linear", default="onednn", choices=["onednn", "torch"],
                         help="CPU float32 linear kernels for large layers (DESIGN.md §4)")
+    add_kv_args(parser)
+
+
+def add_kv_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv", default="auto", choices=["auto", "dynamic", "static"],
+                        help="KV cache layout: per-sequence tensors (dynamic) or preallocated slots (static); "
+                             "auto: static on CUDA, dynamic on CPU")
+    parser.add_argument("--max-seqs", type=int, default=64, help="static KV: most sequences held at once")
+    parser.add_argument("--max-context", type=int, default=4096, help="static KV: most tokens per sequence")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="static KV on CUDA: replay fixed-shape steps as CUDA graphs")
 
 
 def parse_cores(spec: str) -> set[int]:
@@ -56,9 +69,11 @@ async def serve_model(args: argparse.Namespace, service_name: str, servicer: Eng
     add_to_server(servicer, host.server)
 
     async def load_and_warm() -> None:
-        model_path = str(resolve_model(args.model))
-        runner, _, load_ms = await servicer.worker.run(ModelRunner.load, model_path, args.device, args.dtype,
-                                                       None, args.cpu_linear)
+        model_path = args.model if is_random(args.model) else str(resolve_model(args.model))
+        load = functools.partial(ModelRunner.load, model_path, args.device, args.dtype, cpu_linear=args.cpu_linear,
+                                 kv=args.kv, max_seqs=args.max_seqs, max_context=args.max_context,
+                                 cuda_graphs=args.cuda_graphs)
+        runner, _, load_ms = await servicer.worker.run(load)
         engine = build_engine(runner)
         await servicer.worker.run(warm_up, engine)
         servicer.engine = engine

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -12,9 +12,11 @@ from minedraft.sampling import Sampling, make_generator
 
 
 class SequenceTable:
-    def __init__(self, max_context: int, vocab_size: int) -> None:
+    def __init__(self, max_context: int, vocab_size: int,
+                 on_drop: Callable[[SequenceState], None] = lambda state: None) -> None:
         self.max_context = max_context
         self.vocab_size = vocab_size
+        self.on_drop = on_drop  # gives a dropped sequence's cache space back (static KV slots)
         self._seqs: dict[str, SequenceState] = {}
 
     def __len__(self) -> int:
@@ -27,10 +29,19 @@ class SequenceTable:
             raise NotFound(f"unknown sequence {seq_id!r} (never prefilled, or released)") from None
 
     def put(self, seq_id: str, state: SequenceState) -> None:
+        replaced = self._seqs.get(seq_id)
+        if replaced is not None and replaced is not state:
+            self.on_drop(replaced)
         self._seqs[seq_id] = state
 
     def release(self, seq_ids: Iterable[str]) -> int:
-        return sum(self._seqs.pop(seq_id, None) is not None for seq_id in seq_ids)
+        released = 0
+        for seq_id in seq_ids:
+            state = self._seqs.pop(seq_id, None)
+            if state is not None:
+                self.on_drop(state)
+                released += 1
+        return released
 
     def check_batch(self, seq_ids: list[str]) -> None:
         if not seq_ids:
@@ -53,6 +64,7 @@ class SequenceTable:
             self.check_tokens(tokens, extra=room)
             generator = make_generator(sampling.seed, stream, device)
             states.append(SequenceState(list(tokens), extra={"sampling": sampling, "generator": generator}))
+        self.release(seq_id for seq_id, _, _ in seqs)  # a known id is re-sent (re-sync): free its old space first
         return states
 
     def check_tokens(self, tokens: list[int], extra: int = 0) -> None:

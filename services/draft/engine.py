@@ -21,7 +21,7 @@ class DraftEngine:
     def __init__(self, runner: ModelRunner, top_m: int = 32) -> None:
         self.runner = runner
         self.top_m = top_m
-        self.table = SequenceTable(runner.max_context, runner.vocab_size)
+        self.table = SequenceTable(runner.max_context, runner.vocab_size, on_drop=runner.drop)
 
     def prefill(self, seqs: list[tuple[str, list[int], Sampling]]) -> None:
         """Caches each prompt in one batched forward (a known id is replaced: re-sync after a restart)."""

@@ -20,7 +20,7 @@ Drafts = list[tuple[int, list[int], list[float]]]  # (token, q support ids, q pr
 class TargetEngine:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.table = SequenceTable(runner.max_context, runner.vocab_size)
+        self.table = SequenceTable(runner.max_context, runner.vocab_size, on_drop=runner.drop)
 
     def prefill(self, seqs: list[tuple[str, list[int], Sampling]]) -> list[int]:
         """Runs each prompt (one batched forward) and returns each sequence's first token."""

@@ -1,0 +1,61 @@
+"""GPU path (marked `gpu`; skipped without CUDA): CUDA graphs must replay exactly what eager runs compute."""
+
+import pytest
+import torch
+
+from minedraft.client import collect, make_request, stream
+from minedraft.model_runner import ModelRunner, SequenceState
+from services.draft.engine import DraftEngine
+from services.target.engine import TargetEngine
+from tests.conftest import channel_to
+from tests.test_engines import PROMPTS as ENGINE_PROMPTS
+from tests.test_engines import speculate
+from tests.test_model_runner import PROMPTS
+
+NO_GPU = "needs a CUDA GPU (scripts/gpu-check runs these)"
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)]
+
+
+def cuda_runner(path, layout: str) -> ModelRunner:
+    kv = {"dynamic": {"kv": "dynamic"}, "static": {"kv": "static", "cuda_graphs": False},
+          "graphs": {"kv": "static", "cuda_graphs": True}}[layout]
+    return ModelRunner.load(str(path), device="cuda", dtype="float64", max_seqs=8, max_context=128, **kv)
+
+
+def test_graph_replay_gives_the_eager_greedy_tokens(tiny_pair) -> None:
+    runs = {}
+    for layout in ("dynamic", "static", "graphs"):
+        runner = cuda_runner(tiny_pair[0], layout)
+        states = [SequenceState(list(p)) for p in PROMPTS]
+        for step in range(40):
+            if step == 20:
+                states.append(SequenceState([70, 71, 72]))  # a join changes the batch bucket
+            logits = runner.forward(states, logits_to_keep=1)
+            for i, state in enumerate(states):
+                state.tokens.append(int(logits[i, -1].argmax()))
+        runs[layout] = [s.tokens for s in states]
+        if layout == "graphs":
+            assert runner.graphs.replays > 30, "the decode steps must have run as graphs"
+    assert runs["static"] == runs["dynamic"]
+    assert runs["graphs"] == runs["dynamic"]
+
+
+def test_graph_engines_speculate_exactly_like_eager(tiny_pair) -> None:
+    """Draft decode and k+1 verify replayed as graphs: same greedy and sampled tokens as the dynamic cache."""
+    results = {}
+    for layout in ("dynamic", "graphs"):
+        target = TargetEngine(cuda_runner(tiny_pair[0], layout))
+        draft = DraftEngine(cuda_runner(tiny_pair[1], layout), top_m=8)
+        results[layout] = speculate(target, draft, list(ENGINE_PROMPTS), rounds=8, batched=True)
+    assert results["graphs"] == results["dynamic"]
+
+
+def test_cuda_cluster_psd_equals_target_only(clusters, tiny_pair) -> None:
+    prompts = ["def add(a, b):", "Hello", "for i in range(10):\n"]
+    outputs = {}
+    for mode in ("ar", "psd"):
+        cluster = clusters.get(mode, tiny_pair, device="cuda", max_seqs=16, max_context=256)
+        with channel_to(cluster) as channel:
+            outputs[mode] = [collect(stream(channel, make_request(prompt=p, max_tokens=24), timeout=120)).token_ids
+                             for p in prompts]
+    assert outputs["psd"] == outputs["ar"]

@@ -1,0 +1,98 @@
+"""The static (slot) KV layout and its fixed-shape padding must give exactly the dynamic layout's tokens."""
+
+import pytest
+import torch
+
+from minedraft.errors import ResourceExhausted
+from minedraft.model_runner import ModelRunner, SequenceState
+from minedraft.sampling import Sampling
+from minedraft.static_kv import bucket
+from services.draft.engine import DraftEngine
+from services.target.engine import TargetEngine
+from tests.test_engines import PROMPTS as ENGINE_PROMPTS
+from tests.test_engines import speculate
+from tests.test_model_runner import PROMPTS, reference_greedy
+
+LAYOUTS = {"dynamic": {"kv": "dynamic"}, "static": {"kv": "static", "max_seqs": 8, "max_context": 64},
+           "static-padded": {"kv": "static", "max_seqs": 8, "max_context": 64}}
+
+
+def load(path, layout: str, dtype: str = "float64") -> ModelRunner:
+    runner = ModelRunner.load(str(path), dtype=dtype, **LAYOUTS[layout])
+    if layout == "static-padded":  # the shapes a CUDA graph replays: batch and width buckets, scratch rows
+        runner.static.pad_shapes = True
+        runner.static.min_width = 16
+    return runner
+
+
+@pytest.mark.parametrize("layout", ["static", "static-padded"])
+def test_static_greedy_decoding_matches_uncached_reference(tiny_pair, layout: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    runner = load(tiny_pair[0], layout)
+    reference = AutoModelForCausalLM.from_pretrained(str(tiny_pair[0]), dtype=torch.float64).eval()
+    states = [SequenceState(list(p)) for p in PROMPTS]
+    for _ in range(24):  # crosses a width bucket (16 → 32) in the padded layout
+        logits = runner.forward(states, logits_to_keep=1)
+        assert logits.shape[0] == len(states)
+        for i, state in enumerate(states):
+            state.tokens.append(int(logits[i, -1].argmax()))
+    for prompt, state in zip(PROMPTS, states, strict=True):
+        assert state.tokens[len(prompt):] == reference_greedy(reference, prompt, 24)
+
+
+@pytest.mark.parametrize("layout", ["static", "static-padded"])
+def test_static_feed_and_rollback_match_dynamic_logits(tiny_pair, layout: str) -> None:
+    """Multi-token feeds, rollbacks and re-feeds (what verify does) leave the same logits as the dynamic cache."""
+    runners = {"dynamic": load(tiny_pair[0], "dynamic"), layout: load(tiny_pair[0], layout)}
+    states = {name: [SequenceState(list(range(3, 15))), SequenceState([40, 41])] for name in runners}
+    script = [([50, 51, 52], [60]), ("rollback", 13, 3), ([70, 71], [61, 62, 63]), ("rollback", 15, 4), ([9], [8])]
+    for name, runner in runners.items():
+        runner.forward(states[name], logits_to_keep=1)
+    for step in script:
+        outs = {}
+        for name, runner in runners.items():
+            long, short = states[name]
+            if step[0] == "rollback":
+                long.truncate(step[1])
+                short.truncate(step[2])
+                continue
+            long.tokens += step[0]
+            short.tokens += step[1]
+            outs[name] = runner.forward([long, short], logits_to_keep=3)
+        if outs:  # rows before a sequence's own new tokens are padding: only its own rows mean anything
+            for row, fed in enumerate(step):
+                assert torch.allclose(outs["dynamic"][row, -len(fed):], outs[layout][row, -len(fed):], atol=1e-10)
+
+
+def test_static_engines_speculate_exactly_like_dynamic(tiny_pair) -> None:
+    """Greedy and sampled rounds through both engines: same tokens with either layout, and slots come back."""
+    results = {}
+    for layout in ("dynamic", "static", "static-padded"):
+        target = TargetEngine(load(tiny_pair[0], layout))
+        draft = DraftEngine(load(tiny_pair[1], layout), top_m=8)
+        results[layout] = speculate(target, draft, list(ENGINE_PROMPTS), rounds=6, batched=True)
+        if layout != "dynamic":
+            assert target.runner.static.slots_free == draft.runner.static.slots_free == 8
+    assert results["static"] == results["dynamic"]
+    assert results["static-padded"] == results["dynamic"]
+
+
+def test_static_cache_full_is_resource_exhausted_and_frees_on_release(tiny_pair) -> None:
+    target = TargetEngine(ModelRunner.load(str(tiny_pair[0]), dtype="float64", kv="static", max_seqs=2,
+                                           max_context=32))
+    target.prefill([("a", [1, 2], Sampling()), ("b", [3, 4], Sampling())])
+    with pytest.raises(ResourceExhausted):
+        target.prefill([("c", [5, 6], Sampling())])
+    assert target.runner.static.slots_free == 0
+    with pytest.raises(Exception, match="exceeds"):  # longer than the static context: refused, nothing held
+        target.prefill([("c", list(range(40)), Sampling())])
+    target.release(["a"])
+    assert target.prefill([("c", [5, 6], Sampling())])
+    target.prefill([("c", [7, 8], Sampling())])  # re-sync of a known id gives the old slot back
+    assert target.runner.static.slots_free == 0 and len(target.table) == 2
+
+
+def test_buckets() -> None:
+    assert [bucket(b, 1, 64) for b in (1, 2, 3, 5, 9, 33, 64)] == [1, 2, 4, 8, 16, 64, 64]
+    assert [bucket(w, 256, 1000) for w in (1, 256, 257, 900)] == [256, 256, 512, 1000]
