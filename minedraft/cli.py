@@ -82,6 +82,7 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from minedraft import demo, launcher
     from minedraft.bench import cli as bench_cli
+    from minedraft.bench import steps as bench_steps
     from services.draft import main as draft_main
     from services.router import main as router_main
     from services.target import main as target_main
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser = sub.add_parser("bench", help="measure ar, sd and psd side by side")
     bench_cli.add_args(bench_parser)
     bench_parser.set_defaults(func=bench_cli.run)
+    steps_parser = sub.add_parser("bench-steps", help="one model step's time against its bandwidth floor")
+    bench_steps.add_args(steps_parser)
+    steps_parser.set_defaults(func=bench_steps.run)
 
     demo_parser = sub.add_parser("demo", help="stream one answer through a psd cluster on the default pair")
     demo.add_args(demo_parser)

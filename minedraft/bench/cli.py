@@ -21,6 +21,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="comma list of ar, sd, psd, auto and psd2c (psd with 2C in flight: the seed's convention)")
     parser.add_argument("--workload", default="humaneval", help="humaneval, chat or a JSONL file")
     parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--prompts-per-concurrency", type=int, default=0,
+                        help="sweeps: run at least this many prompts per unit of concurrency, so every level is "
+                             "saturated for about as many rounds")
     parser.add_argument("--concurrency", default="8", help="one value, or a comma list for a sweep")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
@@ -30,6 +33,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--draft-device", default=None)
+    parser.add_argument("--tokenizer", default=None, help="the router's tokenizer (needed with random: models)")
+    parser.add_argument("--kv", default="auto", choices=["auto", "dynamic", "static"])
+    parser.add_argument("--max-context", type=int, default=4096, help="static KV: most tokens per sequence")
+    parser.add_argument("--warmup-requests", type=int, default=2,
+                        help="requests run (4 tokens each) before measuring; on a GPU use the concurrency, so "
+                             "every batch shape's CUDA graph is captured before the clock starts")
     parser.add_argument("--out", default="runs/bench")
 
 
@@ -47,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     started = time.time()
     results: dict = {
-        "settings": {"workload": args.workload, "num_prompts": args.num_prompts, "max_tokens": args.max_tokens,
+        "settings": {"workload": args.workload, "num_prompts": args.num_prompts,
+                     "prompts_per_concurrency": args.prompts_per_concurrency, "max_tokens": args.max_tokens,
                      "k": args.k, "rate": args.rate, "dtype": args.dtype, "device": args.device,
                      "concurrency": args.concurrency},
         "models": {"draft": args.draft_model, "target": args.target_model},
@@ -60,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         summaries = {}
         for mode in modes:
             c = 2 * concurrency if mode == "psd2c" else concurrency
-            items = load_prompts(args.workload, args.num_prompts * (2 if mode == "psd2c" else 1))
+            prompts = max(args.num_prompts, args.prompts_per_concurrency * concurrency)
+            items = load_prompts(args.workload, prompts * (2 if mode == "psd2c" else 1))
             raw = run_mode(args, mode, items, c)
             summaries[mode] = summarise_mode(raw["records"], raw["lanes"], raw["events"])
             summaries[mode]["concurrency"] = c

@@ -77,7 +77,9 @@ def cluster_args(args: argparse.Namespace, mode: str, max_batch: int) -> argpars
     return parser.parse_args([
         "--mode", mode, "--port", str(free_port()), "--k", str(args.k), "--max-batch", str(max_batch),
         "--draft-model", args.draft_model, "--target-model", args.target_model, "--dtype", args.dtype,
-        "--device", args.device, *(["--draft-device", args.draft_device] if args.draft_device else [])])
+        "--device", args.device, *(["--draft-device", args.draft_device] if args.draft_device else []),
+        *(["--tokenizer", args.tokenizer] if args.tokenizer else []), "--kv", args.kv,
+        "--max-seqs", str(max(16, 2 * max_batch)), "--max-context", str(args.max_context)])
 
 
 def run_mode(args: argparse.Namespace, mode: str, items: list[dict], concurrency: int) -> dict:
@@ -86,7 +88,8 @@ def run_mode(args: argparse.Namespace, mode: str, items: list[dict], concurrency
     # Lanes are capped at the concurrency, so one lane (sd) can hold all C and two lanes (psd) C/2 each.
     with Cluster(cluster_args(args, cluster_mode, max_batch=concurrency)) as cluster:
         cluster.wait_ready()
-        asyncio.run(drive(cluster.address, items[:2], 2, 4, None, f"{mode} warm-up"))
+        warmup = items[:max(1, min(args.warmup_requests, len(items)))]
+        asyncio.run(drive(cluster.address, warmup, len(warmup), 4, None, f"{mode} warm-up"))
         asyncio.run(router_stats(cluster.address, clear=True))
         records = asyncio.run(drive(cluster.address, items, concurrency, args.max_tokens, args.rate,
                                     f"{mode} C={concurrency}"))

@@ -1,0 +1,138 @@
+"""`minedraft bench-steps`: one model step's time against its memory-bandwidth floor, per KV layout.
+
+A decode step must at least read every weight once, so weights bytes / measured copy bandwidth is its
+floor; at small batches a well-run step sits near it, and an eager, launch-bound one far above (DESIGN.md
+§5). Measures draft-style decode (1 token per sequence) and target-style verify (k+1 tokens) at each
+batch size, for the dynamic cache, the static cache, and the static cache replayed as CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from minedraft.model_runner import ModelRunner, SequenceState
+from minedraft.models.random_shapes import is_random, weight_bytes
+from minedraft.models.store import resolve_model
+from minedraft.static_kv import StaticKV
+
+log = logging.getLogger(__name__)
+LAYOUTS = ("dynamic", "static", "graphs")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default="random:qwen2.5-0.5b,random:qwen2.5-1.5b",
+                        help="comma list: random:SHAPE, presets or folders")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    parser.add_argument("--batches", default="1,2,4,8")
+    parser.add_argument("--context", type=int, default=512, help="prompt tokens per sequence before timing")
+    parser.add_argument("--k", type=int, default=4, help="verify feeds k+1 tokens per sequence")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU: 1, as a pinned service)")
+    parser.add_argument("--out", default="runs/steps")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, size_bytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Bytes moved per second (read + written) by a device-to-device copy."""
+    if device.type == "cpu":
+        size_bytes = min(size_bytes, 1 << 28)
+    src = torch.empty(size_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    synchronize(device)
+    return 2 * size_bytes * repeats / (time.perf_counter() - started)
+
+
+def runner_for(model, device: torch.device, layout: str, batch: int, max_context: int) -> ModelRunner:
+    if layout == "dynamic":
+        return ModelRunner(model, device)
+    static = StaticKV(model.config, batch, max_context, next(model.parameters()).dtype, device,
+                      pad_shapes=layout == "graphs")
+    return ModelRunner(model, device, static, cuda_graphs=layout == "graphs")
+
+
+def time_step(runner: ModelRunner, states: list[SequenceState], feed: int, repeats: int) -> float:
+    """Median ms of a forward feeding `feed` tokens per sequence; the cache is rolled back after each."""
+    times = []
+    for i in range(repeats + 3):  # the first runs warm up (and capture the graph)
+        lengths = [len(s.tokens) for s in states]
+        for s in states:
+            s.tokens.extend([7] * feed)
+        synchronize(runner.device)
+        started = time.perf_counter()
+        runner.forward(states, logits_to_keep=feed)
+        synchronize(runner.device)
+        if i >= 3:
+            times.append((time.perf_counter() - started) * 1e3)
+        for s, length in zip(states, lengths, strict=True):
+            s.truncate(length)
+    return statistics.median(times)
+
+
+def measure(spec: str, args: argparse.Namespace, bandwidth: float) -> list[dict]:
+    device = torch.device(args.device)
+    path = spec if is_random(spec) else str(resolve_model(spec))
+    model = ModelRunner.load(path, args.device, args.dtype, threads=args.threads, kv="dynamic").model
+    floor_ms = weight_bytes(model) / bandwidth * 1e3
+    rows = []
+    for layout in args.layouts.split(","):
+        if layout == "graphs" and device.type != "cuda":
+            print(f"{spec}: skipping CUDA graphs: no CUDA device here ({args.device})", flush=True)
+            continue
+        for batch in (int(b) for b in args.batches.split(",")):
+            runner = runner_for(model, device, layout, batch, args.context + args.k + 8)
+            generator = torch.Generator().manual_seed(batch)
+            states = [SequenceState(torch.randint(0, 1000, (args.context,), generator=generator).tolist())
+                      for _ in range(batch)]
+            runner.forward(states, logits_to_keep=1)  # prefill, not timed
+            for op, feed in (("decode", 1), (f"verify k+1={args.k + 1}", args.k + 1)):
+                ms = time_step(runner, states, feed, args.repeats)
+                rows.append({"model": spec, "layout": layout, "op": op, "batch": batch, "ms": ms,
+                             "floor_ms": floor_ms, "x_floor": ms / floor_ms})
+                print(f"{spec} {layout:8s} {op:14s} B={batch:<3d} {ms:8.2f} ms  ({ms / floor_ms:5.1f}x floor)",
+                      flush=True)
+            del runner, states
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | layout | op | batch | ms | floor ms | × floor |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['layout']} | {r['op']} | {r['batch']} | {r['ms']:.2f} | {r['floor_ms']:.2f} | "
+              f"{r['x_floor']:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    bandwidth = copy_bandwidth(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{name}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)", flush=True)
+    rows = [row for spec in args.models.split(",") for row in measure(spec, args, bandwidth)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"device": name, "dtype": args.dtype, "context": args.context, "k": args.k,
+              "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows}
+    (out / "steps.json").write_text(json.dumps(result, indent=2))
+    (out / "steps.md").write_text(table(rows) + "\n")
+    print(table(rows))
+    return 0
