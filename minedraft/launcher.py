@@ -90,6 +90,8 @@ def commands(args: argparse.Namespace, draft_port: int, target_port: int) -> dic
               "--draft-tokenizer", args.tokenizer or args.draft_model,
               "--k", str(args.k), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
               "--draft-timeout", str(args.draft_timeout)]
+    if args.kv == "static" or (args.kv == "auto" and args.device.startswith("cuda")):
+        router += ["--max-context", str(args.max_context)]  # the services' static caches hold no more
     if args.metrics_port:
         for offset, cmd in enumerate((router, draft, target)):
             cmd += ["--metrics-port", str(args.metrics_port + offset)]

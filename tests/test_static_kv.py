@@ -96,3 +96,21 @@ def test_static_cache_full_is_resource_exhausted_and_frees_on_release(tiny_pair)
 def test_buckets() -> None:
     assert [bucket(b, 1, 64) for b in (1, 2, 3, 5, 9, 33, 64)] == [1, 2, 4, 8, 16, 64, 64]
     assert [bucket(w, 256, 1000) for w in (1, 256, 257, 900)] == [256, 256, 512, 1000]
+
+
+def test_static_kv_cluster_matches_target_only_and_router_knows_its_context(clusters, tiny_clusters) -> None:
+    """psd with static caches on both services == dynamic target-only; the router refuses what would overflow."""
+    import grpc
+
+    from minedraft.client import collect, make_request, stream
+    from tests.conftest import channel_to
+    from tests.test_end_to_end import PROMPTS as E2E_PROMPTS
+    from tests.test_end_to_end import run_all
+
+    pair = next(key[1] for key in clusters.clusters if key[0] == "ar")
+    static = clusters.get("psd", pair, max_batch=4, kv="static", max_seqs=16, max_context=256)
+    assert [r.token_ids for r in run_all(static, E2E_PROMPTS)] == \
+        [r.token_ids for r in run_all(tiny_clusters["ar"], E2E_PROMPTS)]
+    with channel_to(static) as channel, pytest.raises(grpc.RpcError) as error:
+        collect(stream(channel, make_request(prompt="Hello", max_tokens=300), timeout=30))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context 256" in error.value.details()

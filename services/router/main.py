@@ -39,6 +39,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a lane")
     parser.add_argument("--rate-limit", type=float, default=None, help="most new requests per second")
     parser.add_argument("--default-max-tokens", type=int, default=256)
+    parser.add_argument("--max-context", type=int, default=None,
+                        help="tokens per sequence the services hold (their static KV's --max-context); "
+                             "default: the target model's context")
     parser.add_argument("--draft-timeout", type=float, default=10.0, help="seconds before a draft call counts as "
                         "failed (the round then runs target-only)")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
@@ -80,7 +83,8 @@ async def serve(args: argparse.Namespace) -> None:
     lanes = len(scheduler.lanes)
     admission = Admission(max_sequences=lanes * args.max_batch + args.max_queue, rate_per_s=args.rate_limit)
     servicer = GenerationServicer(scheduler, tokenizer, eos_ids_of(tokenizer, config),
-                                  max_context=getattr(config, "max_position_embeddings", 4096),
+                                  max_context=min(getattr(config, "max_position_embeddings", 4096),
+                                                  args.max_context or 1 << 30),
                                   admission=admission, default_max_tokens=args.default_max_tokens)
     add_generation_servicer(servicer, host.server)
     monitor_pb2_grpc.add_RouterMonitorServicer_to_server(MonitorServicer(scheduler), host.server)
