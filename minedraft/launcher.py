@@ -28,6 +28,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="most sequences in one lane")
     parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a lane")
     parser.add_argument("--draft-timeout", type=float, default=10.0)
+    parser.add_argument("--draft-prefill-tokens", type=int, default=512, help="most tokens per draft prefill call")
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="Prometheus ports: router on this one, draft +1, target +2 (0: off)")
     parser.add_argument("--top-m", type=int, default=32)
@@ -89,7 +90,7 @@ def commands(args: argparse.Namespace, draft_port: int, target_port: int) -> dic
               "--tokenizer", args.tokenizer or args.target_model,
               "--draft-tokenizer", args.tokenizer or args.draft_model,
               "--k", str(args.k), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
-              "--draft-timeout", str(args.draft_timeout)]
+              "--draft-timeout", str(args.draft_timeout), "--draft-prefill-tokens", str(args.draft_prefill_tokens)]
     if args.kv == "static" or (args.kv == "auto" and args.device.startswith("cuda")):
         router += ["--max-context", str(args.max_context)]  # the services' static caches hold no more
     if args.metrics_port:

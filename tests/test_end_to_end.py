@@ -133,3 +133,10 @@ def test_auto_mode_and_lane_switching_change_no_token(clusters, tiny_pair, tiny_
     expected = [r.token_ids for r in run_all(tiny_clusters["ar"], PROMPTS)]
     auto = clusters.get("auto", tiny_pair, max_batch=4)
     assert [r.token_ids for r in run_all(auto, PROMPTS, stagger_s=0.03)] == expected
+
+
+def test_chunked_draft_prefill_changes_no_token(clusters, tiny_pair, tiny_clusters) -> None:
+    """Every prompt in its own draft prefill call (a 1-token budget): same tokens as target-only."""
+    chunked = clusters.get("psd", tiny_pair, max_batch=4, draft_prefill_tokens=1)
+    assert [r.token_ids for r in run_all(chunked, PROMPTS)] == \
+        [r.token_ids for r in run_all(tiny_clusters["ar"], PROMPTS)]

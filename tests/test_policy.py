@@ -95,3 +95,14 @@ def test_survival_never_increases_with_position() -> None:
         stages.observe_round(3, 3)
     # Position 3 was only reached by the all-accepted rounds, but it cannot beat position 2.
     assert stages.tokens_per_round(3) - stages.tokens_per_round(2) <= stages.tokens_per_round(2) - 1
+
+
+def test_draft_prefill_chunks_hold_at_most_the_token_budget() -> None:
+    from types import SimpleNamespace
+
+    from services.router.scheduler import token_chunks
+
+    requests = [SimpleNamespace(tokens=[0] * n) for n in (300, 200, 100, 700, 50, 50)]
+    chunks = token_chunks(requests, 512)
+    assert [[len(r.tokens) for r in chunk] for chunk in chunks] == [[300, 200], [100], [700], [50, 50]]
+    assert [r for chunk in chunks for r in chunk] == requests  # every request once, in order

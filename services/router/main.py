@@ -44,6 +44,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "default: the target model's context")
     parser.add_argument("--draft-timeout", type=float, default=10.0, help="seconds before a draft call counts as "
                         "failed (the round then runs target-only)")
+    parser.add_argument("--draft-prefill-tokens", type=int, default=512,
+                        help="most prompt tokens in one draft prefill call (longer batches go in chunks, so "
+                             "none outlasts --draft-timeout)")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     parser.add_argument("--drain-timeout", type=float, default=60.0, help="seconds in-flight streams get to "
                         "finish after SIGTERM")
@@ -79,7 +82,8 @@ async def serve(args: argparse.Namespace) -> None:
                                                   interceptors=client_interceptors()),
                         draft_pb2_grpc.DraftStub)
     scheduler = Scheduler(target, draft, mode=args.mode, k=args.k, max_batch=args.max_batch,
-                          draft_timeout_s=args.draft_timeout, k_max=args.k_max)
+                          draft_timeout_s=args.draft_timeout, k_max=args.k_max,
+                          draft_prefill_tokens=args.draft_prefill_tokens)
     lanes = len(scheduler.lanes)
     admission = Admission(max_sequences=lanes * args.max_batch + args.max_queue, rate_per_s=args.rate_limit)
     servicer = GenerationServicer(scheduler, tokenizer, eos_ids_of(tokenizer, config),

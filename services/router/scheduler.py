@@ -42,9 +42,23 @@ class Lane:
         self.counters.lane = self.index
 
 
+def token_chunks(requests: list[Request], max_tokens: int) -> list[list[Request]]:
+    """Consecutive groups of requests holding at most max_tokens tokens each (a longer one goes alone)."""
+    chunks: list[list[Request]] = []
+    size = 0
+    for request in requests:
+        if not chunks or size + len(request.tokens) > max_tokens:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(request)
+        size += len(request.tokens)
+    return chunks
+
+
 class Scheduler:
     def __init__(self, target: Backend, draft: Backend | None, mode: str = "psd", k: int = 4,
-                 max_batch: int = 16, draft_timeout_s: float = 10.0, k_max: int | None = None) -> None:
+                 max_batch: int = 16, draft_timeout_s: float = 10.0, k_max: int | None = None,
+                 draft_prefill_tokens: int = 512) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if mode != "ar" and draft is None:
@@ -52,6 +66,7 @@ class Scheduler:
         self.target, self.draft = target, draft
         self.mode, self.k, self.max_batch = mode, k, max_batch
         self.draft_timeout_s = draft_timeout_s
+        self.draft_prefill_tokens = draft_prefill_tokens
         self.lanes = [Lane(i) for i in range(2 if mode in ("psd", "auto") else 1)]
         self.stages = StageModel()
         self.k_max = k_max or 2 * k
@@ -249,18 +264,23 @@ class Scheduler:
             request.add_tokens([first.token_id])
 
     async def _draft_prefill(self, requests: list[Request], lane: Lane) -> None:
-        """Sends the draft every token of these requests; a failure only turns speculation off."""
-        epoch, lengths = self.draft.epoch, [len(r.tokens) for r in requests]
-        try:
-            response = await self.draft.stub.Prefill(draft_pb2.DraftPrefillRequest(seqs=[
-                draft_pb2.DraftPrefillSeq(seq_id=r.seq_id, tokens=r.tokens, sampling=r.sampling_proto())
-                for r in requests]), timeout=self.draft_timeout_s)
-        except grpc.aio.AioRpcError as error:
-            self.draft.mark_down(f"prefill: {error.code().name} {error.details()}")
-            return
-        self.record("draft", "prefill", lane, response.stats, sum(len(r.tokens) for r in requests))
-        for request, length in zip(requests, lengths, strict=True):
-            request.draft_len, request.draft_epoch = length, epoch
+        """Sends the draft every token of these requests; a failure only turns speculation off.
+
+        In chunks of at most `draft_prefill_tokens` prompt tokens (one request at least), so no call's
+        duration grows with the batch: one call for 16 long prompts once outlasted the draft timeout,
+        and the re-sync after it (every sequence at once) outlasted it again, over and over."""
+        for chunk in token_chunks(requests, self.draft_prefill_tokens):
+            epoch, lengths = self.draft.epoch, [len(r.tokens) for r in chunk]
+            try:
+                response = await self.draft.stub.Prefill(draft_pb2.DraftPrefillRequest(seqs=[
+                    draft_pb2.DraftPrefillSeq(seq_id=r.seq_id, tokens=r.tokens, sampling=r.sampling_proto())
+                    for r in chunk]), timeout=self.draft_timeout_s)
+            except grpc.aio.AioRpcError as error:
+                self.draft.mark_down(f"prefill: {error.code().name} {error.details()}")
+                return
+            self.record("draft", "prefill", lane, response.stats, sum(lengths))
+            for request, length in zip(chunk, lengths, strict=True):
+                request.draft_len, request.draft_epoch = length, epoch
 
     async def _round(self, lane: Lane) -> None:
         requests = list(lane.active)
