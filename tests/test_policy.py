@@ -6,12 +6,10 @@ from services.router.policy import LinearCost, Plan, StageModel, best_plan, next
 
 
 def model(draft_step, verify, alpha: float, batches=(1, 2, 4, 8, 16, 32)) -> StageModel:
-    """draft_step(batch) and verify(tokens fed) in ms, observed at these batches with k = 0 and k = 4."""
     stages = StageModel()
     for b in batches:
         stages.observe_propose(b, 4, 4 * draft_step(b))
-        for k in (0, 4):
-            stages.observe_verify(b * (k + 1), verify(b * (k + 1)))
+        stages.observe_verify(b, verify(b))
     stages.observe_acceptance(1000, round(1000 * alpha))
     return stages
 
@@ -32,22 +30,22 @@ def test_launch_bound_small_batches_use_one_lane() -> None:
 
 def test_compute_bound_large_batches_use_two_lanes() -> None:
     # Cost grows with the batch: half-size forwards in two overlapped lanes approach 2x.
-    plan = best_plan(model(lambda b: 10.0 + 2.0 * b, lambda t: 200.0 + t, alpha=0.8), sequences=32, k_max=8)
+    plan = best_plan(model(lambda b: 2.0 * b, lambda b: 12.0 * b, alpha=0.8), sequences=32, k_max=8)
     assert plan.lanes == 2
 
 
 def test_k_follows_acceptance() -> None:
-    stages = lambda alpha: model(lambda b: 5.0 + b, lambda t: 40.0 + 0.8 * t, alpha)  # noqa: E731
+    stages = lambda alpha: model(lambda b: 5.0 + b, lambda b: 40.0 + 4 * b, alpha)  # noqa: E731
     high, low = best_plan(stages(0.95), 8, k_max=8), best_plan(stages(0.05), 8, k_max=8)
     assert high.k > low.k
     assert low.k == 0, "a draft that is almost never right is not worth running"
 
 
 def test_two_lane_k_fills_but_does_not_exceed_the_verify_time() -> None:
-    stages = model(lambda b: 2.0 * b, lambda t: 100.0 + 2.0 * t, alpha=0.99)
+    stages = model(lambda b: 2.0 * b, lambda b: 40.0 * b, alpha=0.99)
     plan = best_plan(stages, 16, k_max=32)
     assert plan.lanes == 2
-    assert plan.k * stages.draft_step(8) <= stages.verify(8 * (plan.k + 1)) * 1.05 + stages.draft_step(8)
+    assert plan.k * stages.draft_step(8) <= stages.verify(8) * 1.05 + stages.draft_step(8)
 
 
 def test_tokens_per_round_and_rebalance() -> None:
@@ -57,7 +55,7 @@ def test_tokens_per_round_and_rebalance() -> None:
 
 
 def test_layout_holds_for_one_sequence_and_small_gains() -> None:
-    stages = model(lambda b: 10.0 + 2.0 * b, lambda t: 200.0 + t, alpha=0.8)  # two lanes win at 32
+    stages = model(lambda b: 2.0 * b, lambda b: 12.0 * b, alpha=0.8)  # two lanes win at 32
     two = best_plan(stages, 32, k_max=8)
     assert two.lanes == 2
     assert next_plan(stages, two, sequences=1, k_max=8).lanes == 2, "one sequence: no reason to switch"
@@ -74,7 +72,7 @@ def test_acceptance_prior_damps_early_samples() -> None:
 
 
 def test_one_sequence_under_two_lanes_still_drafts() -> None:
-    stages = model(lambda b: 10.0 + b, lambda t: 60.0 + t, alpha=0.8)
+    stages = model(lambda b: 10.0 + b, lambda b: 60.0 + 5 * b, alpha=0.8)
     plan = next_plan(stages, Plan(2, 4, 0.0), sequences=1, k_max=8)
     assert plan.lanes == 2 and plan.k > 0
 
@@ -88,31 +86,6 @@ def test_bursty_acceptance_is_valued_by_its_measured_survival() -> None:
     assert stages.tokens_per_round(4) == pytest.approx(3.0, abs=0.05)
     assert tokens_per_round(0.5, 4) == pytest.approx(1.9375)
     assert stages.tokens_per_round(6) > stages.tokens_per_round(4), "beyond the data it extrapolates"
-
-
-def test_untried_positions_extrapolate_with_the_measured_conditional_acceptance() -> None:
-    """Only k = 2 tried, and when the first draft is accepted so is the second: longer drafts look worth a try
-    (continuing with α they would not, which kept k short at one sequence)."""
-    stages = StageModel()
-    for _ in range(40):
-        stages.observe_round(2, 2)
-    for _ in range(10):
-        stages.observe_round(2, 0)
-    stages.observe_acceptance(100, 80)
-    first = stages.survived[1] / stages.reached[1]  # ≈ 0.8 (recent rounds weigh a little more)
-    assert stages.survived[2] / stages.reached[2] == pytest.approx(first)
-    assert stages.tokens_per_round(4) == pytest.approx(1 + first * (2 + 0.9 + 0.9**2))
-    assert stages.tokens_per_round(4) > 1 + first * (2 + stages.alpha + stages.alpha**2)
-
-
-def test_longer_verify_feeds_cost_more_so_k_stays_bounded_at_one_sequence() -> None:
-    """Verify cost grows with the tokens fed: at one sequence, a perfect-looking draft still stops where
-    another draft step plus its verify token costs more than the token it is expected to add."""
-    stages = model(lambda b: 160.0, lambda t: 450.0 + 40.0 * t, alpha=0.75)
-    for _ in range(200):
-        stages.observe_round(8, 8)
-    stages.observe_acceptance(1000, 750)
-    assert 8 <= best_plan(stages, 1, k_max=32).k < 32
 
 
 def test_survival_never_increases_with_position() -> None:

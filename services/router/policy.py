@@ -1,11 +1,9 @@
 """Choosing one lane or two, and k, from measured stage times (DESIGN.md §2).
 
-At N sequences, one lane (SD) costs  k·t_d(N) + t_v(N·(k+1))  per cycle; two lanes (PSD) cost
-2·max(k·t_d(N/2), t_v(N/2·(k+1))), where t_d(B) is one draft step at batch B and t_v(T) a verify feeding
-T tokens (a verify's cost grows with k as well as with the batch). Both cycles produce N·E[tokens per
-round], where with acceptance α a round of k drafts yields (1 − α^(k+1)) / (1 − α) tokens. The policy picks
-the layout and k with the most tokens per second. It only decides *how* tokens are computed, never which:
-output is unchanged.
+At N sequences, one lane (SD) costs  k·t_d(N) + t_v(N)  per cycle; two lanes (PSD) cost
+2·max(k·t_d(N/2), t_v(N/2)). Both cycles produce N·E[tokens per round], where with acceptance α a
+round of k drafts yields (1 − α^(k+1)) / (1 − α) tokens. The policy picks the layout and k with the
+most tokens per second. It only decides *how* tokens are computed, never which: output is unchanged.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ from dataclasses import dataclass, field
 
 MAX_POSITIONS = 32
 MIN_POSITION_SAMPLES = 8
-MAX_EXTRAPOLATED_CONDITIONAL = 0.9
 
 
 @dataclass
@@ -51,7 +48,7 @@ class LinearCost:
 
 @dataclass
 class StageModel:
-    """Live estimates of one draft step t_d(B), one verify t_v(T) of T tokens, the acceptance rate α, and how far
+    """Live estimates of one draft step t_d(B), one verify t_v(B), the acceptance rate α, and how far
     into a round acceptance reaches: survival[i] / reached[i] = P(the first i drafts are all accepted)."""
 
     draft_step: LinearCost = field(default_factory=LinearCost)
@@ -66,9 +63,8 @@ class StageModel:
         if k > 0:
             self.draft_step.observe(batch, ms / k)
 
-    def observe_verify(self, tokens: int, ms: float) -> None:
-        """A verify that fed `tokens` tokens in all (each sequence its drafts + 1)."""
-        self.verify.observe(tokens, ms)
+    def observe_verify(self, batch: int, ms: float) -> None:
+        self.verify.observe(batch, ms)
 
     def observe_acceptance(self, drafted: int, accepted: int, decay: float = 0.99) -> None:
         self.drafted = decay * self.drafted + drafted
@@ -87,19 +83,13 @@ class StageModel:
         """Expected tokens one sequence gains from a round of k drafts: 1 + Σ P(first i accepted).
 
         Measured per position where there is data. Acceptance is bursty (code: long runs of easy tokens),
-        so this is usually well above the i.i.d. (1 − α^(k+1)) / (1 − α). Past the data it continues with
-        the last measured *conditional* acceptance P(i accepted | first i−1 were), capped: continuing with α
-        undervalued positions never tried, so k stayed short and never learnt better.
+        so this is usually well above the i.i.d. (1 − α^(k+1)) / (1 − α); past the data it continues
+        geometrically with α.
         """
-        total, survival, conditional = 1.0, 1.0, self.alpha
+        total, survival = 1.0, 1.0
         for i in range(1, k + 1):
             measured = self.survived[i] / self.reached[i] if self.reached[i] >= MIN_POSITION_SAMPLES else None
-            if measured is None:
-                survival *= conditional
-            else:
-                measured = min(survival, measured)
-                conditional = min(MAX_EXTRAPOLATED_CONDITIONAL, measured / survival) if survival > 0 else 0.0
-                survival = measured
+            survival = min(survival, measured) if measured is not None else survival * self.alpha
             total += survival
         return total
 
@@ -132,11 +122,11 @@ def best_plan(model: StageModel, sequences: int, k_max: int, layouts: tuple[int,
     best = Plan(1, 0, sequences / model.verify(sequences) * 1e3)  # k = 0: target-only
     for k in range(1, k_max + 1):
         per_seq = model.tokens_per_round(k)
-        one = k * model.draft_step(sequences) + model.verify(sequences * (k + 1))
+        one = k * model.draft_step(sequences) + model.verify(sequences)
         candidates = [(1, one)] if 1 in layouts or sequences < 2 else []  # a lone sequence runs as in one lane
         if allow_two:
             half = sequences / 2
-            candidates.append((2, 2 * max(k * model.draft_step(half), model.verify(half * (k + 1)))))
+            candidates.append((2, 2 * max(k * model.draft_step(half), model.verify(half))))
         for lanes, cycle_ms in candidates:
             rate = sequences * per_seq / cycle_ms * 1e3
             if rate > best.tokens_per_s:

@@ -143,7 +143,7 @@ class Scheduler:
             verdicts = await self.target.stub.Verify(target_pb2.VerifyRequest(seqs=[
                 target_pb2.VerifySeq(seq_id=p.seq_id, drafts=p.tokens) for p in proposal.proposals]))
             self.stages.observe_propose(batch, self.k, proposal.stats.forward_ms)
-            self.stages.observe_verify(batch * (self.k + 1), verdicts.stats.forward_ms)
+            self.stages.observe_verify(batch, verdicts.stats.forward_ms)
             release = common_pb2.ReleaseRequest(seq_ids=ids)
             await asyncio.gather(self.draft.stub.Release(release), self.target.stub.Release(release))
         self._replan()
@@ -302,8 +302,8 @@ class Scheduler:
         except grpc.aio.AioRpcError as error:
             self._target_failed(requests, error, "verify")
             return 0, 0
-        self.stages.observe_verify(sum(len(drafts.get(r.seq_id, [])) + 1 for r in requests),
-                                   response.stats.forward_ms)
+        if drafts:
+            self.stages.observe_verify(len(requests), response.stats.forward_ms)
         counters = lane.counters
         counters.verify_ms += response.stats.forward_ms
         counters.verify_calls += 1
