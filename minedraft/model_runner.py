@@ -107,15 +107,15 @@ class ModelRunner:
         if cpu_linear == "onednn" and device == "cpu" and dtype == "float32" and torch.backends.mkldnn.is_available():
             swapped = use_onednn_linears(model)
         on_cuda = torch.device(device).type == "cuda"
-        static = None
+        static, graphs = None, False
         if kv == "static" or (kv == "auto" and on_cuda):
+            graphs = on_cuda and cuda_graphs
             context = min(max_context, int(getattr(model.config, "max_position_embeddings", max_context)))
-            static = StaticKV(model.config, max_seqs, context, DTYPES[dtype], torch.device(device),
-                              pad_shapes=on_cuda and cuda_graphs)
+            static = StaticKV(model.config, max_seqs, context, DTYPES[dtype], torch.device(device), pad_shapes=graphs)
         log.info("loaded %s (%s, %s, %d oneDNN linears, %s KV%s) in %.1fs", path, dtype, device, swapped,
                  f"static {max_seqs}x{static.max_context} ({static.bytes / 2**30:.2f} GiB)" if static else "dynamic",
-                 ", CUDA graphs" if static and on_cuda and cuda_graphs else "", time.perf_counter() - started)
-        return cls(model, torch.device(device), static, cuda_graphs=on_cuda and cuda_graphs)
+                 ", CUDA graphs" if graphs else "", time.perf_counter() - started)
+        return cls(model, torch.device(device), static, cuda_graphs=graphs)
 
     @property
     def max_context(self) -> int:
@@ -136,7 +136,7 @@ class ModelRunner:
         last m entries belong to sequence i's last m tokens).
         """
         for state in states:  # fully cached: recompute the last token for its logits
-            state.uncache_from(min(state.kv_len, len(state.tokens) - 1))
+            state.uncache_from(len(state.tokens) - 1)
         if self.static:
             return self._forward_static(states, logits_to_keep)
         return self._forward_dynamic(states, logits_to_keep)
