@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from minedraft.model_service import add_kv_args
+from minedraft.static_kv import uses_static_kv
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +92,7 @@ def commands(args: argparse.Namespace, draft_port: int, target_port: int) -> dic
               "--draft-tokenizer", args.tokenizer or args.draft_model,
               "--k", str(args.k), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
               "--draft-timeout", str(args.draft_timeout), "--draft-prefill-tokens", str(args.draft_prefill_tokens)]
-    if args.kv == "static" or (args.kv == "auto" and args.device.startswith("cuda")):
+    if any(uses_static_kv(args.kv, device) for device in (args.device, args.draft_device or args.device)):
         router += ["--max-context", str(args.max_context)]  # the services' static caches hold no more
     if args.metrics_port:
         for offset, cmd in enumerate((router, draft, target)):

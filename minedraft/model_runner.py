@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from minedraft.cuda_graphs import StepGraphs
 from minedraft.models.random_shapes import is_random, random_model
-from minedraft.static_kv import StaticKV
+from minedraft.static_kv import StaticKV, uses_static_kv
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class ModelRunner:
             swapped = use_onednn_linears(model)
         on_cuda = torch.device(device).type == "cuda"
         static, graphs = None, False
-        if kv == "static" or (kv == "auto" and on_cuda):
+        if uses_static_kv(kv, device):
             graphs = on_cuda and cuda_graphs
             context = min(max_context, int(getattr(model.config, "max_position_embeddings", max_context)))
             static = StaticKV(model.config, max_seqs, context, DTYPES[dtype], torch.device(device), pad_shapes=graphs)

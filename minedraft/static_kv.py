@@ -54,6 +54,11 @@ class SlotCache:
         return keys[self.slots, :, :self.width], values[self.slots, :, :self.width]
 
 
+def uses_static_kv(kv: str, device: str) -> bool:
+    """The layout `--kv` picks on this device: static when asked, or by default (auto) on CUDA."""
+    return kv == "static" or (kv == "auto" and torch.device(device).type == "cuda")
+
+
 def bucket(value: int, smallest: int, largest: int) -> int:
     """The smallest power-of-two multiple of `smallest` that holds `value`, capped at `largest`."""
     size = smallest
