@@ -1,16 +1,33 @@
 """The lane policy on synthetic stage times: it must pick the right regime at both ends (DESIGN.md §2)."""
 
+import random
+
 import pytest
 
-from services.router.policy import LinearCost, Plan, StageModel, best_plan, next_plan, rebalance, tokens_per_round
+from services.router.policy import (
+    LinearCost,
+    Plan,
+    StageModel,
+    VerifyCost,
+    best_plan,
+    next_plan,
+    predicted_rate,
+    rebalance,
+    tokens_per_round,
+)
 
 
-def model(draft_step, verify, alpha: float, batches=(1, 2, 4, 8, 16, 32)) -> StageModel:
+def model(draft_step, verify, alpha: float, batches=(1, 2, 4, 8, 16, 32), verified_k=(4,)) -> StageModel:
+    """Stage times from functions of the batch (and, for verify, the draft length)."""
     stages = StageModel()
     for b in batches:
         stages.observe_propose(b, 4, 4 * draft_step(b))
-        stages.observe_verify(b, verify(b))
+        for k in verified_k:
+            stages.observe_verify(b, k, verify(b, k))
     stages.observe_acceptance(1000, round(1000 * alpha))
+    draws = random.Random(0)  # rounds of 8 drafts, each accepted with probability alpha until the first miss
+    for _ in range(2000):
+        stages.observe_round(8, next((i for i in range(8) if draws.random() >= alpha), 8))
     return stages
 
 
@@ -24,28 +41,28 @@ def test_linear_cost_recovers_intercept_and_slope() -> None:
 
 def test_launch_bound_small_batches_use_one_lane() -> None:
     # A forward costs the same at any batch size: splitting only doubles the number of forwards.
-    plan = best_plan(model(lambda b: 10.0, lambda b: 50.0, alpha=0.8), sequences=2, k_max=8)
+    plan = best_plan(model(lambda b: 10.0, lambda b, k: 50.0, alpha=0.8), sequences=2, k_max=8)
     assert plan.lanes == 1 and plan.k > 0
 
 
 def test_compute_bound_large_batches_use_two_lanes() -> None:
     # Cost grows with the batch: half-size forwards in two overlapped lanes approach 2x.
-    plan = best_plan(model(lambda b: 2.0 * b, lambda b: 12.0 * b, alpha=0.8), sequences=32, k_max=8)
+    plan = best_plan(model(lambda b: 2.0 * b, lambda b, k: 12.0 * b, alpha=0.8), sequences=32, k_max=8)
     assert plan.lanes == 2
 
 
 def test_k_follows_acceptance() -> None:
-    stages = lambda alpha: model(lambda b: 5.0 + b, lambda b: 40.0 + 4 * b, alpha)  # noqa: E731
+    stages = lambda alpha: model(lambda b: 5.0 + b, lambda b, k: 40.0 + 4 * b, alpha)  # noqa: E731
     high, low = best_plan(stages(0.95), 8, k_max=8), best_plan(stages(0.05), 8, k_max=8)
     assert high.k > low.k
     assert low.k == 0, "a draft that is almost never right is not worth running"
 
 
 def test_two_lane_k_fills_but_does_not_exceed_the_verify_time() -> None:
-    stages = model(lambda b: 2.0 * b, lambda b: 40.0 * b, alpha=0.99)
+    stages = model(lambda b: 2.0 * b, lambda b, k: 40.0 * b, alpha=0.99)
     plan = best_plan(stages, 16, k_max=32)
     assert plan.lanes == 2
-    assert plan.k * stages.draft_step(8) <= stages.verify(8) * 1.05 + stages.draft_step(8)
+    assert plan.k * stages.draft_step(8) <= stages.verify(8, plan.k) * 1.05 + stages.draft_step(8)
 
 
 def test_tokens_per_round_and_rebalance() -> None:
@@ -55,12 +72,12 @@ def test_tokens_per_round_and_rebalance() -> None:
 
 
 def test_layout_holds_for_one_sequence_and_small_gains() -> None:
-    stages = model(lambda b: 2.0 * b, lambda b: 12.0 * b, alpha=0.8)  # two lanes win at 32
+    stages = model(lambda b: 2.0 * b, lambda b, k: 12.0 * b, alpha=0.8)  # two lanes win at 32
     two = best_plan(stages, 32, k_max=8)
     assert two.lanes == 2
     assert next_plan(stages, two, sequences=1, k_max=8).lanes == 2, "one sequence: no reason to switch"
     assert next_plan(stages, Plan(1, 4, 0.0), sequences=32, k_max=8).lanes == 2, "a clear gain switches"
-    flat = model(lambda b: 10.0, lambda b: 50.0, alpha=0.8)
+    flat = model(lambda b: 10.0, lambda b, k: 50.0, alpha=0.8)
     one = best_plan(flat, 2, k_max=8)
     assert one.lanes == 1 and next_plan(flat, one, sequences=2, k_max=8) == one
 
@@ -72,7 +89,7 @@ def test_acceptance_prior_damps_early_samples() -> None:
 
 
 def test_one_sequence_under_two_lanes_still_drafts() -> None:
-    stages = model(lambda b: 10.0 + b, lambda b: 60.0 + 5 * b, alpha=0.8)
+    stages = model(lambda b: 10.0 + b, lambda b, k: 60.0 + 5 * b, alpha=0.8)
     plan = next_plan(stages, Plan(2, 4, 0.0), sequences=1, k_max=8)
     assert plan.lanes == 2 and plan.k > 0
 
@@ -106,3 +123,42 @@ def test_draft_prefill_chunks_hold_at_most_the_token_budget() -> None:
     chunks = token_chunks(requests, 512)
     assert [[len(r.tokens) for r in chunk] for chunk in chunks] == [[300, 200], [100], [700], [50, 50]]
     assert [r for chunk in chunks for r in chunk] == requests  # every request once, in order
+
+
+def test_verify_cost_interpolates_and_extrapolates_in_k() -> None:
+    cost = VerifyCost()
+    for b in (1, 4):
+        cost.observe(b, 0, 100.0 + 10 * b)
+        cost.observe(b, 4, 140.0 + 20 * b)
+    assert cost(4, 4) == pytest.approx(220.0)
+    assert cost(4, 2) == pytest.approx((140.0 + 220.0) / 2)
+    assert cost(4, 8) == pytest.approx(220.0 + (220.0 - 140.0)), "past the data: the nearest two's slope"
+    only = VerifyCost()
+    only.observe(2, 4, 50.0)
+    assert only(2, 8) == only(2, 0) == pytest.approx(50.0), "one length measured: the same for every k"
+
+
+def test_verify_cost_growing_with_k_shortens_the_draft() -> None:
+    """Same acceptance and draft cost; when each draft token also costs the target, fewer drafts pay."""
+    flat = model(lambda b: 5.0, lambda b, k: 100.0, alpha=0.9, verified_k=(0, 8))
+    steep = model(lambda b: 5.0, lambda b, k: 100.0 + 40.0 * k, alpha=0.9, verified_k=(0, 8))
+    assert best_plan(steep, 1, k_max=8).k < best_plan(flat, 1, k_max=8).k
+
+
+def test_k_holds_for_small_predicted_gains_and_moves_for_clear_ones() -> None:
+    stages = model(lambda b: 10.0, lambda b, k: 60.0 + 2.0 * k, alpha=0.8, verified_k=(0, 8))
+    best = best_plan(stages, 1, k_max=8)
+    neighbour = Plan(1, best.k - 1, 0.0)
+    assert predicted_rate(stages, 1, 1, neighbour.k) > best.tokens_per_s / 1.03, "premise: a near-flat optimum"
+    assert next_plan(stages, neighbour, sequences=1, k_max=8).k == neighbour.k
+    assert next_plan(stages, Plan(1, 1, 0.0), sequences=1, k_max=8).k == best.k, "a clear gain moves k"
+    assert next_plan(stages, Plan(2, 3, 0.0), sequences=0, k_max=8) == Plan(2, 3, 0.0), "idle: nothing changes"
+
+
+def test_plan_holds_its_start_until_acceptance_is_measured() -> None:
+    stages = model(lambda b: 10.0, lambda b, k: 60.0 + 2.0 * k, alpha=0.3)
+    start = Plan(2, 4, 0.0)
+    assert next_plan(stages, start, sequences=1, k_max=8).k < 4, "premise: measured, a low acceptance cuts k"
+    fresh = StageModel(draft_step=stages.draft_step, verify=stages.verify)
+    fresh.observe_acceptance(1000, 300)
+    assert next_plan(fresh, start, sequences=1, k_max=8) == start

@@ -1,7 +1,7 @@
 """Choosing one lane or two, and k, from measured stage times (DESIGN.md §2).
 
-At N sequences, one lane (SD) costs  k·t_d(N) + t_v(N)  per cycle; two lanes (PSD) cost
-2·max(k·t_d(N/2), t_v(N/2)). Both cycles produce N·E[tokens per round], where with acceptance α a
+At N sequences, one lane (SD) costs  k·t_d(N) + t_v(N, k)  per cycle; two lanes (PSD) cost
+2·max(k·t_d(N/2), t_v(N/2, k)). Both cycles produce N·E[tokens per round], where with acceptance α a
 round of k drafts yields (1 − α^(k+1)) / (1 − α) tokens. The policy picks the layout and k with the
 most tokens per second. It only decides *how* tokens are computed, never which: output is unchanged.
 """
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 MAX_POSITIONS = 32
 MIN_POSITION_SAMPLES = 8
+MIN_ROUNDS_TO_REPLAN = 16  # sequence rounds of measured acceptance before the plan leaves its start
 
 
 @dataclass
@@ -47,24 +48,55 @@ class LinearCost:
 
 
 @dataclass
+class VerifyCost:
+    """t_v(B, k): one LinearCost in the batch for each draft length measured, linear in k between them.
+
+    Verifying k drafts feeds k + 1 tokens per sequence, so the cost grows with k, but not in proportion
+    (a CPU verify of 5 tokens costs 1.3x one token at batch 1, 1.7x at batch 8): measured, not modelled."""
+
+    by_k: dict[int, LinearCost] = field(default_factory=dict)
+
+    def observe(self, batch: float, k: int, ms: float) -> None:
+        self.by_k.setdefault(k, LinearCost()).observe(batch, ms)
+
+    @property
+    def known(self) -> bool:
+        return bool(self.by_k)
+
+    def __call__(self, batch: float, k: int) -> float:
+        if not self.by_k:
+            return 0.0
+        ks = sorted(self.by_k)
+        if k in self.by_k or len(ks) == 1:
+            return self.by_k[k if k in self.by_k else ks[0]](batch)
+        below, above = [x for x in ks if x < k], [x for x in ks if x > k]
+        # Interpolate between the nearest measured lengths; past the ends, continue the nearest two's slope.
+        lo, hi = (below[-1], above[0]) if below and above else (ks[-2], ks[-1]) if below else (ks[0], ks[1])
+        t_lo, t_hi = self.by_k[lo](batch), self.by_k[hi](batch)
+        return max(1e-3, t_lo + (t_hi - t_lo) * (k - lo) / (hi - lo))
+
+
+@dataclass
 class StageModel:
-    """Live estimates of one draft step t_d(B), one verify t_v(B), the acceptance rate α, and how far
+    """Live estimates of one draft step t_d(B), one verify t_v(B, k), the acceptance rate α, and how far
     into a round acceptance reaches: survival[i] / reached[i] = P(the first i drafts are all accepted)."""
 
     draft_step: LinearCost = field(default_factory=LinearCost)
-    verify: LinearCost = field(default_factory=LinearCost)
+    verify: VerifyCost = field(default_factory=VerifyCost)
     # A prior worth 20 drafted tokens at α = 0.7, so a few early rounds cannot swing the plan.
     drafted: float = 20.0
     accepted: float = 14.0
     reached: list[float] = field(default_factory=lambda: [0.0] * (MAX_POSITIONS + 1))
     survived: list[float] = field(default_factory=lambda: [0.0] * (MAX_POSITIONS + 1))
+    rounds: int = 0  # sequence rounds observed (with at least one draft)
 
     def observe_propose(self, batch: int, k: int, ms: float) -> None:
         if k > 0:
             self.draft_step.observe(batch, ms / k)
 
-    def observe_verify(self, batch: int, ms: float) -> None:
-        self.verify.observe(batch, ms)
+    def observe_verify(self, batch: int, k: int, ms: float) -> None:
+        """A verify of `batch` sequences carrying at most k drafts each."""
+        self.verify.observe(batch, k, ms)
 
     def observe_acceptance(self, drafted: int, accepted: int, decay: float = 0.99) -> None:
         self.drafted = decay * self.drafted + drafted
@@ -72,6 +104,7 @@ class StageModel:
 
     def observe_round(self, drafted: int, accepted: int, decay: float = 0.998) -> None:
         """One sequence's round: `drafted` proposals, the first `accepted` of them kept."""
+        self.rounds += drafted > 0
         for i in range(1, MAX_POSITIONS + 1):
             self.reached[i] *= decay
             self.survived[i] *= decay
@@ -114,36 +147,48 @@ class Plan:
     tokens_per_s: float  # predicted, for all N sequences
 
 
+def predicted_rate(model: StageModel, sequences: int, lanes: int, k: int) -> float:
+    """Tokens per second for all `sequences` in this layout with k drafts a round (k = 0: target-only)."""
+    if sequences >= 2 and lanes == 2:
+        half = sequences / 2
+        cycle_ms = 2 * max(k * model.draft_step(half), model.verify(half, k))
+    else:  # a lone sequence runs as in one lane, whatever the layout
+        cycle_ms = k * model.draft_step(sequences) + model.verify(sequences, k)
+    per_sequence = model.tokens_per_round(k) if k > 0 else 1.0
+    return sequences * per_sequence / cycle_ms * 1e3
+
+
 def best_plan(model: StageModel, sequences: int, k_max: int, layouts: tuple[int, ...] = (1, 2)) -> Plan:
     """The layout (among `layouts`) and k with the highest predicted throughput at this many sequences."""
-    allow_two = 2 in layouts and sequences >= 2
     if sequences <= 0 or not model.known:
-        return Plan(lanes=2 if allow_two else 1, k=k_max, tokens_per_s=0.0)
-    best = Plan(1, 0, sequences / model.verify(sequences) * 1e3)  # k = 0: target-only
-    for k in range(1, k_max + 1):
-        per_seq = model.tokens_per_round(k)
-        one = k * model.draft_step(sequences) + model.verify(sequences)
-        candidates = [(1, one)] if 1 in layouts or sequences < 2 else []  # a lone sequence runs as in one lane
-        if allow_two:
-            half = sequences / 2
-            candidates.append((2, 2 * max(k * model.draft_step(half), model.verify(half))))
-        for lanes, cycle_ms in candidates:
-            rate = sequences * per_seq / cycle_ms * 1e3
+        return Plan(lanes=2 if 2 in layouts and sequences >= 2 else 1, k=k_max, tokens_per_s=0.0)
+    best = Plan(layouts[0], 0, 0.0)
+    for k in range(k_max + 1):
+        for lanes in layouts:
+            rate = predicted_rate(model, sequences, lanes, k)
             if rate > best.tokens_per_s:
                 best = Plan(lanes, k, rate)
     return best
 
 
-def next_plan(model: StageModel, current: Plan, sequences: int, k_max: int, switch_gain: float = 1.05) -> Plan:
-    """best_plan with hysteresis: the layout changes only for a clear predicted gain, and never for one
-    sequence or none (a lone sequence in two lanes already runs exactly as in one)."""
+def next_plan(model: StageModel, current: Plan, sequences: int, k_max: int, switch_gain: float = 1.05,
+              k_gain: float = 1.03) -> Plan:
+    """best_plan with hysteresis: the layout changes only for a clear predicted gain (never for one sequence
+    or none: a lone sequence in two lanes already runs exactly as in one), and k only for a smaller one.
+
+    Near its best the rate is flat in k, so chasing each estimate's wobble would only trade measured
+    acceptance at one length for extrapolated acceptance at another. Until acceptance has been measured on
+    this traffic the plan stays where it started (the operator's k): the prior knows nothing of how bursty
+    acceptance is, and valued geometrically it would cut k at once."""
+    if sequences <= 0 or not model.known or model.rounds < MIN_ROUNDS_TO_REPLAN:
+        return current
+    kept = Plan(current.lanes, current.k, predicted_rate(model, sequences, current.lanes, current.k))
+    if sequences >= 2:
+        best = best_plan(model, sequences, k_max)
+        if best.lanes != current.lanes and best.tokens_per_s >= switch_gain * kept.tokens_per_s:
+            return best
     same_layout = best_plan(model, sequences, k_max, layouts=(current.lanes,))
-    if sequences <= 1:
-        return Plan(current.lanes, same_layout.k, same_layout.tokens_per_s)
-    best = best_plan(model, sequences, k_max)
-    if best.lanes != current.lanes and best.tokens_per_s < switch_gain * same_layout.tokens_per_s:
-        return same_layout
-    return best
+    return same_layout if same_layout.tokens_per_s >= k_gain * kept.tokens_per_s else kept
 
 
 def rebalance(sizes: list[int]) -> int:

@@ -124,11 +124,12 @@ class Scheduler:
         return self.plan.k if self.mode == "auto" else self.k
 
     async def calibrate(self, batches: tuple[int, ...] = (1, 4), prompt_len: int = 16) -> None:
-        """auto: measures one draft step and one verify at a few batch sizes before serving, so the first
-        plans rest on this machine's stage times (later rounds keep the estimates current)."""
+        """auto: measures a draft step, and a verify of 0, k and k_max drafts, at a few batch sizes before
+        serving, so the first plans rest on this machine's stage times (rounds keep them current)."""
         if self.mode != "auto" or self.draft is None:
             return
         sampling = common_pb2.SamplingParams()
+        lengths = sorted({0, self.k, self.k_max})
         for batch in batches:
             ids = [f"calibrate-{batch}-{i}" for i in range(batch)]
             prompt = list(range(prompt_len))
@@ -137,20 +138,22 @@ class Scheduler:
             firsts = await self.target.stub.Prefill(target_pb2.TargetPrefillRequest(seqs=[
                 target_pb2.TargetPrefillSeq(seq_id=i, tokens=prompt, sampling=sampling) for i in ids]))
             proposal = await self.draft.stub.Propose(draft_pb2.ProposeRequest(seqs=[
-                draft_pb2.ProposeSeq(seq_id=f.seq_id, k=self.k, commit=draft_pb2.Commit(keep=prompt_len,
-                                                                                      append=[f.token_id]))
+                draft_pb2.ProposeSeq(seq_id=f.seq_id, k=self.k_max,
+                                     commit=draft_pb2.Commit(keep=prompt_len, append=[f.token_id]))
                 for f in firsts.tokens]))
-            verdicts = await self.target.stub.Verify(target_pb2.VerifyRequest(seqs=[
-                target_pb2.VerifySeq(seq_id=p.seq_id, drafts=p.tokens) for p in proposal.proposals]))
-            self.stages.observe_propose(batch, self.k, proposal.stats.forward_ms)
-            self.stages.observe_verify(batch, verdicts.stats.forward_ms)
+            self.stages.observe_propose(batch, self.k_max, proposal.stats.forward_ms)
+            for k in lengths:  # each verify extends the sequences a little; only its duration matters here
+                verdicts = await self.target.stub.Verify(target_pb2.VerifyRequest(seqs=[
+                    target_pb2.VerifySeq(seq_id=p.seq_id, drafts=p.tokens[:k]) for p in proposal.proposals]))
+                self.stages.observe_verify(batch, k, verdicts.stats.forward_ms)
             release = common_pb2.ReleaseRequest(seq_ids=ids)
             await asyncio.gather(self.draft.stub.Release(release), self.target.stub.Release(release))
         self._replan()
         lo, hi = batches[0], batches[-1]
-        log.info("calibrated: draft step %.1f ms (batch %d) / %.1f ms (batch %d), verify %.1f / %.1f ms; plan %s",
-                 self.stages.draft_step(lo), lo, self.stages.draft_step(hi), hi, self.stages.verify(lo),
-                 self.stages.verify(hi), self.plan)
+        log.info("calibrated: draft step %.1f ms (batch %d) / %.1f ms (batch %d); verify of %s drafts %s ms "
+                 "(batch %d) / %s ms (batch %d); plan %s", self.stages.draft_step(lo), lo, self.stages.draft_step(hi),
+                 hi, lengths, [round(self.stages.verify(lo, k)) for k in lengths], lo,
+                 [round(self.stages.verify(hi, k)) for k in lengths], hi, self.plan)
 
     def _replan(self) -> None:
         """auto: choose one lane or two, and k, for the sequences now in flight."""
@@ -302,8 +305,7 @@ class Scheduler:
         except grpc.aio.AioRpcError as error:
             self._target_failed(requests, error, "verify")
             return 0, 0
-        if drafts:
-            self.stages.observe_verify(len(requests), response.stats.forward_ms)
+        self.stages.observe_verify(len(requests), max(map(len, drafts.values()), default=0), response.stats.forward_ms)
         counters = lane.counters
         counters.verify_ms += response.stats.forward_ms
         counters.verify_calls += 1
