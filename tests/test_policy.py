@@ -1,5 +1,6 @@
 """The lane policy on synthetic stage times: it must pick the right regime at both ends (DESIGN.md §2)."""
 
+import itertools
 import random
 
 import pytest
@@ -151,7 +152,12 @@ def test_k_holds_for_small_predicted_gains_and_moves_for_clear_ones() -> None:
     neighbour = Plan(1, best.k - 1, 0.0)
     assert predicted_rate(stages, 1, 1, neighbour.k) > best.tokens_per_s / 1.03, "premise: a near-flat optimum"
     assert next_plan(stages, neighbour, sequences=1, k_max=8).k == neighbour.k
-    assert next_plan(stages, Plan(1, 1, 0.0), sequences=1, k_max=8).k == best.k, "a clear gain moves k"
+    plan, path = Plan(1, 1, 0.0), [1]
+    for _ in range(8):  # a clear gain moves k, one measured step per boundary, until within 3 % of the best
+        plan = next_plan(stages, plan, sequences=1, k_max=8)
+        path.append(plan.k)
+    assert all(b - a in (0, 1) for a, b in itertools.pairwise(path)) and path[1] == 2
+    assert predicted_rate(stages, 1, 1, plan.k) >= best.tokens_per_s / 1.03 and plan.k > 2
     assert next_plan(stages, Plan(2, 3, 0.0), sequences=0, k_max=8) == Plan(2, 3, 0.0), "idle: nothing changes"
 
 

@@ -123,11 +123,13 @@ class Scheduler:
     def round_k(self) -> int:
         return self.plan.k if self.mode == "auto" else self.k
 
-    async def calibrate(self, batches: tuple[int, ...] = (1, 4), prompt_len: int = 16) -> None:
-        """auto: measures a draft step, and a verify of 0, k and k_max drafts, at a few batch sizes before
-        serving, so the first plans rest on this machine's stage times (rounds keep them current)."""
+    async def calibrate(self, batches: tuple[int, ...] | None = None, prompt_len: int = 16) -> None:
+        """auto: measures a draft step, and a verify of 0, k and k_max drafts, at batch 1, 4 and a full lane
+        before serving, so plans rest on this machine's stage times (rounds keep them current). The full
+        lane matters: verify cost grows faster with the batch at large k than small batches suggest."""
         if self.mode != "auto" or self.draft is None:
             return
+        batches = batches or tuple(sorted({1, min(4, self.max_batch), self.max_batch}))
         sampling = common_pb2.SamplingParams()
         lengths = sorted({0, self.k, self.k_max})
         for batch in batches:
