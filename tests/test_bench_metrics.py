@@ -11,6 +11,7 @@ from minedraft.bench.metrics import (
     predicted_psd_over_sd,
     steady_window,
     summarise_mode,
+    summarise_runs,
 )
 
 
@@ -72,3 +73,22 @@ def test_comparison_ratios() -> None:
     with_auto = compare_modes({"sd": mode(20, 40, 60, {}), "psd": mode(25, 30, 45, {"target": 0.9}),
                                "auto": mode(24, 30, 45, {})})
     assert with_auto["auto_over_best_fixed"] == pytest.approx(24 / 25)
+
+
+def test_repeated_runs_pool_tokens_over_wall_time_and_latencies_over_all_requests() -> None:
+    # Run 1: 22 tokens in 5 s (steady window 2 s); run 2, an hour later: 30 tokens in 10 s (window 4 s).
+    first = {"records": [RequestRecord(0.0, 1.0, 3.0, 11, 16, 12, 4), RequestRecord(0.0, 1.0, 5.0, 11, 16, 4, 4)],
+             "lanes": [lane(8, 400.0, 800.0, 1600.0, 2)],
+             "events": [Event("target", "verify", 0, 1.0, 2.0)]}
+    later = {"records": [RequestRecord(3600.0, 3602.0, 3606.0, 10, 8, 8, 2),
+                         RequestRecord(3600.0, 3602.0, 3610.0, 20, 8, 0, 4)],
+             "lanes": [lane(6, 600.0, 600.0, 1500.0, 2)],
+             "events": [Event("target", "verify", 0, 3602.0, 3606.0)]}
+    pooled = summarise_runs([first, later])
+    assert pooled["wall_s"] == 15.0 and pooled["throughput_tok_s"] == pytest.approx(52 / 15)
+    assert pooled["runs_throughput_tok_s"] == pytest.approx([22 / 5, 3.0])
+    assert pooled["e2e_latency_s"]["p50"] == pytest.approx((5.0 + 6.0) / 2)  # of 3, 5, 6 and 10 s
+    assert pooled["alpha"] == pytest.approx(24 / 48) and pooled["t_verify_ms"] == pytest.approx(1400 / 14)
+    assert pooled["busy_fraction"]["target"] == pytest.approx((0.5 * 2 + 1.0 * 4) / 6)
+    assert pooled["router_overhead_frac"] == pytest.approx(((1 - 1200 / 1600) + (1 - 1200 / 1500)) / 2)
+    assert summarise_runs([first]) == summarise_mode(first["records"], first["lanes"], first["events"])

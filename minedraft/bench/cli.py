@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from minedraft.bench.driver import run_mode
-from minedraft.bench.metrics import compare_modes, summarise_mode
+from minedraft.bench.metrics import compare_modes, summarise_runs
 from minedraft.bench.report import write_all
 from minedraft.bench.workloads import load_prompts
 
@@ -39,6 +39,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-requests", type=int, default=2,
                         help="requests run (4 tokens each) before measuring; on a GPU use the concurrency, so "
                              "every batch shape's CUDA graph is captured before the clock starts")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every mode this many times per concurrency, interleaved (sd, psd, sd, psd, …), "
+                             "and pool them: drift in a shared machine's speed then falls on every mode alike")
     parser.add_argument("--out", default="runs/bench")
 
 
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         "settings": {"workload": args.workload, "num_prompts": args.num_prompts,
                      "prompts_per_concurrency": args.prompts_per_concurrency, "max_tokens": args.max_tokens,
                      "k": args.k, "rate": args.rate, "dtype": args.dtype, "device": args.device,
-                     "concurrency": args.concurrency},
+                     "concurrency": args.concurrency, "repeats": args.repeats},
         "models": {"draft": args.draft_model, "target": args.target_model},
         "machine": machine(),
         "runs": {},
@@ -67,17 +70,21 @@ def run(args: argparse.Namespace) -> int:
     psd_events = None
     out = Path(args.out)
     for concurrency in concurrencies:
+        raws: dict[str, list[dict]] = {mode: [] for mode in modes}
+        for repeat in range(args.repeats):
+            for mode in modes:
+                c = 2 * concurrency if mode == "psd2c" else concurrency
+                prompts = max(args.num_prompts, args.prompts_per_concurrency * concurrency)
+                items = load_prompts(args.workload, prompts * (2 if mode == "psd2c" else 1))
+                raws[mode].append(run_mode(args, mode, items, c))
+                if mode == "psd":
+                    psd_events = raws[mode][-1]["events"]
+                print(f"C={concurrency} {mode} (run {repeat + 1}/{args.repeats}): "
+                      f"{summarise_runs(raws[mode][-1:])['throughput_tok_s']:.2f} tok/s", flush=True)
         summaries = {}
         for mode in modes:
-            c = 2 * concurrency if mode == "psd2c" else concurrency
-            prompts = max(args.num_prompts, args.prompts_per_concurrency * concurrency)
-            items = load_prompts(args.workload, prompts * (2 if mode == "psd2c" else 1))
-            raw = run_mode(args, mode, items, c)
-            summaries[mode] = summarise_mode(raw["records"], raw["lanes"], raw["events"])
-            summaries[mode]["concurrency"] = c
-            if mode == "psd":
-                psd_events = raw["events"]
-            print(f"C={concurrency} {mode}: {summaries[mode]['throughput_tok_s']:.2f} tok/s", flush=True)
+            summaries[mode] = summarise_runs(raws[mode])
+            summaries[mode]["concurrency"] = 2 * concurrency if mode == "psd2c" else concurrency
         results["runs"][str(concurrency)] = {"modes": summaries, "comparison": compare_modes(summaries)}
         # The last concurrency is the headline; written after every level so a late failure keeps the rest.
         results["modes"] = summaries

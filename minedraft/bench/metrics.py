@@ -102,6 +102,33 @@ def summarise_mode(records: list[RequestRecord], lanes: list[dict], events: list
     }
 
 
+def summarise_runs(runs: list[dict]) -> dict:
+    """Several runs of one mode, each a dict of records, lanes and events, pooled into one summary.
+
+    The bench interleaves repeats of every mode (sd, psd, auto, sd, psd, auto, …), so slow drift in a shared
+    machine's speed falls on every mode alike. Throughput is all tokens over all runs' wall time; latencies,
+    α, τ and stage times are over all requests and calls; busy fractions are weighted by each steady window.
+    """
+    per_run = [summarise_mode(run["records"], run["lanes"], run["events"]) for run in runs]
+    if len(runs) == 1:
+        return per_run[0]
+    records = [r for run in runs for r in run["records"]]
+    pooled = summarise_mode(records, [lane for run in runs for lane in run["lanes"]], [])
+    wall = sum(s["wall_s"] for s in per_run)
+    window = sum(s["steady_window_s"] for s in per_run)
+    overheads = [s["router_overhead_frac"] for s in per_run]
+    pooled.update({
+        "wall_s": wall,
+        "throughput_tok_s": pooled["generated_tokens"] / wall if wall > 0 else 0.0,
+        "busy_fraction": {device: sum(s["busy_fraction"][device] * s["steady_window_s"] for s in per_run) / window
+                          if window > 0 else 0.0 for device in ("draft", "target")},
+        "steady_window_s": window,
+        "router_overhead_frac": None if None in overheads else sum(overheads) / len(overheads),
+        "runs_throughput_tok_s": [s["throughput_tok_s"] for s in per_run],
+    })
+    return pooled
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
