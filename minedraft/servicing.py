@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -49,6 +50,7 @@ class EngineServicer:
     def __init__(self, worker: DeviceWorker) -> None:
         self.worker = worker
         self.engine = None
+        self._releases: set[asyncio.Task] = set()  # running past their callers' deadlines
 
     async def call(self, context: grpc.aio.ServicerContext, batch_size: int, method: str,
                    *args) -> tuple[object, common_pb2.StepStats]:
@@ -61,5 +63,10 @@ class EngineServicer:
 
     async def Release(self, request: common_pb2.ReleaseRequest,
                       context: grpc.aio.ServicerContext) -> common_pb2.ReleaseResponse:
-        released, _ = await self.call(context, 0, "release", list(request.seq_ids))
+        # Queued behind a long forward, a release can outlast its caller's deadline; cancelling it with the
+        # call would leak the sequences' state (KV memory, static slots) for good, so it runs to the end.
+        release = asyncio.ensure_future(self.call(context, 0, "release", list(request.seq_ids)))
+        self._releases.add(release)
+        release.add_done_callback(self._releases.discard)
+        released, _ = await asyncio.shield(release)
         return common_pb2.ReleaseResponse(released=released, still_held=len(self.engine.table))
