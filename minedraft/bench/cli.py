@@ -70,13 +70,14 @@ def run(args: argparse.Namespace) -> int:
     psd_events = None
     out = Path(args.out)
     for concurrency in concurrencies:
+        prompts = max(args.num_prompts, args.prompts_per_concurrency * concurrency)
+        # psd2c holds twice the requests (the seed paper's convention); every other mode runs at `concurrency`.
+        scaled = {mode: 2 if mode == "psd2c" else 1 for mode in modes}
+        items = {mode: load_prompts(args.workload, prompts * scaled[mode]) for mode in modes}
         raws: dict[str, list[dict]] = {mode: [] for mode in modes}
         for repeat in range(args.repeats):
             for mode in modes:
-                c = 2 * concurrency if mode == "psd2c" else concurrency
-                prompts = max(args.num_prompts, args.prompts_per_concurrency * concurrency)
-                items = load_prompts(args.workload, prompts * (2 if mode == "psd2c" else 1))
-                raws[mode].append(run_mode(args, mode, items, c))
+                raws[mode].append(run_mode(args, mode, items[mode], concurrency * scaled[mode]))
                 if mode == "psd":
                     psd_events = raws[mode][-1]["events"]
                 print(f"C={concurrency} {mode} (run {repeat + 1}/{args.repeats}): "
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         summaries = {}
         for mode in modes:
             summaries[mode] = summarise_runs(raws[mode])
-            summaries[mode]["concurrency"] = 2 * concurrency if mode == "psd2c" else concurrency
+            summaries[mode]["concurrency"] = concurrency * scaled[mode]
         results["runs"][str(concurrency)] = {"modes": summaries, "comparison": compare_modes(summaries)}
         # The last concurrency is the headline; written after every level so a late failure keeps the rest.
         results["modes"] = summaries
