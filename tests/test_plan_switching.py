@@ -56,6 +56,8 @@ def test_forced_plan_changes_every_boundary_change_no_token(tiny_clusters, tiny_
         return chosen[-1]
 
     monkeypatch.setattr(scheduler_module, "next_plan", forced_plan)
+    # Let every forced k through: the measured-gain gate would hold a step until a window of rounds is timed.
+    monkeypatch.setattr(scheduler_module.KTrial, "decide", lambda _self, _current, wanted, _sequences: wanted)
     switched = asyncio.run(generate(cluster, tokenizer, "auto", prompt_ids, max_tokens=30))
     assert [r.generated for r in switched] == expected
     drafted, accepted = sum(r.drafted for r in switched), sum(r.accepted for r in switched)

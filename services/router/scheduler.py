@@ -23,6 +23,7 @@ from minedraft.errors import Unavailable
 from minedraft.protos import common_pb2, draft_pb2, monitor_pb2, target_pb2
 from minedraft.telemetry import batch_span
 from services.router.backends import Backend
+from services.router.k_trial import KTrial
 from services.router.policy import Plan, StageModel, next_plan, rebalance
 from services.router.request import Request
 
@@ -71,6 +72,7 @@ class Scheduler:
         self.stages = StageModel()
         self.k_max = k_max or 2 * k
         self.plan = Plan(lanes=len(self.lanes), k=k, tokens_per_s=0.0)
+        self.k_trial = KTrial()
         self.waiting: deque[Request] = deque()
         self.events: deque[monitor_pb2.DeviceEvent] = deque(maxlen=100_000)  # for the benchmark's timeline
         self._work = asyncio.Event()
@@ -161,7 +163,11 @@ class Scheduler:
         """auto: choose one lane or two, and k, for the sequences now in flight."""
         if self.mode != "auto":
             return
-        plan = next_plan(self.stages, self.plan, self.in_flight, self.k_max) if self.speculating else Plan(1, 0, 0.0)
+        if self.speculating:
+            wanted = next_plan(self.stages, self.plan, self.in_flight, self.k_max)
+            plan = self.k_trial.decide(self.plan, wanted, self.in_flight)
+        else:
+            plan = Plan(1, 0, 0.0)
         if (plan.lanes, plan.k) != (self.plan.lanes, self.plan.k):
             log.info("plan for %d sequences: %d lane(s), k=%d, %.2f tokens/s predicted (alpha %.2f)",
                      self.in_flight, plan.lanes, plan.k, plan.tokens_per_s, self.stages.alpha)
@@ -301,7 +307,7 @@ class Scheduler:
     async def _round_batch(self, lane: Lane, requests: list[Request]) -> tuple[int, int]:
         """One draft + verify round for these requests; returns (tokens drafted, tokens accepted)."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started, k, draft_ms_before = loop.time(), self.round_k, lane.counters.draft_ms
         drafts = await self._propose(lane, requests) if self.speculating else {}
         try:
             response = await self.target.stub.Verify(target_pb2.VerifyRequest(seqs=[
@@ -336,6 +342,13 @@ class Scheduler:
         drafted_total = sum(len(d) for d in drafts.values())
         accepted_total = sum(v.accepted for v in response.verdicts)
         self.stages.observe_acceptance(drafted_total, accepted_total)
+        if self.mode == "auto":
+            # Device time, not wall time: a round's wall time also holds the other lane's prefills, which
+            # come in waves and would swamp a few percent. Overlapped, a lane round costs its slower stage.
+            draft_ms, verify_ms = counters.draft_ms - draft_ms_before, response.stats.forward_ms
+            overlapped = any(other is not lane and other.active for other in self.lanes) and self.plan.lanes == 2
+            cost_ms = max(draft_ms, verify_ms) if overlapped else draft_ms + verify_ms
+            self.k_trial.observe(self.plan.lanes, k, len(requests), accepted_total + len(requests), cost_ms)
         counters.rounds += 1
         counters.round_ms += (loop.time() - started) * 1e3
         metrics.ROUND_SECONDS.labels(str(lane.index)).observe(loop.time() - started)
