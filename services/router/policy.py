@@ -187,7 +187,8 @@ def next_plan(model: StageModel, current: Plan, sequences: int, k_max: int, swit
     Until acceptance has been measured on this traffic the plan stays where it started (the operator's k):
     the prior knows nothing of how bursty acceptance is, and valued geometrically it would cut k at once.
     (After only 16 rounds, two batches' worth at C = 16, the survival estimate was noisy enough to flip
-    k 4 → 2 → 4 within two seconds.)"""
+    k 4 → 2 → 4 within two seconds.) Even so the prediction only proposes a k step: the scheduler runs it
+    as a trial and keeps it on a measured gain (k_trial.py)."""
     if sequences <= 0 or not model.known or model.rounds < MIN_ROUNDS_TO_REPLAN:
         return current
     kept = Plan(current.lanes, current.k, predicted_rate(model, sequences, current.lanes, current.k))
