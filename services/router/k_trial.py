@@ -68,8 +68,9 @@ class KTrial:
         """The plan to run: `wanted` when it changes the layout, else a k step on trial or `current`."""
         window = self.measured
         if window is None or (window.lanes, window.k) != (current.lanes, current.k) or wanted.lanes != current.lanes:
-            self._restart(wanted if wanted.lanes != current.lanes else current, sequences)
-            return wanted if wanted.lanes != current.lanes else current
+            plan = wanted if wanted.lanes != current.lanes else current
+            self._restart(plan, sequences)
+            return plan
         if not window.comparable(sequences):  # the load moved: neither rate says anything about the other
             return self._abandon(current, sequences)
         if self.base is not None:
@@ -98,7 +99,6 @@ class KTrial:
     def _abandon(self, current: Plan, sequences: int) -> Plan:
         """Back to the k before any step on trial, measured afresh at the new load."""
         plan = Plan(current.lanes, self.base.k, 0.0) if self.base is not None else current
-        self.base = None
         self._restart(plan, sequences)
         return plan
 
