@@ -72,7 +72,7 @@ class Scheduler:
         self.stages = StageModel()
         self.k_max = k_max or 2 * k
         self.plan = Plan(lanes=len(self.lanes), k=k, tokens_per_s=0.0)
-        self.k_trial = KTrial()
+        self.k_trial = KTrial(self.stages.tokens_per_round)
         self.waiting: deque[Request] = deque()
         self.events: deque[monitor_pb2.DeviceEvent] = deque(maxlen=100_000)  # for the benchmark's timeline
         self._work = asyncio.Event()
@@ -348,7 +348,7 @@ class Scheduler:
             draft_ms, verify_ms = counters.draft_ms - draft_ms_before, response.stats.forward_ms
             overlapped = any(other is not lane and other.active for other in self.lanes) and self.plan.lanes == 2
             cost_ms = max(draft_ms, verify_ms) if overlapped else draft_ms + verify_ms
-            self.k_trial.observe(self.plan.lanes, k, len(requests), accepted_total + len(requests), cost_ms)
+            self.k_trial.observe(self.plan.lanes, k, len(requests), cost_ms)
         counters.rounds += 1
         counters.round_ms += (loop.time() - started) * 1e3
         metrics.ROUND_SECONDS.labels(str(lane.index)).observe(loop.time() - started)
