@@ -2,6 +2,7 @@
 
 import pytest
 
+from minedraft.bench.cli import run_order
 from minedraft.bench.metrics import (
     Event,
     RequestRecord,
@@ -92,3 +93,12 @@ def test_repeated_runs_pool_tokens_over_wall_time_and_latencies_over_all_request
     assert pooled["busy_fraction"]["target"] == pytest.approx((0.5 * 2 + 1.0 * 4) / 6)
     assert pooled["router_overhead_frac"] == pytest.approx(((1 - 1200 / 1600) + (1 - 1200 / 1500)) / 2)
     assert summarise_runs([first]) == summarise_mode(first["records"], first["lanes"], first["events"])
+
+
+def test_repeats_run_counterbalanced_so_a_steady_drift_falls_on_every_mode_alike() -> None:
+    modes = ["sd", "psd", "auto"]
+    order = run_order(modes, 4)
+    assert order[:6] == ["sd", "psd", "auto", "auto", "psd", "sd"]
+    mean_slot = {mode: sum(i for i, m in enumerate(order) if m == mode) / 4 for mode in modes}
+    assert len(set(mean_slot.values())) == 1 and all(order.count(mode) == 4 for mode in modes)
+    assert run_order(modes, 1) == modes

@@ -40,14 +40,21 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="requests run (4 tokens each) before measuring; on a GPU use the concurrency, so "
                              "every batch shape's CUDA graph is captured before the clock starts")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="run every mode this many times per concurrency, interleaved (sd, psd, sd, psd, …), "
-                             "and pool them: drift in a shared machine's speed then falls on every mode alike")
+                        help="run every mode this many times per concurrency, interleaved and counterbalanced "
+                             "(sd, psd, auto, auto, psd, sd, …), and pool them: a shared machine's drift in "
+                             "speed then falls on every mode alike")
     parser.add_argument("--out", default="runs/bench")
 
 
 def machine() -> str:
     cores = len(os.sched_getaffinity(0))
     return f"{platform.processor() or platform.machine()}, {cores} cores, {platform.system()} {platform.release()}"
+
+
+def run_order(modes: list[str], repeats: int) -> list[str]:
+    """Modes in the order they run: every repeat runs each once, and odd repeats run them backwards (ABC CBA),
+    so a steady drift in the machine's speed over a pair of repeats puts every mode at the same mean time."""
+    return [mode for repeat in range(repeats) for mode in (modes if repeat % 2 == 0 else modes[::-1])]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,13 +82,12 @@ def run(args: argparse.Namespace) -> int:
         scaled = {mode: 2 if mode == "psd2c" else 1 for mode in modes}
         items = {mode: load_prompts(args.workload, prompts * scaled[mode]) for mode in modes}
         raws: dict[str, list[dict]] = {mode: [] for mode in modes}
-        for repeat in range(args.repeats):
-            for mode in modes:
-                raws[mode].append(run_mode(args, mode, items[mode], concurrency * scaled[mode]))
-                if mode == "psd":
-                    psd_events = raws[mode][-1]["events"]
-                print(f"C={concurrency} {mode} (run {repeat + 1}/{args.repeats}): "
-                      f"{summarise_runs(raws[mode][-1:])['throughput_tok_s']:.2f} tok/s", flush=True)
+        for mode in run_order(modes, args.repeats):
+            raws[mode].append(run_mode(args, mode, items[mode], concurrency * scaled[mode]))
+            if mode == "psd":
+                psd_events = raws[mode][-1]["events"]
+            print(f"C={concurrency} {mode} (run {len(raws[mode])}/{args.repeats}): "
+                  f"{summarise_runs(raws[mode][-1:])['throughput_tok_s']:.2f} tok/s", flush=True)
         summaries = {}
         for mode in modes:
             summaries[mode] = summarise_runs(raws[mode])
