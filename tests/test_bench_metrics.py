@@ -88,6 +88,7 @@ def test_repeated_runs_pool_tokens_over_wall_time_and_latencies_over_all_request
     pooled = summarise_runs([first, later])
     assert pooled["wall_s"] == 15.0 and pooled["throughput_tok_s"] == pytest.approx(52 / 15)
     assert pooled["runs_throughput_tok_s"] == pytest.approx([22 / 5, 3.0])
+    assert pooled["runs_t_draft_ms"] == [50.0, 100.0] and pooled["runs_t_verify_ms"] == [100.0, 100.0]
     assert pooled["e2e_latency_s"]["p50"] == pytest.approx((5.0 + 6.0) / 2)  # of 3, 5, 6 and 10 s
     assert pooled["alpha"] == pytest.approx(24 / 48) and pooled["t_verify_ms"] == pytest.approx(1400 / 14)
     assert pooled["busy_fraction"]["target"] == pytest.approx((0.5 * 2 + 1.0 * 4) / 6)

@@ -18,4 +18,5 @@ def test_bench_writes_results_report_and_plots(tiny_pair, tmp_path) -> None:
     assert results["psd_over_sd"] > 0 and results["predicted_psd_over_sd"] > 0
     assert 0 < results["overlap_efficiency"] <= 1
     assert (out / "modes.png").stat().st_size > 0 and (out / "timeline_psd.png").stat().st_size > 0
-    assert "| psd |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| psd |" in report and "| tok/s by run |" in report

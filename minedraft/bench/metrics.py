@@ -105,9 +105,11 @@ def summarise_mode(records: list[RequestRecord], lanes: list[dict], events: list
 def summarise_runs(runs: list[dict]) -> dict:
     """Several runs of one mode, each a dict of records, lanes and events, pooled into one summary.
 
-    The bench interleaves repeats of every mode (sd, psd, auto, sd, psd, auto, …), so slow drift in a shared
+    The bench interleaves repeats of every mode (sd, psd, auto, auto, psd, sd, …), so slow drift in a shared
     machine's speed falls on every mode alike. Throughput is all tokens over all runs' wall time; latencies,
     α, τ and stage times are over all requests and calls; busy fractions are weighted by each steady window.
+    Each run's throughput and stage times are kept too: when modes run the same forwards, a gap in their
+    stage times is the machine's, not the mode's.
     """
     per_run = [summarise_mode(run["records"], run["lanes"], run["events"]) for run in runs]
     if len(runs) == 1:
@@ -125,6 +127,8 @@ def summarise_runs(runs: list[dict]) -> dict:
         "steady_window_s": window,
         "router_overhead_frac": None if None in overheads else sum(overheads) / len(overheads),
         "runs_throughput_tok_s": [s["throughput_tok_s"] for s in per_run],
+        "runs_t_draft_ms": [s["t_draft_ms"] for s in per_run],
+        "runs_t_verify_ms": [s["t_verify_ms"] for s in per_run],
     })
     return pooled
 

@@ -30,6 +30,17 @@ def _fmt(value) -> str:
     return "–" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def _runs_table(modes: dict[str, dict]) -> list[str]:
+    """Each repeat of each mode, in its own run order: shows how far the machine drifted between them."""
+    if not all("runs_throughput_tok_s" in summary for summary in modes.values()):
+        return []
+    lines = ["", "| mode | tok/s by run | t_draft ms by run | t_verify ms by run |", "|---|---|---|---|"]
+    for mode, summary in modes.items():
+        lines.append(f"| {mode} | " + " | ".join(" / ".join(_fmt(v) for v in summary[key]) for key in (
+            "runs_throughput_tok_s", "runs_t_draft_ms", "runs_t_verify_ms")) + " |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     lines = [f"# minedraft bench — {results['settings']['workload']}", "",
              "Settings: " + ", ".join(f"{k}={v}" for k, v in results["settings"].items()), "",
@@ -39,6 +50,7 @@ def markdown(results: dict) -> str:
                   "|---" * (len(COLUMNS) + 1) + "|"]
         for mode, summary in run["modes"].items():
             lines.append(f"| {mode} | " + " | ".join(_fmt(_get(summary, key)) for _, key in COLUMNS) + " |")
+        lines += _runs_table(run["modes"])
         lines += ["", "| ratio | value |", "|---|---|"]
         lines += [f"| {name} | {_fmt(value)} |" for name, value in run["comparison"].items()]
         lines.append("")
