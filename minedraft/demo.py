@@ -19,7 +19,7 @@ PROMPT = "Write a Python function `fibonacci(n)` that returns the n-th Fibonacci
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--cluster-mode", default="psd", choices=["ar", "sd", "psd", "auto"])
+    parser.add_argument("--cluster-mode", default="auto", choices=["ar", "sd", "psd", "auto"])
 
 
 def run(args: argparse.Namespace) -> int:

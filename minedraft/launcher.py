@@ -18,7 +18,7 @@ from minedraft.static_kv import uses_static_kv
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", default="psd", choices=["ar", "sd", "psd", "auto"])
+    parser.add_argument("--mode", default="auto", choices=["ar", "sd", "psd", "auto"])
     parser.add_argument("--port", type=int, default=50051, help="the router's public port")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--draft-model", default="default-draft", help="preset, .gguf file or model folder")

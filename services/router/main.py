@@ -28,7 +28,7 @@ PUBLIC_MAX_REQUEST_BYTES = 8 * 1024 * 1024  # larger requests get RESOURCE_EXHAU
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051)
-    parser.add_argument("--mode", default="psd", choices=MODES)
+    parser.add_argument("--mode", default="auto", choices=MODES)
     parser.add_argument("--target-addr", default="127.0.0.1:50062")
     parser.add_argument("--draft-addr", default="127.0.0.1:50061")
     parser.add_argument("--tokenizer", required=True, help="the target model (preset, .gguf or folder)")

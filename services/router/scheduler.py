@@ -57,7 +57,7 @@ def token_chunks(requests: list[Request], max_tokens: int) -> list[list[Request]
 
 
 class Scheduler:
-    def __init__(self, target: Backend, draft: Backend | None, mode: str = "psd", k: int = 4,
+    def __init__(self, target: Backend, draft: Backend | None, mode: str = "auto", k: int = 4,
                  max_batch: int = 16, draft_timeout_s: float = 10.0, k_max: int | None = None,
                  draft_prefill_tokens: int = 512) -> None:
         if mode not in MODES:
