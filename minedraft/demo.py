@@ -1,4 +1,4 @@
-"""`minedraft demo`: start a psd cluster, stream one answer, print α, τ and tokens/s, shut down."""
+"""`minedraft demo`: start a cluster (auto by default), stream one answer, print α, τ and tokens/s, shut down."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import grpc
 from minedraft.client import Generation, absorb, make_request, stream
 from minedraft.launcher import Cluster, free_port
 from minedraft.launcher import add_args as add_cluster_args
+from services.router.scheduler import MODES
 
 PROMPT = "Write a Python function `fibonacci(n)` that returns the n-th Fibonacci number iteratively, with a docstring."
 
@@ -19,7 +20,7 @@ PROMPT = "Write a Python function `fibonacci(n)` that returns the n-th Fibonacci
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--cluster-mode", default="auto", choices=["ar", "sd", "psd", "auto"])
+    parser.add_argument("--cluster-mode", default="auto", choices=MODES)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,10 +15,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from minedraft.model_service import add_kv_args
 from minedraft.static_kv import uses_static_kv
+from services.router.scheduler import MODES
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", default="auto", choices=["ar", "sd", "psd", "auto"])
+    parser.add_argument("--mode", default="auto", choices=MODES)
     parser.add_argument("--port", type=int, default=50051, help="the router's public port")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--draft-model", default="default-draft", help="preset, .gguf file or model folder")
