@@ -82,6 +82,7 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from minedraft import demo, launcher
     from minedraft.bench import cli as bench_cli
+    from minedraft.bench import quality as bench_quality
     from minedraft.bench import steps as bench_steps
     from services.draft import main as draft_main
     from services.router import main as router_main
@@ -133,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     steps_parser = sub.add_parser("bench-steps", help="one model step's time against its bandwidth floor")
     bench_steps.add_args(steps_parser)
     steps_parser.set_defaults(func=bench_steps.run)
+
+    quality_parser = sub.add_parser("bench-quality", help="top-1 agreement of each numeric format with float32")
+    bench_quality.add_args(quality_parser)
+    quality_parser.set_defaults(func=bench_quality.run)
 
     demo_parser = sub.add_parser("demo", help="stream one answer through a psd cluster on the default pair")
     demo.add_args(demo_parser)

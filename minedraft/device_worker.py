@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -14,17 +17,27 @@ T = TypeVar("T")
 class DeviceWorker:
     """First come, first served: one thread owns the model and its sequence state."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, threads: int = 0) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.busy_s = 0.0  # total time spent running calls, for busy-fraction metrics
+        self.threads = threads  # CPU threads a call uses unless it asks for others (0: torch's default)
+        self.threads_now = 0
 
-    async def run(self, fn: Callable[..., T], *args) -> tuple[T, float, float]:
-        """Returns (result, queue_ms, run_ms)."""
+    def _use_threads(self, threads: int) -> None:
+        # Set on the worker thread itself: OpenMP keeps the thread count per calling thread.
+        threads = min(threads, len(os.sched_getaffinity(0)))  # a caller cannot oversubscribe the cores
+        if threads and threads != self.threads_now:
+            torch.set_num_threads(threads)
+            self.threads_now = threads
+
+    async def run(self, fn: Callable[..., T], *args, threads: int = 0) -> tuple[T, float, float]:
+        """Returns (result, queue_ms, run_ms). `threads`: CPU threads for this call (0: the worker's own)."""
         submitted = time.perf_counter()
         started: list[float] = []
 
         def timed() -> T:
             started.append(time.perf_counter())
+            self._use_threads(threads or self.threads)
             return fn(*args)
 
         try:

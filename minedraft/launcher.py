@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from minedraft.model_service import add_kv_args
+from minedraft.precision import CPU_DEFAULT_QUANT, QUANTS, resolve_quant
 from minedraft.static_kv import uses_static_kv
 from services.router.scheduler import MODES
 
@@ -36,11 +37,20 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-m", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="device of both models (see --draft-device)")
     parser.add_argument("--draft-device", default=None)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", help="both models (auto: bfloat16 where the device multiplies "
+                        "it natively, else float32)")
+    parser.add_argument("--draft-quant", default="auto", choices=["auto", *QUANTS],
+                        help="CPU weight-only format of the draft (its precision moves acceptance, never output); "
+                             f"auto: {CPU_DEFAULT_QUANT['draft']} on the CPU")
+    parser.add_argument("--target-quant", default="auto", choices=["auto", *QUANTS],
+                        help=f"CPU weight-only format of the target; auto: {CPU_DEFAULT_QUANT['target']} on the CPU")
     parser.add_argument("--tokenizer", default=None, help="the router's tokenizer (default: the target model's)")
     add_kv_args(parser)
-    parser.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
-                        help="on CPU, give the draft and the target disjoint cores (half each)")
+    parser.set_defaults(max_seqs=0)
+    parser.add_argument("--cpu-layout", default="auto", choices=CPU_LAYOUTS,
+                        help="how draft and target use the CPU's cores: split (disjoint halves, one device each), "
+                             "shared (all cores each; the router asks for half while both run), none (no pinning); "
+                             "auto: the target alone gets every core in ar, split in psd, shared in sd and auto")
 
 
 ROUTER_SERVICE = "minedraft.protos.Generation"
@@ -66,33 +76,52 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def core_split() -> tuple[str, str] | None:
+CPU_LAYOUTS = ("auto", "split", "shared", "none")
+SPARE_SLOTS = 2
+
+
+def cpu_layout(args: argparse.Namespace) -> str:
+    """The layout this cluster runs: `auto` resolved by mode (see --cpu-layout); none off the CPU."""
+    if args.device != "cpu" or (args.draft_device or "cpu") != "cpu" or len(os.sched_getaffinity(0)) < 2:
+        return "none"
+    if args.cpu_layout != "auto":
+        return args.cpu_layout
+    return {"ar": "shared", "psd": "split"}.get(args.mode, "shared")
+
+
+def core_args(layout: str) -> tuple[list[str], list[str], list[str]]:
+    """Extra arguments for the draft, the target and the router under a CPU layout."""
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        return None
-    half = len(cores) // 2
-    return ",".join(map(str, cores[:half])), ",".join(map(str, cores[half:]))
+    if layout == "split":
+        half = len(cores) // 2
+        draft, target = cores[:half], cores[half:]
+        return ([f"--cpu-cores={','.join(map(str, draft))}", f"--threads={len(draft)}"],
+                [f"--cpu-cores={','.join(map(str, target))}", f"--threads={len(target)}"], [])
+    if layout == "shared":
+        every = [f"--threads={len(cores)}"]
+        return every, every, [f"--share-cores={len(cores)}"]
+    return [], [], []
 
 
 def commands(args: argparse.Namespace, draft_port: int, target_port: int) -> dict[str, list[str]]:
     cli = [sys.executable, "-m", "minedraft.cli"]
-    common = ["--dtype", args.dtype, "--host", "127.0.0.1", "--kv", args.kv, "--max-seqs", str(args.max_seqs),
+    max_seqs = args.max_seqs or 2 * args.max_batch + SPARE_SLOTS  # two full lanes, and room for a warm-up
+    common = ["--dtype", args.dtype, "--host", "127.0.0.1", "--kv", args.kv, "--max-seqs", str(max_seqs),
               "--max-context", str(args.max_context), "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
+    draft_cores, target_cores, router_cores = core_args(cpu_layout(args))
+    draft_device = args.draft_device or args.device
     draft = [*cli, "draft", "--model", args.draft_model, "--port", str(draft_port), "--top-m", str(args.top_m),
-             "--device", args.draft_device or args.device, *common]
+             "--device", draft_device, "--quant", resolve_quant(args.draft_quant, "draft", draft_device),
+             *common, *draft_cores]
     target = [*cli, "target", "--model", args.target_model, "--port", str(target_port), "--device", args.device,
-              *common]
-    split = core_split() if args.pin_cores and args.device == "cpu" else None
-    if split:
-        draft_cores, target_cores = split
-        draft += ["--cpu-cores", draft_cores, "--threads", str(len(draft_cores.split(",")))]
-        target += ["--cpu-cores", target_cores, "--threads", str(len(target_cores.split(",")))]
+              "--quant", resolve_quant(args.target_quant, "target", args.device), *common, *target_cores]
     router = [*cli, "router", "--mode", args.mode, "--port", str(args.port), "--host", args.host,
               "--target-addr", f"127.0.0.1:{target_port}", "--draft-addr", f"127.0.0.1:{draft_port}",
               "--tokenizer", args.tokenizer or args.target_model,
               "--draft-tokenizer", args.tokenizer or args.draft_model,
               "--k", str(args.k), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
-              "--draft-timeout", str(args.draft_timeout), "--draft-prefill-tokens", str(args.draft_prefill_tokens)]
+              "--draft-timeout", str(args.draft_timeout), "--draft-prefill-tokens", str(args.draft_prefill_tokens),
+              *router_cores]
     if any(uses_static_kv(args.kv, device) for device in (args.device, args.draft_device or args.device)):
         router += ["--max-context", str(args.max_context)]  # the services' static caches hold no more
     if args.metrics_port:

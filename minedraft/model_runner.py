@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from minedraft.cuda_graphs import StepGraphs
 from minedraft.models.random_shapes import is_random, random_model
+from minedraft.precision import quantize_linears, resolve_dtype
 from minedraft.static_kv import StaticKV, uses_static_kv
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class SequenceState:
 
 
 ONEDNN_MIN_PARAMS = 1 << 20
+STATIC_ONLY = frozenset({"gemma2"})  # tests/test_model_families.py: the dynamic layout diverges for these
 
 
 def use_onednn_linears(module: torch.nn.Module, min_params: int = ONEDNN_MIN_PARAMS) -> int:
@@ -93,29 +95,42 @@ class ModelRunner:
         self.static = static
         self._cache_kwarg = cache_kwarg(model)
         self.graphs = StepGraphs(self._static_step, self._scratch_inputs) if static and cuda_graphs else None
+        self.quant = "none"
 
     @classmethod
-    def load(cls, path: str, device: str = "cpu", dtype: str = "float32", threads: int | None = None,
+    def load(cls, path: str, device: str = "cpu", dtype: str = "auto", threads: int | None = None,
              cpu_linear: str = "onednn", kv: str = "auto", max_seqs: int = 64, max_context: int = 4096,
-             cuda_graphs: bool = True, **load_kwargs) -> ModelRunner:
-        """`kv`: dynamic, static, or auto (static on CUDA). `max_seqs`/`max_context` size the static cache."""
+             cuda_graphs: bool = True, quant: str = "none", **load_kwargs) -> ModelRunner:
+        """`dtype`: a DTYPES name or auto (`precision.resolve_dtype`); `quant`: none, int8 or int4 weight-only
+        linears (CPU); `kv`: dynamic, static, or auto (static on CUDA); `max_seqs`/`max_context` size the
+        static cache."""
         if threads:
             torch.set_num_threads(threads)
         started = time.perf_counter()
+        dtype = resolve_dtype(dtype, device)
         model = load_model(path, device, DTYPES[dtype], **load_kwargs)
+        if quant != "none" and torch.device(device).type != "cpu":
+            raise ValueError(f"--quant {quant} runs on the CPU only (torch's packed CPU kernels)")
+        quantized = quantize_linears(model, quant)
         swapped = 0
         if cpu_linear == "onednn" and device == "cpu" and dtype == "float32" and torch.backends.mkldnn.is_available():
             swapped = use_onednn_linears(model)
         on_cuda = torch.device(device).type == "cuda"
         static, graphs = None, False
+        if not uses_static_kv(kv, device) and model.config.model_type in STATIC_ONLY:
+            raise ValueError(f"{model.config.model_type} models give wrong tokens on the dynamic KV cache "
+                             "(left-padded batches); run them with --kv static")
         if uses_static_kv(kv, device):
             graphs = on_cuda and cuda_graphs
             context = min(max_context, int(getattr(model.config, "max_position_embeddings", max_context)))
             static = StaticKV(model.config, max_seqs, context, DTYPES[dtype], torch.device(device), pad_shapes=graphs)
-        log.info("loaded %s (%s, %s, %d oneDNN linears, %s KV%s) in %.1fs", path, dtype, device, swapped,
+        log.info("loaded %s (%s, %s linears%s, %s, %d oneDNN linears, %s KV%s) in %.1fs", path, dtype, quant,
+                 f" ({quantized})" if quantized else "", device, swapped,
                  f"static {max_seqs}x{static.max_context} ({static.bytes / 2**30:.2f} GiB)" if static else "dynamic",
                  ", CUDA graphs" if graphs else "", time.perf_counter() - started)
-        return cls(model, torch.device(device), static, cuda_graphs=graphs)
+        runner = cls(model, torch.device(device), static, cuda_graphs=graphs)
+        runner.quant = quant
+        return runner
 
     @property
     def max_context(self) -> int:
@@ -162,8 +177,9 @@ class ModelRunner:
                      write_pos: torch.Tensor, mask: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
         """One fixed-shape forward over the static cache (what a CUDA graph captures)."""
         cache = self.static.cache_for(slots, write_pos, mask.shape[-1])
-        masks = {"full_attention": mask, "sliding_attention": mask}  # a dict is used as given, not rebuilt
-        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=masks,
+        # A 4D mask is used as given by every family (Llama, Mistral, Phi-3, Gemma-2, Qwen2); a dict of masks
+        # is skipped only by some, and the others' create_causal_mask fails on it.
+        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                          use_cache=True, logits_to_keep=logits_to_keep, **{self._cache_kwarg: cache})
         return out.logits
 

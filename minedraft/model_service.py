@@ -16,6 +16,7 @@ from minedraft.metrics import serve_metrics
 from minedraft.model_runner import DTYPES, ModelRunner
 from minedraft.models.random_shapes import is_random
 from minedraft.models.store import resolve_model
+from minedraft.precision import QUANTS
 from minedraft.sampling import Sampling
 from minedraft.servicing import EngineServicer
 from minedraft.telemetry import setup_tracing
@@ -28,8 +29,12 @@ def add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=default_port)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                        help="auto: bfloat16 where the device multiplies it natively, else float32")
+    parser.add_argument("--quant", default="none", choices=QUANTS,
+                        help="CPU weight-only quantised linears (torch's packed int8/int4 kernels)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: every core the process may run on)")
     parser.add_argument("--cpu-cores", default=None, help="pin the process to these cores, e.g. 0 or 0-3")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     parser.add_argument("--cpu-linear", default="onednn", choices=["onednn", "torch"],
@@ -40,8 +45,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
 def add_kv_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv", default="auto", choices=["auto", "dynamic", "static"],
                         help="KV cache layout: per-sequence tensors (dynamic) or preallocated slots (static); "
-                             "auto: static on CUDA, dynamic on CPU")
-    parser.add_argument("--max-seqs", type=int, default=64, help="static KV: most sequences held at once")
+                             "auto: static")
+    parser.add_argument("--max-seqs", type=int, default=64, help="static KV: most sequences held at once "
+                        "(`minedraft serve`: 0 sizes it to what two full lanes hold)")
     parser.add_argument("--max-context", type=int, default=4096, help="static KV: most tokens per sequence")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="static KV on CUDA: replay fixed-shape steps as CUDA graphs")
@@ -61,8 +67,8 @@ async def serve_model(args: argparse.Namespace, service_name: str, servicer: Eng
     """Serves NOT_SERVING while the model loads and warms up on the device thread, then SERVING."""
     if args.cpu_cores:
         os.sched_setaffinity(0, parse_cores(args.cpu_cores))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    servicer.worker.threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(servicer.worker.threads)
     setup_tracing(service_name.rsplit(".", 1)[-1].lower())
     serve_metrics(args.metrics_port, args.host)
     host = ServiceHost(args.host, args.port, [service_name])
@@ -71,7 +77,7 @@ async def serve_model(args: argparse.Namespace, service_name: str, servicer: Eng
     async def load_and_warm() -> None:
         model_path = args.model if is_random(args.model) else str(resolve_model(args.model))
         load = functools.partial(ModelRunner.load, model_path, args.device, args.dtype, cpu_linear=args.cpu_linear,
-                                 kv=args.kv, max_seqs=args.max_seqs, max_context=args.max_context,
+                                 quant=args.quant, kv=args.kv, max_seqs=args.max_seqs, max_context=args.max_context,
                                  cuda_graphs=args.cuda_graphs)
         runner, _, load_ms = await servicer.worker.run(load)
         engine = build_engine(runner)

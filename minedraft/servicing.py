@@ -21,11 +21,11 @@ T = TypeVar("T")
 
 
 async def run_engine(worker: DeviceWorker, context: grpc.aio.ServicerContext, batch_size: int,
-                     fn: Callable[..., T], *args) -> tuple[T, common_pb2.StepStats]:
+                     fn: Callable[..., T], *args, threads: int = 0) -> tuple[T, common_pb2.StepStats]:
     """Runs fn(*args) on the device thread; a ServiceError becomes its status, anything else INTERNAL."""
     try:
         started_at = time.time()
-        result, queue_ms, run_ms = await worker.run(fn, *args)
+        result, queue_ms, run_ms = await worker.run(fn, *args, threads=threads)
     except ServiceError as error:
         await context.abort(error.code, str(error))
     except Exception as error:  # a bug or a device fault: report it, keep serving the other requests
@@ -41,7 +41,7 @@ async def run_engine(worker: DeviceWorker, context: grpc.aio.ServicerContext, ba
     span.set_attribute("minedraft.forward_ms", run_ms)
     span.set_attribute("minedraft.queue_ms", queue_ms)
     return result, common_pb2.StepStats(forward_ms=run_ms, queue_ms=queue_ms, batch_size=batch_size,
-                                        started_at=started_at + queue_ms / 1e3)
+                                        started_at=started_at + queue_ms / 1e3, threads=worker.threads_now)
 
 
 class EngineServicer:
@@ -53,11 +53,12 @@ class EngineServicer:
         self._releases: set[asyncio.Task] = set()  # running past their callers' deadlines
 
     async def call(self, context: grpc.aio.ServicerContext, batch_size: int, method: str,
-                   *args) -> tuple[object, common_pb2.StepStats]:
+                   *args, threads: int = 0) -> tuple[object, common_pb2.StepStats]:
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model still loading")
         try:
-            return await run_engine(self.worker, context, batch_size, getattr(self.engine, method), *args)
+            return await run_engine(self.worker, context, batch_size, getattr(self.engine, method), *args,
+                                    threads=threads)
         finally:
             metrics.SEQUENCES_HELD.set(len(self.engine.table))
 

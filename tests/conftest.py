@@ -31,7 +31,7 @@ def cluster_args(mode: str, target: Path, draft: Path, **extra) -> argparse.Name
     parser = argparse.ArgumentParser()
     add_args(parser)
     argv = ["--mode", mode, "--port", str(free_port()), "--target-model", str(target), "--draft-model", str(draft),
-            "--dtype", "float64"]
+            "--dtype", "float64", "--draft-quant", "none", "--target-quant", "none"]
     for key, value in extra.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     return parser.parse_args(argv)

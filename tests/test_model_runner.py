@@ -18,7 +18,7 @@ def reference_greedy(model, prompt: list[int], steps: int) -> list[int]:
 
 def test_batched_cached_decoding_matches_uncached_reference(tiny_pair) -> None:
     target, _ = tiny_pair
-    runner = ModelRunner.load(str(target), dtype="float64")
+    runner = ModelRunner.load(str(target), dtype="float64", kv="dynamic")
     reference = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float64).eval()
     states = [SequenceState(list(p)) for p in PROMPTS]
     for _ in range(10):
@@ -32,7 +32,7 @@ def test_batched_cached_decoding_matches_uncached_reference(tiny_pair) -> None:
 def test_multi_token_feed_and_truncation_match_reference(tiny_pair) -> None:
     """Feeding several tokens at once, then rolling back, leaves a cache identical to a fresh one."""
     target, _ = tiny_pair
-    runner = ModelRunner.load(str(target), dtype="float64")
+    runner = ModelRunner.load(str(target), dtype="float64", kv="dynamic")
     long, short = SequenceState(list(range(3, 15))), SequenceState([40, 41])
     runner.forward([long, short], logits_to_keep=1)
     long.tokens += [50, 51, 52]

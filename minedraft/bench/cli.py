@@ -8,10 +8,13 @@ import platform
 import time
 from pathlib import Path
 
-from minedraft.bench.driver import run_mode
+from minedraft.bench.driver import cluster_args, run_mode
 from minedraft.bench.metrics import compare_modes, summarise_runs
+from minedraft.bench.peer import parse_peers, run_peer
 from minedraft.bench.report import write_all
 from minedraft.bench.workloads import load_prompts
+from minedraft.launcher import cpu_layout, free_port
+from minedraft.precision import native_bf16_cpu, resolve_dtype, resolve_quant
 
 MODES = ("ar", "sd", "psd", "psd2c", "auto")
 
@@ -30,12 +33,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--draft-model", default="default-draft")
     parser.add_argument("--target-model", default="default-target")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--draft-quant", default="auto", help="none, int8, int4 or auto (see `minedraft serve`)")
+    parser.add_argument("--target-quant", default="auto", help="none, int8, int4 or auto")
+    parser.add_argument("--cpu-layout", default="auto", help="auto, split, shared or none (see `minedraft serve`)")
+    parser.add_argument("--peer", action="append", default=[],
+                        help="another server driven with the same prompts: NAME=URL (OpenAI-compatible), or "
+                             "llamacpp / llamacpp-spec (started from scripts/peer-llamacpp); repeatable")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--draft-device", default=None)
     parser.add_argument("--tokenizer", default=None, help="the router's tokenizer (needed with random: models)")
     parser.add_argument("--kv", default="auto", choices=["auto", "dynamic", "static"])
-    parser.add_argument("--max-context", type=int, default=4096, help="static KV: most tokens per sequence")
+    parser.add_argument("--max-context", type=int, default=2048, help="static KV: most tokens per sequence")
     parser.add_argument("--warmup-requests", type=int, default=2,
                         help="requests run (4 tokens each) before measuring; on a GPU use the concurrency, so "
                              "every batch shape's CUDA graph is captured before the clock starts")
@@ -51,6 +60,24 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {cores} cores, {platform.system()} {platform.release()}"
 
 
+def engine_record(args: argparse.Namespace) -> dict:
+    """What the models ran as: the resolved dtype and weight formats, and what the CPU offers."""
+    draft_device = args.draft_device or args.device
+    return {"dtype": resolve_dtype(args.dtype, args.device), "draft_dtype": resolve_dtype(args.dtype, draft_device),
+            "draft_quant": resolve_quant(args.draft_quant, "draft", draft_device),
+            "target_quant": resolve_quant(args.target_quant, "target", args.device),
+            "cpu_native_bf16": native_bf16_cpu()}
+
+
+def layout_of(args: argparse.Namespace, mode: str) -> str:
+    """Which cores each service of this mode's cluster ran on (README: CPU layouts)."""
+    layout = cpu_layout(cluster_args(args, "psd" if mode == "psd2c" else mode, max_batch=1))
+    cores = len(os.sched_getaffinity(0))
+    return {"split": f"split: draft {cores // 2} core(s), target {cores - cores // 2}, pinned",
+            "shared": f"shared: {cores} cores, all to a stage running alone, half each while both run",
+            "none": "unpinned"}[layout] if mode != "ar" or layout == "none" else f"target alone on {cores} cores"
+
+
 def run_order(modes: list[str], repeats: int) -> list[str]:
     """Modes in the order they run: every repeat runs each once, and odd repeats run them backwards (ABC CBA),
     so a steady drift in the machine's speed over a pair of repeats puts every mode at the same mean time."""
@@ -60,6 +87,7 @@ def run_order(modes: list[str], repeats: int) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MINEDRAFT_LOG_LEVEL", "WARNING")
     modes = [m for m in args.modes.split(",") if m]
+    peers = parse_peers(args.peer)
     unknown = set(modes) - set(MODES)
     if unknown:
         raise SystemExit(f"unknown modes {sorted(unknown)}; choose from {MODES}")
@@ -69,9 +97,12 @@ def run(args: argparse.Namespace) -> int:
         "settings": {"workload": args.workload, "num_prompts": args.num_prompts,
                      "prompts_per_concurrency": args.prompts_per_concurrency, "max_tokens": args.max_tokens,
                      "k": args.k, "rate": args.rate, "dtype": args.dtype, "device": args.device,
-                     "concurrency": args.concurrency, "repeats": args.repeats},
+                     "concurrency": args.concurrency, "repeats": args.repeats,
+                     "draft_quant": args.draft_quant, "target_quant": args.target_quant,
+                     "cpu_layout": args.cpu_layout, "peers": args.peer},
         "models": {"draft": args.draft_model, "target": args.target_model},
         "machine": machine(),
+        "engine": engine_record(args),
         "runs": {},
     }
     psd_events = None
@@ -81,18 +112,25 @@ def run(args: argparse.Namespace) -> int:
         # psd2c holds twice the requests (the seed paper's convention); every other mode runs at `concurrency`.
         scaled = {mode: 2 if mode == "psd2c" else 1 for mode in modes}
         items = {mode: load_prompts(args.workload, prompts * scaled[mode]) for mode in modes}
-        raws: dict[str, list[dict]] = {mode: [] for mode in modes}
-        for mode in run_order(modes, args.repeats):
-            raws[mode].append(run_mode(args, mode, items[mode], concurrency * scaled[mode]))
+        items.update({name: load_prompts(args.workload, prompts) for name in peers})
+        raws: dict[str, list[dict]] = {mode: [] for mode in [*modes, *peers]}
+        for mode in run_order([*modes, *peers], args.repeats):
+            if mode in peers:
+                warmup = items[mode][:max(1, min(args.warmup_requests, prompts))]
+                raws[mode].append(run_peer(mode, peers[mode], items[mode], concurrency, args.max_tokens,
+                                           free_port(), warmup))
+            else:
+                raws[mode].append(run_mode(args, mode, items[mode], concurrency * scaled[mode]))
             if mode == "psd":
                 psd_events = raws[mode][-1]["events"]
             print(f"C={concurrency} {mode} (run {len(raws[mode])}/{args.repeats}): "
                   f"{summarise_runs(raws[mode][-1:])['throughput_tok_s']:.2f} tok/s", flush=True)
         summaries = {}
-        for mode in modes:
+        for mode in [*modes, *peers]:
             summaries[mode] = summarise_runs(raws[mode])
-            summaries[mode]["concurrency"] = concurrency * scaled[mode]
-        results["runs"][str(concurrency)] = {"modes": summaries, "comparison": compare_modes(summaries)}
+            summaries[mode]["concurrency"] = concurrency * scaled.get(mode, 1)
+            summaries[mode]["layout"] = peers[mode] or f"peer {mode}" if mode in peers else layout_of(args, mode)
+        results["runs"][str(concurrency)] = {"modes": summaries, "comparison": compare_modes(summaries, list(peers))}
         # The last concurrency is the headline; written after every level so a late failure keeps the rest.
         results["modes"] = summaries
         results.update(results["runs"][str(concurrency)]["comparison"])

@@ -77,9 +77,10 @@ def cluster_args(args: argparse.Namespace, mode: str, max_batch: int) -> argpars
     return parser.parse_args([
         "--mode", mode, "--port", str(free_port()), "--k", str(args.k), "--max-batch", str(max_batch),
         "--draft-model", args.draft_model, "--target-model", args.target_model, "--dtype", args.dtype,
+        "--draft-quant", args.draft_quant, "--target-quant", args.target_quant, "--cpu-layout", args.cpu_layout,
         "--device", args.device, *(["--draft-device", args.draft_device] if args.draft_device else []),
         *(["--tokenizer", args.tokenizer] if args.tokenizer else []), "--kv", args.kv,
-        "--max-seqs", str(max(16, 2 * max_batch)), "--max-context", str(args.max_context)])
+        "--max-context", str(args.max_context)])
 
 
 def run_mode(args: argparse.Namespace, mode: str, items: list[dict], concurrency: int) -> dict:

@@ -144,7 +144,7 @@ def predicted_psd_over_sd(sd: dict, psd: dict) -> float | None:
     return (sd["t_draft_ms"] + sd["t_verify_ms"]) / (2 * max(psd["t_draft_ms"], psd["t_verify_ms"]))
 
 
-def compare_modes(modes: dict[str, dict]) -> dict:
+def compare_modes(modes: dict[str, dict], peers: list[str] = ()) -> dict:
     """Top-level ratios, all measured at the same concurrency unless named otherwise."""
     throughput = {name: m["throughput_tok_s"] for name, m in modes.items()}
     sd, psd = modes.get("sd"), modes.get("psd")
@@ -159,4 +159,9 @@ def compare_modes(modes: dict[str, dict]) -> dict:
         # auto against the better of the two fixed layouts at this concurrency (issue: ≥ 0.95).
         "auto_over_best_fixed": _ratio(throughput.get("auto"),
                                        max((throughput[m] for m in ("sd", "psd") if m in throughput), default=None)),
+        # ... and against the best of all three baselines: with a costly draft, plain decoding can win.
+        "auto_over_best_of_ar_sd_psd": _ratio(throughput.get("auto"), max(
+            (throughput[m] for m in ("ar", "sd", "psd") if m in throughput), default=None)),
+        # auto against the best peer server run with the same prompts, cores and concurrency.
+        "auto_over_best_peer": _ratio(throughput.get("auto"), max((throughput[p] for p in peers), default=None)),
     }

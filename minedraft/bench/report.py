@@ -45,12 +45,16 @@ def markdown(results: dict) -> str:
     lines = [f"# minedraft bench — {results['settings']['workload']}", "",
              "Settings: " + ", ".join(f"{k}={v}" for k, v in results["settings"].items()), "",
              "Machine: " + results["machine"], ""]
+    if "engine" in results:
+        lines += ["Engine: " + ", ".join(f"{k}={v}" for k, v in results["engine"].items()), ""]
     for concurrency, run in results["runs"].items():
         lines += [f"## concurrency {concurrency}", "", "| mode | " + " | ".join(c for c, _ in COLUMNS) + " |",
                   "|---" * (len(COLUMNS) + 1) + "|"]
         for mode, summary in run["modes"].items():
             lines.append(f"| {mode} | " + " | ".join(_fmt(_get(summary, key)) for _, key in COLUMNS) + " |")
         lines += _runs_table(run["modes"])
+        lines += ["", "Cores: " + "; ".join(f"{mode}: {summary['layout']}" for mode, summary in run["modes"].items()
+                                          if "layout" in summary)]
         lines += ["", "| ratio | value |", "|---|---|"]
         lines += [f"| {name} | {_fmt(value)} |" for name, value in run["comparison"].items()]
         lines.append("")

@@ -20,6 +20,7 @@ import torch
 from minedraft.model_runner import ModelRunner, SequenceState
 from minedraft.models.random_shapes import is_random, weight_bytes
 from minedraft.models.store import resolve_model
+from minedraft.precision import resolve_dtype
 from minedraft.static_kv import StaticKV
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default="random:qwen2.5-0.5b,random:qwen2.5-1.5b",
                         help="comma list: random:SHAPE, presets or folders")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    parser.add_argument("--dtype", default="auto", help="a dtype, or auto (precision.resolve_dtype)")
+    parser.add_argument("--quants", default="none", help="comma list of weight formats: none, int8, int4 (CPU)")
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--context", type=int, default=512, help="prompt tokens per sequence before timing")
     parser.add_argument("--k", type=int, default=4, help="verify feeds k+1 tokens per sequence")
@@ -86,10 +88,10 @@ def time_step(runner: ModelRunner, states: list[SequenceState], feed: int, repea
     return statistics.median(times)
 
 
-def measure(spec: str, args: argparse.Namespace, bandwidth: float) -> list[dict]:
+def measure(spec: str, args: argparse.Namespace, bandwidth: float, quant: str) -> list[dict]:
     device = torch.device(args.device)
     path = spec if is_random(spec) else str(resolve_model(spec))
-    model = ModelRunner.load(path, args.device, args.dtype, threads=args.threads, kv="dynamic").model
+    model = ModelRunner.load(path, args.device, args.dtype, threads=args.threads, kv="dynamic", quant=quant).model
     floor_ms = weight_bytes(model) / bandwidth * 1e3
     rows = []
     for layout in args.layouts.split(","):
@@ -104,10 +106,10 @@ def measure(spec: str, args: argparse.Namespace, bandwidth: float) -> list[dict]
             runner.forward(states, logits_to_keep=1)  # prefill, not timed
             for op, feed in (("decode", 1), (f"verify k+1={args.k + 1}", args.k + 1)):
                 ms = time_step(runner, states, feed, args.repeats)
-                rows.append({"model": spec, "layout": layout, "op": op, "batch": batch, "ms": ms,
+                rows.append({"model": spec, "quant": quant, "layout": layout, "op": op, "batch": batch, "ms": ms,
                              "floor_ms": floor_ms, "x_floor": ms / floor_ms})
-                print(f"{spec} {layout:8s} {op:14s} B={batch:<3d} {ms:8.2f} ms  ({ms / floor_ms:5.1f}x floor)",
-                      flush=True)
+                print(f"{spec} {quant:4s} {layout:8s} {op:14s} B={batch:<3d} {ms:8.2f} ms  "
+                      f"({ms / floor_ms:5.1f}x floor)", flush=True)
             del runner, states
     del model
     if device.type == "cuda":
@@ -116,9 +118,9 @@ def measure(spec: str, args: argparse.Namespace, bandwidth: float) -> list[dict]
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | layout | op | batch | ms | floor ms | × floor |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['layout']} | {r['op']} | {r['batch']} | {r['ms']:.2f} | {r['floor_ms']:.2f} | "
-              f"{r['x_floor']:.1f} |" for r in rows]
+    lines = ["| model | weights | layout | op | batch | ms | floor ms | × floor |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['quant']} | {r['layout']} | {r['op']} | {r['batch']} | {r['ms']:.2f} | "
+              f"{r['floor_ms']:.2f} | {r['x_floor']:.1f} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -127,10 +129,12 @@ def run(args: argparse.Namespace) -> int:
     bandwidth = copy_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)", flush=True)
-    rows = [row for spec in args.models.split(",") for row in measure(spec, args, bandwidth)]
+    rows = [row for spec in args.models.split(",") for quant in args.quants.split(",")
+            for row in measure(spec, args, bandwidth, quant)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"device": name, "dtype": args.dtype, "context": args.context, "k": args.k,
+    result = {"device": name, "dtype": resolve_dtype(args.dtype, args.device), "threads": torch.get_num_threads(),
+              "context": args.context, "k": args.k,
               "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows}
     (out / "steps.json").write_text(json.dumps(result, indent=2))
     (out / "steps.md").write_text(table(rows) + "\n")

@@ -16,13 +16,13 @@ class DraftServicer(EngineServicer, draft_pb2_grpc.DraftServicer):
     async def Prefill(self, request: draft_pb2.DraftPrefillRequest,
                       context: grpc.aio.ServicerContext) -> draft_pb2.DraftPrefillResponse:
         seqs = [(s.seq_id, list(s.tokens), Sampling.from_proto(s.sampling)) for s in request.seqs]
-        _, stats = await self.call(context, len(seqs), "prefill", seqs)
+        _, stats = await self.call(context, len(seqs), "prefill", seqs, threads=request.threads)
         return draft_pb2.DraftPrefillResponse(stats=stats)
 
     async def Propose(self, request: draft_pb2.ProposeRequest,
                       context: grpc.aio.ServicerContext) -> draft_pb2.ProposeResponse:
         seqs = [(s.seq_id, s.commit.keep, list(s.commit.append), s.k) for s in request.seqs]
-        proposals, stats = await self.call(context, len(seqs), "propose", seqs)
+        proposals, stats = await self.call(context, len(seqs), "propose", seqs, threads=request.threads)
         return draft_pb2.ProposeResponse(
             proposals=[
                 draft_pb2.Proposal(seq_id=seq_id, tokens=[

@@ -48,6 +48,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="most prompt tokens in one draft prefill call (longer batches go in chunks, so "
                              "none outlasts --draft-timeout)")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
+    parser.add_argument("--share-cores", type=int, default=0,
+                        help="draft and target share this many CPU cores: a call asks for all of them when it "
+                             "runs alone, half when the other service runs beside it (0: no hints)")
     parser.add_argument("--drain-timeout", type=float, default=60.0, help="seconds in-flight streams get to "
                         "finish after SIGTERM")
 
@@ -83,7 +86,7 @@ async def serve(args: argparse.Namespace) -> None:
                         draft_pb2_grpc.DraftStub)
     scheduler = Scheduler(target, draft, mode=args.mode, k=args.k, max_batch=args.max_batch,
                           draft_timeout_s=args.draft_timeout, k_max=args.k_max,
-                          draft_prefill_tokens=args.draft_prefill_tokens)
+                          draft_prefill_tokens=args.draft_prefill_tokens, share_cores=args.share_cores)
     lanes = len(scheduler.lanes)
     admission = Admission(max_sequences=lanes * args.max_batch + args.max_queue, rate_per_s=args.rate_limit)
     servicer = GenerationServicer(scheduler, tokenizer, eos_ids_of(tokenizer, config),

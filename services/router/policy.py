@@ -1,9 +1,10 @@
 """Choosing one lane or two, and k, from measured stage times (DESIGN.md §2).
 
 At N sequences, one lane (SD) costs  k·t_d(N) + t_v(N, k)  per cycle; two lanes (PSD) cost
-2·max(k·t_d(N/2), t_v(N/2, k)). Both cycles produce N·E[tokens per round], where with acceptance α a
-round of k drafts yields (1 − α^(k+1)) / (1 − α) tokens. The policy picks the layout and k with the
-most tokens per second. It only decides *how* tokens are computed, never which: output is unchanged.
+2·max(k·t_d(N/2), t_v(N/2, k)) — on a host whose cores the two services share, with the stage costs
+measured at half the cores (each stage then runs beside the other). Both cycles produce N·E[tokens per
+round] (measured per draft position, see StageModel.tokens_per_round). The policy picks the layout and k
+with the most tokens per second. It only decides *how* tokens are computed, never which: output is unchanged.
 """
 
 from __future__ import annotations
@@ -77,12 +78,28 @@ class VerifyCost:
 
 
 @dataclass
-class StageModel:
-    """Live estimates of one draft step t_d(B), one verify t_v(B, k), the acceptance rate α, and how far
-    into a round acceptance reaches: survival[i] / reached[i] = P(the first i drafts are all accepted)."""
+class StageCosts:
+    """One draft step t_d(B) and one verify t_v(B, k), as measured under one sharing of the host's cores."""
 
     draft_step: LinearCost = field(default_factory=LinearCost)
     verify: VerifyCost = field(default_factory=VerifyCost)
+
+    @property
+    def known(self) -> bool:
+        return self.draft_step.known and self.verify.known
+
+
+@dataclass
+class StageModel:
+    """Live estimates of one draft step t_d(B), one verify t_v(B, k), the acceptance rate α, and how far
+    into a round acceptance reaches: survival[i] / reached[i] = P(the first i drafts are all accepted).
+
+    Stage costs are kept twice when draft and target share one host's cores: `alone` (a call that had every
+    core, as in one lane) and `shared` (half of them, while the other service ran too, as in two lanes).
+    Without sharing every call counts as alone, and two lanes read the same costs."""
+
+    alone: StageCosts = field(default_factory=StageCosts)
+    shared: StageCosts = field(default_factory=StageCosts)
     # A prior worth 20 drafted tokens at α = 0.7, so a few early rounds cannot swing the plan.
     drafted: float = 20.0
     accepted: float = 14.0
@@ -90,13 +107,23 @@ class StageModel:
     survived: list[float] = field(default_factory=lambda: [0.0] * (MAX_POSITIONS + 1))
     rounds: int = 0  # sequence rounds observed (with at least one draft)
 
-    def observe_propose(self, batch: int, k: int, ms: float) -> None:
-        if k > 0:
-            self.draft_step.observe(batch, ms / k)
+    def costs(self, shared: bool) -> StageCosts:
+        wanted, other = (self.shared, self.alone) if shared else (self.alone, self.shared)
+        return wanted if wanted.known else other
 
-    def observe_verify(self, batch: int, k: int, ms: float) -> None:
+    def observe_propose(self, batch: int, k: int, ms: float, shared: bool = False) -> None:
+        if k > 0:
+            (self.shared if shared else self.alone).draft_step.observe(batch, ms / k)
+
+    def observe_verify(self, batch: int, k: int, ms: float, shared: bool = False) -> None:
         """A verify of `batch` sequences carrying at most k drafts each."""
-        self.verify.observe(batch, k, ms)
+        (self.shared if shared else self.alone).verify.observe(batch, k, ms)
+
+    def draft_step(self, batch: float, shared: bool = False) -> float:
+        return self.costs(shared).draft_step(batch)
+
+    def verify(self, batch: float, k: int, shared: bool = False) -> float:
+        return self.costs(shared).verify(batch, k)
 
     def observe_acceptance(self, drafted: int, accepted: int, decay: float = 0.99) -> None:
         self.drafted = decay * self.drafted + drafted
@@ -132,7 +159,7 @@ class StageModel:
 
     @property
     def known(self) -> bool:
-        return self.draft_step.known and self.verify.known
+        return self.alone.known or self.shared.known
 
 
 def tokens_per_round(alpha: float, k: int) -> float:
@@ -151,7 +178,7 @@ def predicted_rate(model: StageModel, sequences: int, lanes: int, k: int) -> flo
     """Tokens per second for all `sequences` in this layout with k drafts a round (k = 0: target-only)."""
     if sequences >= 2 and lanes == 2:
         half = sequences / 2
-        cycle_ms = 2 * max(k * model.draft_step(half), model.verify(half, k))
+        cycle_ms = 2 * max(k * model.draft_step(half, shared=True), model.verify(half, k, shared=True))
     else:  # a lone sequence runs as in one lane, whatever the layout
         cycle_ms = k * model.draft_step(sequences) + model.verify(sequences, k)
     per_sequence = model.tokens_per_round(k) if k > 0 else 1.0

@@ -37,6 +37,7 @@ class Lane:
     index: int
     active: list[Request] = field(default_factory=list)
     incoming: list[Request] = field(default_factory=list)  # handed over by the other lane, joins next round
+    prefilling: bool = False
     counters: monitor_pb2.LaneCounters = field(default_factory=monitor_pb2.LaneCounters)
 
     def __post_init__(self) -> None:
@@ -59,7 +60,9 @@ def token_chunks(requests: list[Request], max_tokens: int) -> list[list[Request]
 class Scheduler:
     def __init__(self, target: Backend, draft: Backend | None, mode: str = "auto", k: int = 4,
                  max_batch: int = 16, draft_timeout_s: float = 10.0, k_max: int | None = None,
-                 draft_prefill_tokens: int = 512) -> None:
+                 draft_prefill_tokens: int = 512, share_cores: int = 0) -> None:
+        """`share_cores`: draft and target share this many CPU cores of one host; each call then asks for all
+        of them when it runs alone and half when the other service runs beside it (0: no hints)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if mode != "ar" and draft is None:
@@ -68,6 +71,7 @@ class Scheduler:
         self.mode, self.k, self.max_batch = mode, k, max_batch
         self.draft_timeout_s = draft_timeout_s
         self.draft_prefill_tokens = draft_prefill_tokens
+        self.share_cores = share_cores
         self.lanes = [Lane(i) for i in range(2 if mode in ("psd", "auto") else 1)]
         self.stages = StageModel()
         self.k_max = k_max or 2 * k
@@ -98,11 +102,25 @@ class Scheduler:
     def poke(self) -> None:
         self._work.set()
 
+    def _threads(self, shared: bool) -> int:
+        """CPU threads for a call (0: the service's own setting, when the cores are not shared)."""
+        if not self.share_cores:
+            return 0
+        return max(1, self.share_cores // 2) if shared else self.share_cores
+
+    def _overlapped(self, lane: Lane) -> bool:
+        """Whether this lane's calls run beside the other lane's (two lanes, both with work)."""
+        if len(self.lanes) != 2 or self.plan.lanes != 2:
+            return False
+        other = self.lanes[1 - lane.index]
+        return bool(other.active or other.incoming or other.prefilling)
+
     def record(self, device: str, kind: str, lane: Lane, stats: common_pb2.StepStats, tokens: int) -> None:
         metrics.STAGE_SECONDS.labels(f"{device}_{kind}").observe(stats.forward_ms / 1e3)
         self.events.append(monitor_pb2.DeviceEvent(
             device=device, kind=kind, lane=lane.index, start=stats.started_at,
-            end=stats.started_at + stats.forward_ms / 1e3, batch_size=stats.batch_size, tokens=tokens))
+            end=stats.started_at + stats.forward_ms / 1e3, batch_size=stats.batch_size, tokens=tokens,
+            threads=stats.threads))
 
     def snapshot(self, clear: bool = False) -> monitor_pb2.RouterStats:
         stats = monitor_pb2.RouterStats(mode=self.mode, k=self.k, lanes=[lane.counters for lane in self.lanes],
@@ -132,32 +150,38 @@ class Scheduler:
         if self.mode != "auto" or self.draft is None:
             return
         batches = batches or tuple(sorted({1, min(4, self.max_batch), self.max_batch}))
-        sampling = common_pb2.SamplingParams()
         lengths = sorted({0, self.k, self.k_max})
         for batch in batches:
-            ids = [f"calibrate-{batch}-{i}" for i in range(batch)]
-            prompt = list(range(prompt_len))
-            await self.draft.stub.Prefill(draft_pb2.DraftPrefillRequest(seqs=[
-                draft_pb2.DraftPrefillSeq(seq_id=i, tokens=prompt, sampling=sampling) for i in ids]))
-            firsts = await self.target.stub.Prefill(target_pb2.TargetPrefillRequest(seqs=[
-                target_pb2.TargetPrefillSeq(seq_id=i, tokens=prompt, sampling=sampling) for i in ids]))
-            proposal = await self.draft.stub.Propose(draft_pb2.ProposeRequest(seqs=[
-                draft_pb2.ProposeSeq(seq_id=f.seq_id, k=self.k_max,
-                                     commit=draft_pb2.Commit(keep=prompt_len, append=[f.token_id]))
-                for f in firsts.tokens]))
-            self.stages.observe_propose(batch, self.k_max, proposal.stats.forward_ms)
-            for k in lengths:  # each verify extends the sequences a little; only its duration matters here
-                verdicts = await self.target.stub.Verify(target_pb2.VerifyRequest(seqs=[
-                    target_pb2.VerifySeq(seq_id=p.seq_id, drafts=p.tokens[:k]) for p in proposal.proposals]))
-                self.stages.observe_verify(batch, k, verdicts.stats.forward_ms)
-            release = common_pb2.ReleaseRequest(seq_ids=ids)
-            await asyncio.gather(self.draft.stub.Release(release), self.target.stub.Release(release))
+            for shared in sorted({False, bool(self.share_cores)}):
+                await self._calibrate_batch(batch, prompt_len, lengths, shared)
         self._replan()
         lo, hi = batches[0], batches[-1]
         log.info("calibrated: draft step %.1f ms (batch %d) / %.1f ms (batch %d); verify of %s drafts %s ms "
                  "(batch %d) / %s ms (batch %d); plan %s", self.stages.draft_step(lo), lo, self.stages.draft_step(hi),
                  hi, lengths, [round(self.stages.verify(lo, k)) for k in lengths], lo,
                  [round(self.stages.verify(hi, k)) for k in lengths], hi, self.plan)
+
+    async def _calibrate_batch(self, batch: int, prompt_len: int, lengths: list[int], shared: bool) -> None:
+        """One draft step and verifies of each length at this batch, with all cores or (shared) half."""
+        threads, sampling = self._threads(shared), common_pb2.SamplingParams()
+        ids = [f"calibrate-{batch}-{i}" for i in range(batch)]
+        prompt = list(range(prompt_len))
+        await self.draft.stub.Prefill(draft_pb2.DraftPrefillRequest(seqs=[
+            draft_pb2.DraftPrefillSeq(seq_id=i, tokens=prompt, sampling=sampling) for i in ids], threads=threads))
+        firsts = await self.target.stub.Prefill(target_pb2.TargetPrefillRequest(seqs=[
+            target_pb2.TargetPrefillSeq(seq_id=i, tokens=prompt, sampling=sampling) for i in ids], threads=threads))
+        proposal = await self.draft.stub.Propose(draft_pb2.ProposeRequest(seqs=[
+            draft_pb2.ProposeSeq(seq_id=f.seq_id, k=self.k_max,
+                                 commit=draft_pb2.Commit(keep=prompt_len, append=[f.token_id]))
+            for f in firsts.tokens], threads=threads))
+        self.stages.observe_propose(batch, self.k_max, proposal.stats.forward_ms, shared)
+        for k in lengths:  # each verify extends the sequences a little; only its duration matters here
+            verdicts = await self.target.stub.Verify(target_pb2.VerifyRequest(seqs=[
+                target_pb2.VerifySeq(seq_id=p.seq_id, drafts=p.tokens[:k]) for p in proposal.proposals],
+                threads=threads))
+            self.stages.observe_verify(batch, k, verdicts.stats.forward_ms, shared)
+        release = common_pb2.ReleaseRequest(seq_ids=ids)
+        await asyncio.gather(self.draft.stub.Release(release), self.target.stub.Release(release))
 
     def _replan(self) -> None:
         """auto: choose one lane or two, and k, for the sequences now in flight."""
@@ -261,13 +285,18 @@ class Scheduler:
 
     async def _prefill_batch(self, lane: Lane, joining: list[Request]) -> None:
         tokens = sum(len(r.prompt_ids) for r in joining)
+        with_draft = [r for r in joining if r.speculate] if self.speculating else []
+        threads = self._threads(shared=bool(with_draft) or self._overlapped(lane))  # target and draft at once
         calls = [self.target.stub.Prefill(target_pb2.TargetPrefillRequest(seqs=[
             target_pb2.TargetPrefillSeq(seq_id=r.seq_id, tokens=r.prompt_ids, sampling=r.sampling_proto())
-            for r in joining]))]
-        with_draft = [r for r in joining if r.speculate] if self.speculating else []
+            for r in joining], threads=threads))]
         if with_draft:
-            calls.append(self._draft_prefill(with_draft, lane))
-        results = await asyncio.gather(*calls, return_exceptions=True)
+            calls.append(self._draft_prefill(with_draft, lane, threads))
+        lane.prefilling = True
+        try:
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            lane.prefilling = False
         lane.active.extend(joining)  # failed ones are retired (and released) at the next boundary
         if isinstance(results[0], Exception):
             self._target_failed(joining, results[0], "prefill")
@@ -276,7 +305,7 @@ class Scheduler:
         for request, first in zip(joining, results[0].tokens, strict=True):
             request.add_tokens([first.token_id])
 
-    async def _draft_prefill(self, requests: list[Request], lane: Lane) -> None:
+    async def _draft_prefill(self, requests: list[Request], lane: Lane, threads: int) -> None:
         """Sends the draft every token of these requests; a failure only turns speculation off.
 
         In chunks of at most `draft_prefill_tokens` prompt tokens (one request at least), so no call's
@@ -287,7 +316,7 @@ class Scheduler:
             try:
                 response = await self.draft.stub.Prefill(draft_pb2.DraftPrefillRequest(seqs=[
                     draft_pb2.DraftPrefillSeq(seq_id=r.seq_id, tokens=r.tokens, sampling=r.sampling_proto())
-                    for r in chunk]), timeout=self.draft_timeout_s)
+                    for r in chunk], threads=threads), timeout=self.draft_timeout_s)
             except grpc.aio.AioRpcError as error:
                 self.draft.mark_down(f"prefill: {error.code().name} {error.details()}")
                 return
@@ -308,14 +337,17 @@ class Scheduler:
         """One draft + verify round for these requests; returns (tokens drafted, tokens accepted)."""
         loop = asyncio.get_running_loop()
         started, k, draft_ms_before = loop.time(), self.round_k, lane.counters.draft_ms
-        drafts = await self._propose(lane, requests) if self.speculating else {}
+        shared = bool(self.share_cores) and self._overlapped(lane)
+        drafts = await self._propose(lane, requests, shared) if self.speculating else {}
         try:
             response = await self.target.stub.Verify(target_pb2.VerifyRequest(seqs=[
-                target_pb2.VerifySeq(seq_id=r.seq_id, drafts=drafts.get(r.seq_id, [])) for r in requests]))
+                target_pb2.VerifySeq(seq_id=r.seq_id, drafts=drafts.get(r.seq_id, [])) for r in requests],
+                threads=self._threads(shared)))
         except grpc.aio.AioRpcError as error:
             self._target_failed(requests, error, "verify")
             return 0, 0
-        self.stages.observe_verify(len(requests), max(map(len, drafts.values()), default=0), response.stats.forward_ms)
+        self.stages.observe_verify(len(requests), max(map(len, drafts.values()), default=0), response.stats.forward_ms,
+                                   shared)
         counters = lane.counters
         counters.verify_ms += response.stats.forward_ms
         counters.verify_calls += 1
@@ -354,25 +386,26 @@ class Scheduler:
         metrics.ROUND_SECONDS.labels(str(lane.index)).observe(loop.time() - started)
         return drafted_total, accepted_total
 
-    async def _propose(self, lane: Lane, requests: list[Request]) -> dict[str, list[common_pb2.DraftToken]]:
+    async def _propose(self, lane: Lane, requests: list[Request],
+                       shared: bool) -> dict[str, list[common_pb2.DraftToken]]:
         """Drafts up to k tokens per request; a request that can take only one more token gets none."""
         k = self.round_k
         wanted = [r for r in requests if r.speculate and not r.done and r.remaining > 1] if k > 0 else []
         stale = [r for r in wanted if r.draft_epoch != self.draft.epoch]
         if stale:  # new to the draft, or the draft restarted since: send their tokens first
-            await self._draft_prefill(stale, lane)
+            await self._draft_prefill(stale, lane, self._threads(shared))
         ready = [r for r in wanted if r.draft_epoch == self.draft.epoch]
         if not ready or not self.draft.up:
             return {}
         seqs = [draft_pb2.ProposeSeq(seq_id=r.seq_id, k=min(k, r.remaining - 1), commit=draft_pb2.Commit(
             keep=r.draft_len, append=r.tokens[r.draft_len:])) for r in ready]
         try:
-            response = await self.draft.stub.Propose(draft_pb2.ProposeRequest(seqs=seqs),
+            response = await self.draft.stub.Propose(draft_pb2.ProposeRequest(seqs=seqs, threads=self._threads(shared)),
                                                      timeout=self.draft_timeout_s)
         except grpc.aio.AioRpcError as error:  # verify without drafts: same output, just slower
             self.draft.mark_down(f"propose: {error.code().name} {error.details()}")
             return {}
-        self.stages.observe_propose(len(seqs), max(s.k for s in seqs), response.stats.forward_ms)
+        self.stages.observe_propose(len(seqs), max(s.k for s in seqs), response.stats.forward_ms, shared)
         lane.counters.draft_ms += response.stats.forward_ms
         lane.counters.propose_calls += 1
         self.record("draft", "propose", lane, response.stats, sum(s.k for s in seqs))

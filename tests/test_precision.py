@@ -1,0 +1,120 @@
+"""Numeric formats: `--dtype auto` and weight-only int8/int4 linears. A quantised model is a different model,
+but for a given configuration speculation must still never change a token: every check the float path
+passes (cached == uncached, batched == alone, psd == ar) runs here on the quantised path too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from minedraft.client import collect, make_request, stream
+from minedraft.model_runner import ModelRunner, SequenceState
+from minedraft.models.random_shapes import weight_bytes
+from minedraft.precision import (
+    Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
+    int4_dequantize,
+    int4_quantize,
+    native_bf16_cpu,
+    resolve_dtype,
+    resolve_quant,
+)
+from services.draft.engine import DraftEngine
+from services.target.engine import TargetEngine
+from tests.conftest import channel_to
+from tests.test_end_to_end import PROMPTS as TEXT_PROMPTS
+from tests.test_engines import PROMPTS, speculate
+from tests.ties import assert_same_or_tie
+
+QUANTS = ["int8", "int4", "w8a8"]
+BF16_TIE = 0.1  # logits: a few bfloat16 rounding steps at the tiny model's logit scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_kernels_compute_their_dequantised_weights(dtype: torch.dtype) -> None:
+    """The packed layouts must multiply by exactly the weights the quantiser chose (a wrong packing or
+    zero-point convention would be off by a whole quantisation step, not by rounding)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 48).to(dtype)
+    x = torch.randn(3, 7, 96, dtype=dtype)
+    int8 = Int8WeightOnlyLinear(linear)
+    expected8 = F.linear(x.float(), int8.dequantized(), linear.bias.float())
+    int4 = Int4WeightOnlyLinear(linear)
+    expected4 = F.linear(x.float(), int4_dequantize(*int4_quantize(linear.weight.detach())), linear.bias.float())
+    exact = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+    step4 = (exact - expected4).abs().max()  # what int4 rounding costs: the kernel must be far closer than that
+    assert (int8(x).float() - expected8).abs().max() < 2e-2 * expected8.abs().max()
+    assert (int4(x).float() - expected4).abs().max() < 0.25 * step4
+    assert int8(x).dtype == int4(x).dtype == dtype
+
+
+def test_quantiser_recovers_weights_already_on_a_4_bit_grid() -> None:
+    """Q4_K GGUF weights are 4-bit, 32-wide groups already: re-quantising one such group loses nothing."""
+    codes = torch.randint(0, 16, (8, 64))
+    codes[:, ::32] = 0
+    codes[:, 1::32] = 15  # every group spans the whole code range, as a min-max quantiser leaves it
+    scale = torch.rand(8, 2) + 0.5
+    weight = (codes.reshape(8, 2, 32) * scale[..., None] - 3.0).reshape(8, 64)
+    assert torch.allclose(int4_dequantize(*int4_quantize(weight)), weight, atol=1e-5)
+
+
+def test_dtype_and_quant_auto() -> None:
+    assert resolve_dtype("auto", "cpu") == ("bfloat16" if native_bf16_cpu() else "float32")
+    assert resolve_dtype("float64", "cpu") == "float64"
+    assert resolve_quant("auto", "draft", "cpu") == "int4"
+    assert resolve_quant("auto", "target", "cuda") == "none"
+    assert resolve_quant("int8", "target", "cpu") == "int8"
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_quantised_runner_caches_exactly_like_its_uncached_self(tiny_pair, quant: str) -> None:
+    """Batched, cached, incremental decoding through the quantised runner gives the greedy tokens of the same
+    quantised model run uncached on each sequence alone."""
+    runner = ModelRunner.load(str(tiny_pair[0]), dtype="float32", quant=quant)
+    linears = [m for m in runner.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert not linears, "every linear, the output head included, is quantised"
+    assert weight_bytes(runner.model) < weight_bytes(ModelRunner.load(str(tiny_pair[0]), dtype="float32").model)
+    prompts = list(PROMPTS.values())
+    states = [SequenceState(list(p)) for p in prompts]
+    for _ in range(10):
+        logits = runner.forward(states, logits_to_keep=1)
+        for i, state in enumerate(states):
+            state.tokens.append(int(logits[i, -1].argmax()))
+    with torch.no_grad():
+        for prompt, state in zip(prompts, states, strict=True):
+            tokens = list(prompt)
+            for _ in range(10):
+                tokens.append(int(runner.model(torch.tensor([tokens])).logits[0, -1].argmax()))
+            assert state.tokens == tokens
+
+
+@pytest.mark.parametrize(("draft_quant", "target_quant"), [("int4", "none"), ("int8", "int4")])
+def test_quantised_engines_speculate_batched_exactly_as_alone(tiny_pair, draft_quant: str, target_quant: str) -> None:
+    """Greedy and sampled sequences, drafted and verified in a batch, equal each run alone (bfloat16)."""
+    target = TargetEngine(ModelRunner.load(str(tiny_pair[0]), dtype="bfloat16", quant=target_quant))
+    draft = DraftEngine(ModelRunner.load(str(tiny_pair[1]), dtype="bfloat16", quant=draft_quant), top_m=8)
+    assert speculate(target, draft, list(PROMPTS), 6, batched=True) == \
+        speculate(target, draft, list(PROMPTS), 6, batched=False)
+
+
+@pytest.mark.parametrize("target_quant", ["w8a8", "int4"])
+def test_quantised_cluster_psd_and_sd_equal_target_only(clusters, tiny_pair, target_quant: str) -> None:
+    """Real processes, bfloat16: a quantised target verified in psd and sd (int8 draft) streams ar's greedy
+    tokens, up to near-ties of bfloat16 rounding (tests/ties.py)."""
+    config = {"dtype": "bfloat16", "target_quant": target_quant, "draft_quant": "int8", "max_batch": 4}
+    booted = {mode: clusters.get(mode, tiny_pair, **config) for mode in ("ar", "sd", "psd")}
+    tokens = {}
+    for mode, cluster in booted.items():
+        with channel_to(cluster) as channel:
+            calls = [stream(channel, make_request(prompt=p, max_tokens=24), timeout=60) for p in TEXT_PROMPTS[:6]]
+            results = [collect(call) for call in calls]
+        tokens[mode] = [r.token_ids for r in results]
+        if mode == "psd":
+            assert sum(int(r.stats["drafted_tokens"]) for r in results) > 0
+    model = ModelRunner.load(str(tiny_pair[0]), dtype="bfloat16", quant=target_quant, kv="dynamic").model
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
+    prompts = TEXT_PROMPTS[:6]
+    for mode in ("sd", "psd"):
+        assert_same_or_tie(model, tokenizer, prompts, tokens["ar"], tokens[mode], BF16_TIE)
