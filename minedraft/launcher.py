@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from minedraft.model_service import add_kv_args
-from minedraft.precision import CPU_DEFAULT_QUANT, QUANTS, resolve_quant
+from minedraft.precision import CPU_DEFAULT_QUANT, DRAFT_ONLY_QUANTS, QUANTS, resolve_quant
 from minedraft.static_kv import uses_static_kv
 from services.router.scheduler import MODES
 
@@ -42,7 +42,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-quant", default="auto", choices=["auto", *QUANTS],
                         help="CPU weight-only format of the draft (its precision moves acceptance, never output); "
                              f"auto: {CPU_DEFAULT_QUANT['draft']} on the CPU")
-    parser.add_argument("--target-quant", default="auto", choices=["auto", *QUANTS],
+    target_quants = [q for q in QUANTS if q not in DRAFT_ONLY_QUANTS]
+    parser.add_argument("--target-quant", default="auto", choices=["auto", *target_quants],
                         help=f"CPU weight-only format of the target; auto: {CPU_DEFAULT_QUANT['target']} on the CPU")
     parser.add_argument("--tokenizer", default=None, help="the router's tokenizer (default: the target model's)")
     add_kv_args(parser)
@@ -108,6 +109,8 @@ def commands(args: argparse.Namespace, draft_port: int, target_port: int) -> dic
     max_seqs = args.max_seqs or 2 * args.max_batch + SPARE_SLOTS  # two full lanes, and room for a warm-up
     common = ["--dtype", args.dtype, "--host", "127.0.0.1", "--kv", args.kv, "--max-seqs", str(max_seqs),
               "--max-context", str(args.max_context), "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
+    if args.kv_memory_fraction:
+        common += ["--kv-memory-fraction", str(args.kv_memory_fraction)]
     draft_cores, target_cores, router_cores = core_args(cpu_layout(args))
     draft_device = args.draft_device or args.device
     draft = [*cli, "draft", "--model", args.draft_model, "--port", str(draft_port), "--top-m", str(args.top_m),

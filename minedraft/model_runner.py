@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 from minedraft.cuda_graphs import StepGraphs
 from minedraft.models.random_shapes import is_random, random_model
 from minedraft.precision import quantize_linears, resolve_dtype
-from minedraft.static_kv import StaticKV, uses_static_kv
+from minedraft.static_kv import StaticKV, check_fits, uses_static_kv
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class SequenceState:
 
 
 ONEDNN_MIN_PARAMS = 1 << 20
+LONG_FEED = 16  # tokens fed to one sequence beyond which a call is a prefill, not a decode or verify step
 STATIC_ONLY = frozenset({"gemma2"})  # tests/test_model_families.py: the dynamic layout diverges for these
 
 
@@ -100,10 +101,11 @@ class ModelRunner:
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: str = "auto", threads: int | None = None,
              cpu_linear: str = "onednn", kv: str = "auto", max_seqs: int = 64, max_context: int = 4096,
-             cuda_graphs: bool = True, quant: str = "none", **load_kwargs) -> ModelRunner:
+             cuda_graphs: bool = True, quant: str = "none", kv_memory_fraction: float | None = None,
+             **load_kwargs) -> ModelRunner:
         """`dtype`: a DTYPES name or auto (`precision.resolve_dtype`); `quant`: none, int8 or int4 weight-only
-        linears (CPU); `kv`: dynamic, static, or auto (static on CUDA); `max_seqs`/`max_context` size the
-        static cache."""
+        linears (CPU); `kv`: dynamic, static, or auto (static); `max_seqs`/`max_context` size the static cache,
+        which must fit in `kv_memory_fraction` of the device's free memory (default 0.9 on a GPU, 0.4 on a CPU)."""
         if threads:
             torch.set_num_threads(threads)
         started = time.perf_counter()
@@ -123,6 +125,8 @@ class ModelRunner:
         if uses_static_kv(kv, device):
             graphs = on_cuda and cuda_graphs
             context = min(max_context, int(getattr(model.config, "max_position_embeddings", max_context)))
+            fraction = kv_memory_fraction or (0.9 if on_cuda else 0.4)  # a CPU host holds both services' caches
+            check_fits(model.config, max_seqs, context, DTYPES[dtype], torch.device(device), fraction)
             static = StaticKV(model.config, max_seqs, context, DTYPES[dtype], torch.device(device), pad_shapes=graphs)
         log.info("loaded %s (%s, %s linears%s, %s, %d oneDNN linears, %s KV%s) in %.1fs", path, dtype, quant,
                  f" ({quantized})" if quantized else "", device, swapped,
@@ -152,6 +156,17 @@ class ModelRunner:
         """
         for state in states:  # fully cached: recompute the last token for its logits
             state.uncache_from(len(state.tokens) - 1)
+        feeds = [len(s.tokens) - s.kv_len for s in states]
+        if len(states) > 1 and max(feeds) > LONG_FEED and min(feeds) < max(feeds):
+            # Prompts of different lengths: padding each to the longest would compute the padding too (2-3x the
+            # work for a batch of HumanEval prompts); alone, each costs its own length.
+            unassigned = [state for state in states if self.static and state.slot is None]
+            try:
+                return torch.cat([self.forward([state], logits_to_keep) for state in states])
+            except BaseException:  # all or nothing, as one call: give back the slots taken on the way
+                for state in unassigned:
+                    self.static.free(state)
+                raise
         if self.static:
             return self._forward_static(states, logits_to_keep)
         return self._forward_dynamic(states, logits_to_keep)

@@ -49,6 +49,9 @@ def add_kv_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seqs", type=int, default=64, help="static KV: most sequences held at once "
                         "(`minedraft serve`: 0 sizes it to what two full lanes hold)")
     parser.add_argument("--max-context", type=int, default=4096, help="static KV: most tokens per sequence")
+    parser.add_argument("--kv-memory-fraction", type=float, default=None,
+                        help="static KV: the most of the device's free memory the cache may take; a larger one is "
+                             "refused at start (default 0.9 on a GPU, 0.4 on a CPU, whose RAM both services share)")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="static KV on CUDA: replay fixed-shape steps as CUDA graphs")
 
@@ -78,7 +81,7 @@ async def serve_model(args: argparse.Namespace, service_name: str, servicer: Eng
         model_path = args.model if is_random(args.model) else str(resolve_model(args.model))
         load = functools.partial(ModelRunner.load, model_path, args.device, args.dtype, cpu_linear=args.cpu_linear,
                                  quant=args.quant, kv=args.kv, max_seqs=args.max_seqs, max_context=args.max_context,
-                                 cuda_graphs=args.cuda_graphs)
+                                 cuda_graphs=args.cuda_graphs, kv_memory_fraction=args.kv_memory_fraction)
         runner, _, load_ms = await servicer.worker.run(load)
         engine = build_engine(runner)
         await servicer.worker.run(warm_up, engine)

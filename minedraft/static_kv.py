@@ -68,12 +68,39 @@ def bucket(value: int, smallest: int, largest: int) -> int:
     return min(size, largest)
 
 
+def kv_shape(config, max_seqs: int, max_context: int) -> tuple[int, int, int, int]:
+    """One layer's keys (or values): every slot and column, the scratch ones included."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return max_seqs + 1, heads, max_context + 1, head_dim
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a new allocation can take now: free GPU memory, or the kernel's MemAvailable on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def check_fits(config, max_seqs: int, max_context: int, dtype: torch.dtype, device: torch.device,
+               fraction: float) -> None:
+    """Refuses, at start-up and with the sizes that would fit, a cache larger than `fraction` of free memory."""
+    shape = kv_shape(config, max_seqs, max_context)
+    per_token = 2 * config.num_hidden_layers * shape[1] * shape[3] * torch.tensor([], dtype=dtype).element_size()
+    needed, budget = per_token * shape[0] * shape[2], int(fraction * available_bytes(device))
+    if needed > budget:
+        raise ValueError(f"static KV cache of {max_seqs} sequences x {max_context} tokens needs {needed / 2**30:.1f} "
+                         f"GiB, over {fraction:.0%} of the {budget / fraction / 2**30:.1f} GiB free on {device}: "
+                         f"lower --max-seqs or --max-context (at most {budget // per_token} sequence-tokens fit), "
+                         "or raise --kv-memory-fraction")
+
+
 class StaticKV:
     def __init__(self, config, max_seqs: int, max_context: int, dtype: torch.dtype, device: torch.device,
                  pad_shapes: bool = False, min_width: int = 256) -> None:
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (max_seqs + 1, heads, max_context + 1, head_dim)
+        shape = kv_shape(config, max_seqs, max_context)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.max_seqs, self.max_context = max_seqs, max_context

@@ -63,7 +63,8 @@ def test_quantiser_recovers_weights_already_on_a_4_bit_grid() -> None:
 def test_dtype_and_quant_auto() -> None:
     assert resolve_dtype("auto", "cpu") == ("bfloat16" if native_bf16_cpu() else "float32")
     assert resolve_dtype("float64", "cpu") == "float64"
-    assert resolve_quant("auto", "draft", "cpu") == "int4"
+    assert resolve_quant("auto", "draft", "cpu") == "int4-w8a8"
+    assert resolve_quant("auto", "target", "cpu") == "w8a8"
     assert resolve_quant("auto", "target", "cuda") == "none"
     assert resolve_quant("int8", "target", "cpu") == "int8"
 

@@ -114,3 +114,24 @@ def test_static_kv_cluster_matches_target_only_and_router_knows_its_context(clus
     with channel_to(static) as channel, pytest.raises(grpc.RpcError) as error:
         collect(stream(channel, make_request(prompt="Hello", max_tokens=300), timeout=30))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context 256" in error.value.details()
+
+
+def test_a_cache_larger_than_free_memory_is_refused_at_start(tiny_pair) -> None:
+    with pytest.raises(ValueError, match="lower --max-seqs or --max-context"):
+        ModelRunner.load(str(tiny_pair[0]), dtype="float32", kv="static", max_seqs=1 << 20, max_context=1000)
+
+
+def test_prompts_of_different_lengths_prefill_alone_all_or_nothing(tiny_pair) -> None:
+    """Long feeds of different lengths run one sequence at a time (no padding computed): the same logits as a
+    padded batch, and a batch that does not fit takes no slot at all."""
+    runner = ModelRunner.load(str(tiny_pair[0]), dtype="float64", kv="static", max_seqs=2, max_context=128)
+    prompts = [list(range(3, 40)), list(range(50, 70))]
+    alone = runner.forward([SequenceState(list(p)) for p in prompts], logits_to_keep=1)
+    padded = ModelRunner.load(str(tiny_pair[0]), dtype="float64", kv="dynamic")
+    assert torch.allclose(alone, padded.forward([SequenceState(list(p)) for p in prompts], logits_to_keep=1),
+                          atol=1e-10)
+    assert runner.static.slots_free == 0
+    runner.static.free(SequenceState([], slot=0))
+    with pytest.raises(ResourceExhausted):
+        runner.forward([SequenceState(list(p)) for p in [*prompts, list(range(80, 100))]], logits_to_keep=1)
+    assert runner.static.slots_free == 1

@@ -79,10 +79,13 @@ class KTrial:
             window.add(sequences, ms, limit=4 * self.window)
 
     def decide(self, current: Plan, wanted: Plan, sequences: int) -> Plan:
-        """The plan to run: `wanted` when it changes the layout, else a k step on trial or `current`."""
+        """The plan to run: `wanted` when it changes the layout or turns speculation off or on, else a k step on
+        trial or `current`."""
         window = self.measured
-        if window is None or (window.lanes, window.k) != (current.lanes, current.k) or wanted.lanes != current.lanes:
-            plan = wanted if wanted.lanes != current.lanes else current
+        jump = (wanted.k == 0) != (current.k == 0)  # speculation off or back on: a switch, not a k step
+        if window is None or (window.lanes, window.k) != (current.lanes, current.k) or wanted.lanes != current.lanes \
+                or jump:
+            plan = wanted if wanted.lanes != current.lanes or jump else current
             self._restart(plan, sequences)
             return plan
         if not window.comparable(sequences):  # the load moved: neither cost says anything about the other

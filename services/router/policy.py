@@ -1,7 +1,8 @@
 """Choosing one lane or two, and k, from measured stage times (DESIGN.md §2).
 
-At N sequences, one lane (SD) costs  k·t_d(N) + t_v(N, k)  per cycle; two lanes (PSD) cost
-2·max(k·t_d(N/2), t_v(N/2, k)) — on a host whose cores the two services share, with the stage costs
+At N sequences, one lane (SD) costs  k·t_d(N) + N·t_p + t_v(N, k)  per cycle; two lanes (PSD) cost
+2·max(k·t_d(N/2) + N/2·t_p, t_v(N/2, k)), where t_p is the draft's prefill of new prompts per sequence round
+(what speculating costs beyond drafting) — on a host whose cores the two services share, with the stage costs
 measured at half the cores (each stage then runs beside the other). Both cycles produce N·E[tokens per
 round] (measured per draft position, see StageModel.tokens_per_round). The policy picks the layout and k
 with the most tokens per second. It only decides *how* tokens are computed, never which: output is unchanged.
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 MAX_POSITIONS = 32
 MIN_POSITION_SAMPLES = 8
+RESUME_GAIN = 1.25  # predicted gain that takes target-only decoding back to speculating
 MIN_ROUNDS_TO_REPLAN = 64  # sequence rounds of measured acceptance before the plan leaves its start
 
 
@@ -106,6 +108,9 @@ class StageModel:
     reached: list[float] = field(default_factory=lambda: [0.0] * (MAX_POSITIONS + 1))
     survived: list[float] = field(default_factory=lambda: [0.0] * (MAX_POSITIONS + 1))
     rounds: int = 0  # sequence rounds observed (with at least one draft)
+    # The draft's own prefill of new prompts, per sequence round (decayed alike): a cost only speculation pays.
+    draft_prefill_ms: float = 0.0
+    draft_prefill_rounds: float = 0.0
 
     def costs(self, shared: bool) -> StageCosts:
         wanted, other = (self.shared, self.alone) if shared else (self.alone, self.shared)
@@ -132,12 +137,22 @@ class StageModel:
     def observe_round(self, drafted: int, accepted: int, decay: float = 0.998) -> None:
         """One sequence's round: `drafted` proposals, the first `accepted` of them kept."""
         self.rounds += drafted > 0
+        self.draft_prefill_ms *= decay
+        self.draft_prefill_rounds = decay * self.draft_prefill_rounds + 1
         for i in range(1, MAX_POSITIONS + 1):
             self.reached[i] *= decay
             self.survived[i] *= decay
         for i in range(1, min(drafted, MAX_POSITIONS) + 1):
             self.reached[i] += 1
             self.survived[i] += i <= accepted
+
+    def observe_draft_prefill(self, ms: float) -> None:
+        self.draft_prefill_ms += ms
+
+    @property
+    def draft_prefill_per_round(self) -> float:
+        """ms of draft prefill each sequence round carries (new prompts cached on the draft)."""
+        return self.draft_prefill_ms / self.draft_prefill_rounds if self.draft_prefill_rounds >= 1 else 0.0
 
     def tokens_per_round(self, k: int) -> float:
         """Expected tokens one sequence gains from a round of k drafts: 1 + Σ P(first i accepted).
@@ -176,11 +191,12 @@ class Plan:
 
 def predicted_rate(model: StageModel, sequences: int, lanes: int, k: int) -> float:
     """Tokens per second for all `sequences` in this layout with k drafts a round (k = 0: target-only)."""
+    sync = model.draft_prefill_per_round if k > 0 else 0.0  # a target-only round caches nothing on the draft
     if sequences >= 2 and lanes == 2:
         half = sequences / 2
-        cycle_ms = 2 * max(k * model.draft_step(half, shared=True), model.verify(half, k, shared=True))
+        cycle_ms = 2 * max(k * model.draft_step(half, shared=True) + half * sync, model.verify(half, k, shared=True))
     else:  # a lone sequence runs as in one lane, whatever the layout
-        cycle_ms = k * model.draft_step(sequences) + model.verify(sequences, k)
+        cycle_ms = k * model.draft_step(sequences) + sequences * sync + model.verify(sequences, k)
     per_sequence = model.tokens_per_round(k) if k > 0 else 1.0
     return sequences * per_sequence / cycle_ms * 1e3
 
@@ -201,7 +217,7 @@ def best_plan(model: StageModel, sequences: int, k_max: int, layouts: tuple[int,
 
 
 def next_plan(model: StageModel, current: Plan, sequences: int, k_max: int, switch_gain: float = 1.05,
-              k_gain: float = 1.03) -> Plan:
+              k_gain: float = 1.03, resume_k: int = 0) -> Plan:
     """best_plan with hysteresis: the layout changes only for a clear predicted gain (never for one sequence
     or none: a lone sequence in two lanes already runs exactly as in one), and k only for a smaller one,
     one step at a time.
@@ -211,15 +227,32 @@ def next_plan(model: StageModel, current: Plan, sequences: int, k_max: int, swit
     verify cost at this batch, its acceptance) before the next, where a jump would trust extrapolation
     (at C = 32 one went from k = 4 to 7 on a verify cost extrapolated from small batches, and lost 7 %).
 
-    Until acceptance has been measured on this traffic the plan stays where it started (the operator's k):
+    Until acceptance has been measured on this traffic the plan keeps the operator's k (only the layout may
+    move, which the stage costs alone decide):
     the prior knows nothing of how bursty acceptance is, and valued geometrically it would cut k at once.
     (After only 16 rounds, two batches' worth at C = 16, the survival estimate was noisy enough to flip
     k 4 → 2 → 4 within two seconds.) Even so the prediction only proposes a k step: the scheduler runs it
-    as a trial and keeps it on a measured gain (k_trial.py)."""
-    if sequences <= 0 or not model.known or model.rounds < MIN_ROUNDS_TO_REPLAN:
+    as a trial and keeps it on a measured gain (k_trial.py).
+
+    Two moves are too far for k steps and are judged like a layout switch: to target-only decoding (k = 0,
+    one lane) when drafting no longer pays — with a cheap batched decode and a costly draft, plain decoding
+    wins at high load — and from it back to speculating at `resume_k`."""
+    if sequences <= 0 or not model.known:
         return current
     kept = Plan(current.lanes, current.k, predicted_rate(model, sequences, current.lanes, current.k))
+    if model.rounds < MIN_ROUNDS_TO_REPLAN:  # acceptance unmeasured: only the layout, at the start k, may move
+        best = best_plan(model, sequences, k_max, ks=range(current.k, current.k + 1))
+        moves = sequences >= 2 and best.lanes != current.lanes and best.tokens_per_s >= switch_gain * kept.tokens_per_s
+        return best if moves else current
     steps = range(max(0, current.k - 1), min(k_max, current.k + 1) + 1)
+    far = 0 if current.k else resume_k  # target-only, or back to speculating
+    if far != current.k:
+        jump = best_plan(model, sequences, k_max, layouts=(1,) if far == 0 else (1, 2), ks=range(far, far + 1))
+        nearby = best_plan(model, sequences, k_max, ks=steps)
+        # Resuming first re-sends every sequence's tokens to the draft, a cost the rate leaves out: ask more.
+        gain = switch_gain if far == 0 else RESUME_GAIN
+        if jump.tokens_per_s >= gain * max(kept.tokens_per_s, nearby.tokens_per_s):
+            return jump
     if sequences >= 2:
         best = best_plan(model, sequences, k_max, ks=steps)
         if best.lanes != current.lanes and best.tokens_per_s >= switch_gain * kept.tokens_per_s:

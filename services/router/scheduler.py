@@ -76,6 +76,7 @@ class Scheduler:
         self.stages = StageModel()
         self.k_max = k_max or 2 * k
         self.plan = Plan(lanes=len(self.lanes), k=k, tokens_per_s=0.0)
+        self.resume_k = k  # the k to speculate at again after a spell of target-only decoding
         self.k_trial = KTrial(self.stages.tokens_per_round)
         self.waiting: deque[Request] = deque()
         self.events: deque[monitor_pb2.DeviceEvent] = deque(maxlen=100_000)  # for the benchmark's timeline
@@ -188,7 +189,9 @@ class Scheduler:
         if self.mode != "auto":
             return
         if self.speculating:
-            wanted = next_plan(self.stages, self.plan, self.in_flight, self.k_max)
+            if self.plan.k:
+                self.resume_k = self.plan.k
+            wanted = next_plan(self.stages, self.plan, self.in_flight, self.k_max, resume_k=self.resume_k)
             plan = self.k_trial.decide(self.plan, wanted, self.in_flight)
         else:
             plan = Plan(1, 0, 0.0)
@@ -285,8 +288,12 @@ class Scheduler:
 
     async def _prefill_batch(self, lane: Lane, joining: list[Request]) -> None:
         tokens = sum(len(r.prompt_ids) for r in joining)
-        with_draft = [r for r in joining if r.speculate] if self.speculating else []
-        threads = self._threads(shared=bool(with_draft) or self._overlapped(lane))  # target and draft at once
+        # On separate devices the draft caches the prompts while the target runs them. On cores the two share,
+        # the target runs them alone, with every core (prefill is compute-bound: half the cores, twice the wait
+        # for the first token), and the draft catches up at the lane's next propose (stale, below).
+        at_once = self.speculating and self.round_k and not self.share_cores
+        with_draft = [r for r in joining if r.speculate] if at_once else []
+        threads = self._threads(shared=bool(with_draft) or self._overlapped(lane))
         calls = [self.target.stub.Prefill(target_pb2.TargetPrefillRequest(seqs=[
             target_pb2.TargetPrefillSeq(seq_id=r.seq_id, tokens=r.prompt_ids, sampling=r.sampling_proto())
             for r in joining], threads=threads))]
@@ -321,6 +328,7 @@ class Scheduler:
                 self.draft.mark_down(f"prefill: {error.code().name} {error.details()}")
                 return
             self.record("draft", "prefill", lane, response.stats, sum(lengths))
+            self.stages.observe_draft_prefill(response.stats.forward_ms)
             for request, length in zip(chunk, lengths, strict=True):
                 request.draft_len, request.draft_epoch = length, epoch
 

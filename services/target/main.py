@@ -6,6 +6,7 @@ import argparse
 
 from minedraft.device_worker import DeviceWorker
 from minedraft.model_service import add_model_args, serve_model
+from minedraft.precision import DRAFT_ONLY_QUANTS
 from minedraft.protos import target_pb2_grpc
 from services.target.engine import TargetEngine
 from services.target.servicer import TargetServicer
@@ -16,6 +17,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    if args.quant in DRAFT_ONLY_QUANTS:
+        raise SystemExit(f"--quant {args.quant} gives a row different numbers in a verify than in a decode; the "
+                         "target's numbers decide the output, so it takes a format whose rows do not depend on "
+                         "the batch (none, int8, int4, w8a8)")
     servicer = TargetServicer(DeviceWorker("target"))
     await serve_model(args, "minedraft.protos.Target", servicer, target_pb2_grpc.add_TargetServicer_to_server,
                       TargetEngine)
