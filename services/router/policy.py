@@ -16,6 +16,9 @@ MAX_POSITIONS = 32
 MIN_POSITION_SAMPLES = 8
 RESUME_GAIN = 1.25  # predicted gain that takes target-only decoding back to speculating
 MIN_ROUNDS_TO_REPLAN = 64  # sequence rounds of measured acceptance before the plan leaves its start
+# ... and before it may drop to target-only: whether drafting pays at all shows sooner than which k is best
+# (the draft's prefill of the first prompts, spread over these rounds, weighs against speculating early on)
+MIN_ROUNDS_TO_JUMP = 16
 
 
 @dataclass
@@ -240,19 +243,20 @@ def next_plan(model: StageModel, current: Plan, sequences: int, k_max: int, swit
     if sequences <= 0 or not model.known:
         return current
     kept = Plan(current.lanes, current.k, predicted_rate(model, sequences, current.lanes, current.k))
-    if model.rounds < MIN_ROUNDS_TO_REPLAN:  # acceptance unmeasured: only the layout, at the start k, may move
-        best = best_plan(model, sequences, k_max, ks=range(current.k, current.k + 1))
-        moves = sequences >= 2 and best.lanes != current.lanes and best.tokens_per_s >= switch_gain * kept.tokens_per_s
-        return best if moves else current
-    steps = range(max(0, current.k - 1), min(k_max, current.k + 1) + 1)
+    measured = model.rounds >= MIN_ROUNDS_TO_REPLAN
+    steps = range(max(0, current.k - 1), min(k_max, current.k + 1) + 1) if measured else range(current.k, current.k + 1)
     far = 0 if current.k else resume_k  # target-only, or back to speculating
-    if far != current.k:
+    if far != current.k and model.rounds >= MIN_ROUNDS_TO_JUMP:
         jump = best_plan(model, sequences, k_max, layouts=(1,) if far == 0 else (1, 2), ks=range(far, far + 1))
         nearby = best_plan(model, sequences, k_max, ks=steps)
         # Resuming first re-sends every sequence's tokens to the draft, a cost the rate leaves out: ask more.
         gain = switch_gain if far == 0 else RESUME_GAIN
         if jump.tokens_per_s >= gain * max(kept.tokens_per_s, nearby.tokens_per_s):
             return jump
+    if not measured:  # acceptance not yet measured: only the layout, at the start k, may move
+        best = best_plan(model, sequences, k_max, ks=steps)
+        moves = sequences >= 2 and best.lanes != current.lanes and best.tokens_per_s >= switch_gain * kept.tokens_per_s
+        return best if moves else current
     if sequences >= 2:
         best = best_plan(model, sequences, k_max, ks=steps)
         if best.lanes != current.lanes and best.tokens_per_s >= switch_gain * kept.tokens_per_s:
