@@ -30,14 +30,17 @@ class DeviceWorker:
             torch.set_num_threads(threads)
             self.threads_now = threads
 
-    async def run(self, fn: Callable[..., T], *args, threads: int = 0) -> tuple[T, float, float]:
-        """Returns (result, queue_ms, run_ms). `threads`: CPU threads for this call (0: the worker's own)."""
+    async def run(self, fn: Callable[..., T], *args, threads: int = 0) -> tuple[T, float, float, int]:
+        """Returns (result, queue_ms, run_ms, threads it ran with). `threads`: CPU threads for this call (0: the
+        worker's own)."""
         submitted = time.perf_counter()
         started: list[float] = []
+        ran_with: list[int] = []
 
         def timed() -> T:
             started.append(time.perf_counter())
             self._use_threads(threads or self.threads)
+            ran_with.append(self.threads_now)  # read here: the next queued call may change it before we resume
             return fn(*args)
 
         try:
@@ -46,7 +49,7 @@ class DeviceWorker:
             if started:
                 self.busy_s += time.perf_counter() - started[0]
         done = time.perf_counter()
-        return result, (started[0] - submitted) * 1e3, (done - started[0]) * 1e3
+        return result, (started[0] - submitted) * 1e3, (done - started[0]) * 1e3, ran_with[0]
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

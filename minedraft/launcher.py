@@ -109,8 +109,10 @@ def commands(args: argparse.Namespace, draft_port: int, target_port: int) -> dic
     max_seqs = args.max_seqs or 2 * args.max_batch + SPARE_SLOTS  # two full lanes, and room for a warm-up
     common = ["--dtype", args.dtype, "--host", "127.0.0.1", "--kv", args.kv, "--max-seqs", str(max_seqs),
               "--max-context", str(args.max_context), "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
-    if args.kv_memory_fraction:
-        common += ["--kv-memory-fraction", str(args.kv_memory_fraction)]
+    same_gpu = args.device.startswith("cuda") and (args.draft_device or args.device) == args.device
+    fraction = args.kv_memory_fraction or (0.45 if same_gpu else None)  # two caches on one GPU: half each
+    if fraction:
+        common += ["--kv-memory-fraction", str(fraction)]
     draft_cores, target_cores, router_cores = core_args(cpu_layout(args))
     draft_device = args.draft_device or args.device
     draft = [*cli, "draft", "--model", args.draft_model, "--port", str(draft_port), "--top-m", str(args.top_m),

@@ -157,7 +157,7 @@ class ModelRunner:
         for state in states:  # fully cached: recompute the last token for its logits
             state.uncache_from(len(state.tokens) - 1)
         feeds = [len(s.tokens) - s.kv_len for s in states]
-        if len(states) > 1 and max(feeds) > LONG_FEED and min(feeds) < max(feeds):
+        if len(states) > 1 and max(feeds) > LONG_FEED and min(feeds) < max(feeds) and logits_to_keep <= min(feeds):
             # Prompts of different lengths: padding each to the longest would compute the padding too (2-3x the
             # work for a batch of HumanEval prompts); alone, each costs its own length.
             unassigned = [state for state in states if self.static and state.slot is None]

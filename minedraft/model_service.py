@@ -82,7 +82,7 @@ async def serve_model(args: argparse.Namespace, service_name: str, servicer: Eng
         load = functools.partial(ModelRunner.load, model_path, args.device, args.dtype, cpu_linear=args.cpu_linear,
                                  quant=args.quant, kv=args.kv, max_seqs=args.max_seqs, max_context=args.max_context,
                                  cuda_graphs=args.cuda_graphs, kv_memory_fraction=args.kv_memory_fraction)
-        runner, _, load_ms = await servicer.worker.run(load)
+        runner, _, load_ms, _ = await servicer.worker.run(load)
         engine = build_engine(runner)
         await servicer.worker.run(warm_up, engine)
         servicer.engine = engine

@@ -25,7 +25,7 @@ async def run_engine(worker: DeviceWorker, context: grpc.aio.ServicerContext, ba
     """Runs fn(*args) on the device thread; a ServiceError becomes its status, anything else INTERNAL."""
     try:
         started_at = time.time()
-        result, queue_ms, run_ms = await worker.run(fn, *args, threads=threads)
+        result, queue_ms, run_ms, ran_with = await worker.run(fn, *args, threads=threads)
     except ServiceError as error:
         await context.abort(error.code, str(error))
     except Exception as error:  # a bug or a device fault: report it, keep serving the other requests
@@ -41,7 +41,7 @@ async def run_engine(worker: DeviceWorker, context: grpc.aio.ServicerContext, ba
     span.set_attribute("minedraft.forward_ms", run_ms)
     span.set_attribute("minedraft.queue_ms", queue_ms)
     return result, common_pb2.StepStats(forward_ms=run_ms, queue_ms=queue_ms, batch_size=batch_size,
-                                        started_at=started_at + queue_ms / 1e3, threads=worker.threads_now)
+                                        started_at=started_at + queue_ms / 1e3, threads=ran_with)
 
 
 class EngineServicer:

@@ -172,13 +172,14 @@ def test_plan_holds_its_start_until_acceptance_is_measured() -> None:
 
 def test_plain_decoding_is_chosen_outright_when_drafting_stops_paying_and_left_when_it_pays() -> None:
     """A batched decode almost as cheap as one sequence's, a draft step half of it: target-only wins at load,
-    and k steps of one would take four trials to get there, so the plan jumps. At one sequence it speculates again."""
+    and k steps of one would take four trials to get there, so the plan jumps; it jumps back only for a clear gain."""
     cheap_decode = model(lambda b: 25.0 + 2 * b, lambda b, k: 50.0 + 2 * b + 12.0 * k * b, alpha=0.8,
                          verified_k=(0, 4))
     loaded = next_plan(cheap_decode, Plan(2, 4, 0.0), sequences=16, k_max=8, resume_k=4)
     assert (loaded.lanes, loaded.k) == (1, 0)
-    alone = next_plan(cheap_decode, Plan(1, 0, 0.0), sequences=1, k_max=8, resume_k=4)
-    assert alone.k > 0, "one sequence: speculating pays again"
+    cheap_draft = model(lambda b: 5.0 + b, lambda b, k: 50.0 + 2 * b + 2.0 * k * b, alpha=0.8, verified_k=(0, 4))
+    assert next_plan(cheap_draft, Plan(1, 0, 0.0), sequences=1, k_max=8, resume_k=4).k == 4, "pays 2x: resume"
+    assert next_plan(cheap_decode, Plan(1, 0, 0.0), sequences=1, k_max=8, resume_k=4).k == 0, "pays < 25 %: stay"
 
 
 def test_the_drafts_prefill_of_new_prompts_counts_against_speculating() -> None:
@@ -187,3 +188,8 @@ def test_the_drafts_prefill_of_new_prompts_counts_against_speculating() -> None:
     stages.observe_draft_prefill(200.0 * stages.draft_prefill_rounds)  # 200 ms of draft prefill a sequence round
     assert stages.draft_prefill_per_round == pytest.approx(200.0, rel=0.01)
     assert best_plan(stages, 8, k_max=8).k == 0
+
+
+def test_a_draft_back_before_acceptance_is_known_resumes_speculating() -> None:
+    fresh = StageModel(alone=model(lambda b: 5.0, lambda b, k: 50.0, alpha=0.8).alone)
+    assert next_plan(fresh, Plan(1, 0, 0.0), sequences=4, k_max=8, resume_k=4) == Plan(1, 4, 0.0)

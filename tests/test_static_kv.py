@@ -135,3 +135,16 @@ def test_prompts_of_different_lengths_prefill_alone_all_or_nothing(tiny_pair) ->
     with pytest.raises(ResourceExhausted):
         runner.forward([SequenceState(list(p)) for p in [*prompts, list(range(80, 100))]], logits_to_keep=1)
     assert runner.static.slots_free == 1
+
+
+def test_a_long_verify_beside_a_short_one_keeps_its_logits_aligned(tiny_pair) -> None:
+    """Feeds of 20 and 3 tokens keeping 4 logits each (a verify of 19 drafts beside one of 2): one batched call."""
+    runner = ModelRunner.load(str(tiny_pair[0]), dtype="float64", kv="static", max_seqs=3, max_context=128)
+    states = [SequenceState(list(range(3, 10))), SequenceState(list(range(20, 30)))]
+    runner.forward(states, logits_to_keep=1)
+    states[0].tokens += list(range(40, 60))
+    states[1].tokens += [61, 62, 63]
+    logits = runner.forward(states, logits_to_keep=4)
+    assert logits.shape[:2] == (2, 4)
+    alone = runner.forward([SequenceState(list(states[1].tokens))], logits_to_keep=4)
+    assert torch.allclose(logits[1, -3:], alone[0, -3:], atol=1e-10)  # its 3 fed tokens, right-aligned

@@ -244,8 +244,12 @@ def next_plan(model: StageModel, current: Plan, sequences: int, k_max: int, swit
         return current
     kept = Plan(current.lanes, current.k, predicted_rate(model, sequences, current.lanes, current.k))
     measured = model.rounds >= MIN_ROUNDS_TO_REPLAN
-    steps = range(max(0, current.k - 1), min(k_max, current.k + 1) + 1) if measured else range(current.k, current.k + 1)
+    # k steps stay among k ≥ 1: k = 0 is entered and left only through the jump below, with its own gains.
+    steps = range(max(1, current.k - 1), min(k_max, current.k + 1) + 1) if measured and current.k \
+        else range(current.k, current.k + 1)
     far = 0 if current.k else resume_k  # target-only, or back to speculating
+    if current.k == 0 and model.rounds < MIN_ROUNDS_TO_JUMP:  # the draft was down before acceptance was known
+        return Plan(current.lanes, resume_k, 0.0)
     if far != current.k and model.rounds >= MIN_ROUNDS_TO_JUMP:
         jump = best_plan(model, sequences, k_max, layouts=(1,) if far == 0 else (1, 2), ks=range(far, far + 1))
         nearby = best_plan(model, sequences, k_max, ks=steps)

@@ -312,7 +312,8 @@ class Scheduler:
         for request, first in zip(joining, results[0].tokens, strict=True):
             request.add_tokens([first.token_id])
 
-    async def _draft_prefill(self, requests: list[Request], lane: Lane, threads: int) -> None:
+    async def _draft_prefill(self, requests: list[Request], lane: Lane, threads: int,
+                             catching_up: bool = False) -> None:
         """Sends the draft every token of these requests; a failure only turns speculation off.
 
         In chunks of at most `draft_prefill_tokens` prompt tokens (one request at least), so no call's
@@ -328,7 +329,8 @@ class Scheduler:
                 self.draft.mark_down(f"prefill: {error.code().name} {error.details()}")
                 return
             self.record("draft", "prefill", lane, response.stats, sum(lengths))
-            self.stages.observe_draft_prefill(response.stats.forward_ms)
+            if catching_up:  # beside the target's prefill it costs no round any time
+                self.stages.observe_draft_prefill(response.stats.forward_ms)
             for request, length in zip(chunk, lengths, strict=True):
                 request.draft_len, request.draft_epoch = length, epoch
 
@@ -401,7 +403,7 @@ class Scheduler:
         wanted = [r for r in requests if r.speculate and not r.done and r.remaining > 1] if k > 0 else []
         stale = [r for r in wanted if r.draft_epoch != self.draft.epoch]
         if stale:  # new to the draft, or the draft restarted since: send their tokens first
-            await self._draft_prefill(stale, lane, self._threads(shared))
+            await self._draft_prefill(stale, lane, self._threads(shared), catching_up=True)
         ready = [r for r in wanted if r.draft_epoch == self.draft.epoch]
         if not ready or not self.draft.up:
             return {}
