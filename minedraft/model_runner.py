@@ -96,15 +96,14 @@ class ModelRunner:
         self.static = static
         self._cache_kwarg = cache_kwarg(model)
         self.graphs = StepGraphs(self._static_step, self._scratch_inputs) if static and cuda_graphs else None
-        self.quant = "none"
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: str = "auto", threads: int | None = None,
              cpu_linear: str = "onednn", kv: str = "auto", max_seqs: int = 64, max_context: int = 4096,
              cuda_graphs: bool = True, quant: str = "none", kv_memory_fraction: float | None = None,
              **load_kwargs) -> ModelRunner:
-        """`dtype`: a DTYPES name or auto (`precision.resolve_dtype`); `quant`: none, int8 or int4 weight-only
-        linears (CPU); `kv`: dynamic, static, or auto (static); `max_seqs`/`max_context` size the static cache,
+        """`dtype`: a DTYPES name or auto (`precision.resolve_dtype`); `quant`: a `precision.QUANTS` format for
+        the linears (CPU); `kv`: dynamic, static, or auto (static); `max_seqs`/`max_context` size the static cache,
         which must fit in `kv_memory_fraction` of the device's free memory (default 0.9 on a GPU, 0.4 on a CPU)."""
         if threads:
             torch.set_num_threads(threads)
@@ -132,9 +131,7 @@ class ModelRunner:
                  f" ({quantized})" if quantized else "", device, swapped,
                  f"static {max_seqs}x{static.max_context} ({static.bytes / 2**30:.2f} GiB)" if static else "dynamic",
                  ", CUDA graphs" if graphs else "", time.perf_counter() - started)
-        runner = cls(model, torch.device(device), static, cuda_graphs=graphs)
-        runner.quant = quant
-        return runner
+        return cls(model, torch.device(device), static, cuda_graphs=graphs)
 
     @property
     def max_context(self) -> int:

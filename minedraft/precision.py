@@ -1,21 +1,17 @@
-"""Numeric formats of a loaded model: `--dtype auto` and weight-only quantised linears on the CPU.
+"""Numeric formats of a loaded model: `--dtype auto` and quantised linears on the CPU.
 
-Weight-only quantisation keeps activations in the model's dtype and stores each large linear's weight as
-int8 (one scale per output channel) or int4 (asymmetric, a scale and a zero per group of input channels),
-multiplied by torch's own packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) — no
-hand-written kernels. A decode step reads every weight once, so fewer weight bytes means a faster step
-where the step is bound by memory; the cost is a small, measured change in the model's logits
-(`minedraft bench-quality`). Speculation stays lossless for a given configuration: the target's own
-numbers decide every token, whatever format the draft runs in.
+Weight-only quantisation keeps activations in the model's dtype and stores each linear's weight as int8 (one
+scale per output channel) or int4 (asymmetric, a scale and a zero per group of input channels); W8A8 also
+quantises activations, per token. All multiply with torch's own kernels (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`, `_int_mm`) — no hand-written kernels. A decode step reads every weight once,
+so fewer weight bytes means a faster step where the step is bound by memory; the cost is a small, measured
+change in the model's logits (`minedraft bench-quality`). Speculation stays lossless for a given configuration:
+the target's own numbers decide every token, whatever format the draft runs in.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
-
-log = logging.getLogger(__name__)
 
 QUANTS = ("none", "int8", "int4", "w8a8", "int4-w8a8")
 DRAFT_ONLY_QUANTS = frozenset({"int4-w8a8"})
@@ -50,15 +46,26 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if kind == "cpu" and native_bf16_cpu() else "float32"
 
 
+def int8_per_row(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes and one scale per row (a weight's output channel, or an activation's token)."""
+    scales = (values.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+    return torch.round(values / scales).clamp(-127, 127).to(torch.int8), scales
+
+
+def _reshaped_with_bias(out: torch.Tensor, x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    """A kernel's [rows, out] result back in x's shape and dtype, plus the layer's bias."""
+    out = out.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
+    return out + layer.bias if layer.bias is not None else out
+
+
 class Int8WeightOnlyLinear(torch.nn.Module):
     """y = x · (w_int8 · scale)ᵀ + b, with one scale per output channel (symmetric)."""
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
-        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        self.register_buffer("weight_int8", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(linear.weight.dtype))
+        codes, scales = int8_per_row(linear.weight.detach().float())
+        self.register_buffer("weight_int8", codes)
+        self.register_buffer("scales", scales[:, 0].to(linear.weight.dtype))
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -67,9 +74,7 @@ class Int8WeightOnlyLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.scales.dtype).contiguous()
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
-        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return out + self.bias if self.bias is not None else out
+        return _reshaped_with_bias(torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales), x, self)
 
 
 def int4_quantize(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,8 +108,7 @@ class Int4WeightOnlyLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
-        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return out + self.bias if self.bias is not None else out
+        return _reshaped_with_bias(out, x, self)
 
 
 class W8A8Linear(torch.nn.Module):
@@ -115,21 +119,15 @@ class W8A8Linear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
-        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        codes = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        codes, scales = int8_per_row(linear.weight.detach().float())
         self.register_buffer("weight_kn", codes.t().contiguous())  # [in, out]: _int_mm's fast layout
-        self.register_buffer("scales", scales)
+        self.register_buffer("scales", scales[:, 0])
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).float()
-        row_scale = (flat.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
-        codes = torch.round(flat / row_scale).to(torch.int8)
-        out = torch._int_mm(codes, self.weight_kn).float() * row_scale * self.scales
-        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return out + self.bias if self.bias is not None else out
+        codes, row_scale = int8_per_row(x.reshape(-1, self.in_features).float())
+        return _reshaped_with_bias(torch._int_mm(codes, self.weight_kn).float() * row_scale * self.scales, x, self)
 
 
 class RowsSwitchedLinear(torch.nn.Module):
@@ -155,7 +153,7 @@ def quantizable(linear: torch.nn.Linear, quant: str) -> bool:
 
 
 def quantize_linears(module: torch.nn.Module, quant: str) -> int:
-    """Replaces every nn.Linear (the output head included) with its weight-only quantised form, in place;
+    """Replaces every nn.Linear (the output head included) with its quantised form, in place;
     returns how many were replaced. Embeddings stay in the model's dtype (a lookup reads one row)."""
     if quant == "none":
         return 0
