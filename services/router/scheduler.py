@@ -23,6 +23,7 @@ from minedraft.errors import Unavailable
 from minedraft.protos import common_pb2, draft_pb2, monitor_pb2, target_pb2
 from minedraft.telemetry import batch_span
 from services.router.backends import Backend
+from services.router.calibration import calibrate
 from services.router.k_trial import KTrial
 from services.router.policy import Plan, StageModel, next_plan, rebalance
 from services.router.request import Request
@@ -103,7 +104,7 @@ class Scheduler:
     def poke(self) -> None:
         self._work.set()
 
-    def _threads(self, shared: bool) -> int:
+    def threads_for(self, shared: bool) -> int:
         """CPU threads for a call (0: the service's own setting, when the cores are not shared)."""
         if not self.share_cores:
             return 0
@@ -144,45 +145,12 @@ class Scheduler:
     def round_k(self) -> int:
         return self.plan.k if self.mode == "auto" else self.k
 
-    async def calibrate(self, batches: tuple[int, ...] | None = None, prompt_len: int = 16) -> None:
-        """auto: measures a draft step, and a verify of 0, k and k_max drafts, at batch 1, 4 and a full lane
-        before serving, so plans rest on this machine's stage times (rounds keep them current). The full
-        lane matters: verify cost grows faster with the batch at large k than small batches suggest."""
-        if self.mode != "auto" or self.draft is None:
-            return
-        batches = batches or tuple(sorted({1, min(4, self.max_batch), self.max_batch}))
-        lengths = sorted({0, self.k, self.k_max})
-        for batch in batches:
-            for shared in sorted({False, bool(self.share_cores)}):
-                await self._calibrate_batch(batch, prompt_len, lengths, shared)
-        self._replan()
-        lo, hi = batches[0], batches[-1]
-        log.info("calibrated: draft step %.1f ms (batch %d) / %.1f ms (batch %d); verify of %s drafts %s ms "
-                 "(batch %d) / %s ms (batch %d); plan %s", self.stages.draft_step(lo), lo, self.stages.draft_step(hi),
-                 hi, lengths, [round(self.stages.verify(lo, k)) for k in lengths], lo,
-                 [round(self.stages.verify(hi, k)) for k in lengths], hi, self.plan)
-
-    async def _calibrate_batch(self, batch: int, prompt_len: int, lengths: list[int], shared: bool) -> None:
-        """One draft step and verifies of each length at this batch, with all cores or (shared) half."""
-        threads, sampling = self._threads(shared), common_pb2.SamplingParams()
-        ids = [f"calibrate-{batch}-{i}" for i in range(batch)]
-        prompt = list(range(prompt_len))
-        await self.draft.stub.Prefill(draft_pb2.DraftPrefillRequest(seqs=[
-            draft_pb2.DraftPrefillSeq(seq_id=i, tokens=prompt, sampling=sampling) for i in ids], threads=threads))
-        firsts = await self.target.stub.Prefill(target_pb2.TargetPrefillRequest(seqs=[
-            target_pb2.TargetPrefillSeq(seq_id=i, tokens=prompt, sampling=sampling) for i in ids], threads=threads))
-        proposal = await self.draft.stub.Propose(draft_pb2.ProposeRequest(seqs=[
-            draft_pb2.ProposeSeq(seq_id=f.seq_id, k=self.k_max,
-                                 commit=draft_pb2.Commit(keep=prompt_len, append=[f.token_id]))
-            for f in firsts.tokens], threads=threads))
-        self.stages.observe_propose(batch, self.k_max, proposal.stats.forward_ms, shared)
-        for k in lengths:  # each verify extends the sequences a little; only its duration matters here
-            verdicts = await self.target.stub.Verify(target_pb2.VerifyRequest(seqs=[
-                target_pb2.VerifySeq(seq_id=p.seq_id, drafts=p.tokens[:k]) for p in proposal.proposals],
-                threads=threads))
-            self.stages.observe_verify(batch, k, verdicts.stats.forward_ms, shared)
-        release = common_pb2.ReleaseRequest(seq_ids=ids)
-        await asyncio.gather(self.draft.stub.Release(release), self.target.stub.Release(release))
+    async def calibrate(self) -> None:
+        """auto: stage times measured before serving (calibration.py), then the first plan."""
+        if self.mode == "auto" and self.draft is not None:
+            await calibrate(self)
+            self._replan()
+            log.info("calibrated; plan %s", self.plan)
 
     def _replan(self) -> None:
         """auto: choose one lane or two, and k, for the sequences now in flight."""
@@ -293,7 +261,7 @@ class Scheduler:
         # for the first token), and the draft catches up at the lane's next propose (stale, below).
         at_once = self.speculating and self.round_k and not self.share_cores
         with_draft = [r for r in joining if r.speculate] if at_once else []
-        threads = self._threads(shared=bool(with_draft) or self._overlapped(lane))
+        threads = self.threads_for(shared=bool(with_draft) or self._overlapped(lane))
         calls = [self.target.stub.Prefill(target_pb2.TargetPrefillRequest(seqs=[
             target_pb2.TargetPrefillSeq(seq_id=r.seq_id, tokens=r.prompt_ids, sampling=r.sampling_proto())
             for r in joining], threads=threads))]
@@ -352,7 +320,7 @@ class Scheduler:
         try:
             response = await self.target.stub.Verify(target_pb2.VerifyRequest(seqs=[
                 target_pb2.VerifySeq(seq_id=r.seq_id, drafts=drafts.get(r.seq_id, [])) for r in requests],
-                threads=self._threads(shared)))
+                threads=self.threads_for(shared)))
         except grpc.aio.AioRpcError as error:
             self._target_failed(requests, error, "verify")
             return 0, 0
@@ -403,15 +371,15 @@ class Scheduler:
         wanted = [r for r in requests if r.speculate and not r.done and r.remaining > 1] if k > 0 else []
         stale = [r for r in wanted if r.draft_epoch != self.draft.epoch]
         if stale:  # new to the draft, or the draft restarted since: send their tokens first
-            await self._draft_prefill(stale, lane, self._threads(shared), catching_up=True)
+            await self._draft_prefill(stale, lane, self.threads_for(shared), catching_up=True)
         ready = [r for r in wanted if r.draft_epoch == self.draft.epoch]
         if not ready or not self.draft.up:
             return {}
         seqs = [draft_pb2.ProposeSeq(seq_id=r.seq_id, k=min(k, r.remaining - 1), commit=draft_pb2.Commit(
             keep=r.draft_len, append=r.tokens[r.draft_len:])) for r in ready]
         try:
-            response = await self.draft.stub.Propose(draft_pb2.ProposeRequest(seqs=seqs, threads=self._threads(shared)),
-                                                     timeout=self.draft_timeout_s)
+            request = draft_pb2.ProposeRequest(seqs=seqs, threads=self.threads_for(shared))
+            response = await self.draft.stub.Propose(request, timeout=self.draft_timeout_s)
         except grpc.aio.AioRpcError as error:  # verify without drafts: same output, just slower
             self.draft.mark_down(f"propose: {error.code().name} {error.details()}")
             return {}

@@ -1,0 +1,55 @@
+"""auto's start-up calibration: stage times measured on this machine before the first request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from minedraft.protos import common_pb2, draft_pb2, target_pb2
+
+if TYPE_CHECKING:
+    from services.router.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+async def calibrate(scheduler: Scheduler, batches: tuple[int, ...] | None = None, prompt_len: int = 16) -> None:
+    """Measures a draft step, and a verify of 0, k and k_max drafts, at batch 1, 4 and a full lane, so auto's
+    plans rest on this machine's stage times (rounds keep them current). The full lane matters: verify cost
+    grows faster with the batch at large k than small batches suggest. On shared cores each is measured with
+    every core and with half."""
+    batches = batches or tuple(sorted({1, min(4, scheduler.max_batch), scheduler.max_batch}))
+    lengths = sorted({0, scheduler.k, scheduler.k_max})
+    for batch in batches:
+        for shared in sorted({False, bool(scheduler.share_cores)}):
+            await _calibrate_batch(scheduler, batch, prompt_len, lengths, shared)
+    lo, hi = batches[0], batches[-1]
+    log.info("calibrated: draft step %.1f ms (batch %d) / %.1f ms (batch %d); verify of %s drafts %s ms "
+             "(batch %d) / %s ms (batch %d)", scheduler.stages.draft_step(lo), lo, scheduler.stages.draft_step(hi),
+             hi, lengths, [round(scheduler.stages.verify(lo, k)) for k in lengths], lo,
+             [round(scheduler.stages.verify(hi, k)) for k in lengths], hi)
+
+
+async def _calibrate_batch(scheduler: Scheduler, batch: int, prompt_len: int, lengths: list[int],
+                           shared: bool) -> None:
+    """One draft step and verifies of each length at this batch, with all cores or (shared) half."""
+    threads, sampling = scheduler.threads_for(shared), common_pb2.SamplingParams()
+    ids = [f"calibrate-{batch}-{i}" for i in range(batch)]
+    prompt = list(range(prompt_len))
+    await scheduler.draft.stub.Prefill(draft_pb2.DraftPrefillRequest(seqs=[
+        draft_pb2.DraftPrefillSeq(seq_id=i, tokens=prompt, sampling=sampling) for i in ids], threads=threads))
+    firsts = await scheduler.target.stub.Prefill(target_pb2.TargetPrefillRequest(seqs=[
+        target_pb2.TargetPrefillSeq(seq_id=i, tokens=prompt, sampling=sampling) for i in ids], threads=threads))
+    proposal = await scheduler.draft.stub.Propose(draft_pb2.ProposeRequest(seqs=[
+        draft_pb2.ProposeSeq(seq_id=f.seq_id, k=scheduler.k_max,
+                             commit=draft_pb2.Commit(keep=prompt_len, append=[f.token_id]))
+        for f in firsts.tokens], threads=threads))
+    scheduler.stages.observe_propose(batch, scheduler.k_max, proposal.stats.forward_ms, shared)
+    for k in lengths:  # each verify extends the sequences a little; only its duration matters here
+        verdicts = await scheduler.target.stub.Verify(target_pb2.VerifyRequest(seqs=[
+            target_pb2.VerifySeq(seq_id=p.seq_id, drafts=p.tokens[:k]) for p in proposal.proposals],
+            threads=threads))
+        scheduler.stages.observe_verify(batch, k, verdicts.stats.forward_ms, shared)
+    release = common_pb2.ReleaseRequest(seq_ids=ids)
+    await asyncio.gather(scheduler.draft.stub.Release(release), scheduler.target.stub.Release(release))
