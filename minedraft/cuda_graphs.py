@@ -1,6 +1,6 @@
 """CUDA-graph capture and replay of fixed-shape steps (decode and verify), with eager fallback.
 
-Eager decoding of a small model is launch-bound on a GPU (DESIGN.md §5: 18.7 ms for a step whose weights
+Eager decoding of a small model is launch-bound on a GPU (18.7 ms for a step whose weights
 take 0.9 ms to read). A graph replays the whole forward's kernels in one launch. Steps are captured lazily,
 one graph per input shape (batch bucket, tokens per row, width bucket, logits kept), on scratch inputs that
 only touch the static cache's scratch slot; later steps of that shape copy their inputs into the graph's

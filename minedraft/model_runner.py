@@ -63,7 +63,7 @@ def use_onednn_linears(module: torch.nn.Module, min_params: int = ONEDNN_MIN_PAR
 
     On CPU, F.linear takes a much slower GEMM path for a few rows than for one: a 5-token verify of the
     1.5B target cost 2.0x a 1-token decode at batch 1. oneDNN brings that to 1.3x and cuts batch-8
-    decode by a third (DESIGN.md §4). Small layers are left alone: there oneDNN's overhead dominates.
+    decode by a third. Small layers are left alone: there oneDNN's overhead dominates.
     """
     swapped = 0
     for name, child in module.named_children():

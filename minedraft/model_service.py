@@ -38,7 +38,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--cpu-cores", default=None, help="pin the process to these cores, e.g. 0 or 0-3")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     parser.add_argument("--cpu-linear", default="onednn", choices=["onednn", "torch"],
-                        help="CPU float32 linear kernels for large layers (DESIGN.md §4)")
+                        help="CPU float32 linear kernels for large layers (model_runner.use_onednn_linears)")
     add_kv_args(parser)
 
 

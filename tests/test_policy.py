@@ -1,4 +1,4 @@
-"""The lane policy on synthetic stage times: it must pick the right regime at both ends (DESIGN.md §2)."""
+"""The lane policy on synthetic stage times: it must pick the right regime at both ends (services/router/policy.py)."""
 
 import itertools
 import random

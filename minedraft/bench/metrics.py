@@ -1,4 +1,4 @@
-"""Benchmark arithmetic, kept pure so it can be tested on synthetic timings (DESIGN.md §2, §5).
+"""Benchmark arithmetic, kept pure so it can be tested on synthetic timings (the cycle model is policy.py's).
 
 PSD at a fixed concurrency C splits the requests into two lanes of C/2:
     SD  cycle = k·t_d(C) + t_v(C)               PSD cycle = 2 · max(k·t_d(C/2), t_v(C/2))

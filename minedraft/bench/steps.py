@@ -1,8 +1,8 @@
 """`minedraft bench-steps`: one model step's time against its memory-bandwidth floor, per KV layout.
 
 A decode step must at least read every weight once, so weights bytes / measured copy bandwidth is its
-floor; at small batches a well-run step sits near it, and an eager, launch-bound one far above (DESIGN.md
-§5). Measures draft-style decode (1 token per sequence) and target-style verify (k+1 tokens) at each
+floor; at small batches a well-run step sits near it, and an eager, launch-bound one far above.
+Measures draft-style decode (1 token per sequence) and target-style verify (k+1 tokens) at each
 batch size, for the dynamic cache, the static cache, and the static cache replayed as CUDA graphs.
 """
 

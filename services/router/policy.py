@@ -1,4 +1,4 @@
-"""Choosing one lane or two, and k, from measured stage times (DESIGN.md §2).
+"""Choosing one lane or two, and k, from measured stage times.
 
 At N sequences, one lane (SD) costs  k·t_d(N) + N·t_p + t_v(N, k)  per cycle; two lanes (PSD) cost
 2·max(k·t_d(N/2) + N/2·t_p, t_v(N/2, k)), where t_p is the draft's prefill of new prompts per sequence round
