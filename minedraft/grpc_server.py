@@ -37,6 +37,7 @@ class ServiceHost:
         if not self.port:
             raise RuntimeError(f"cannot listen on {host}:{port} (in use?)")
         self.stopping = asyncio.Event()
+        self.background: list[asyncio.Task] = []  # cancelled when the server stops
 
     async def set_serving(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -59,4 +60,6 @@ class ServiceHost:
         log.info("draining (grace %.0fs)", grace_s)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        for task in self.background:
+            task.cancel()
         shutdown_tracing()

@@ -1,4 +1,4 @@
-"""`minedraft serve`: draft, target and router as three processes on loopback, stopped together."""
+"""`minedraft serve`: draft, target and router as three processes on loopback, supervised, stopped together."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from minedraft.model_service import add_kv_args
 from minedraft.precision import CPU_DEFAULT_QUANT, DRAFT_ONLY_QUANTS, QUANTS, resolve_quant
+from minedraft.sequence_table import DEFAULT_LEASE_S
 from minedraft.static_kv import uses_static_kv
 from services.router.scheduler import MODES
 
@@ -32,6 +33,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a lane")
     parser.add_argument("--draft-timeout", type=float, default=10.0)
     parser.add_argument("--draft-prefill-tokens", type=int, default=512, help="most tokens per draft prefill call")
+    parser.add_argument("--target-timeout", type=float, default=30.0, help="seconds before a Verify counts as failed")
+    parser.add_argument("--lease-s", type=float, default=DEFAULT_LEASE_S,
+                        help="the services drop sequences the router has not used or renewed for this long")
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="Prometheus ports: router on this one, draft +1, target +2 (0: off)")
     parser.add_argument("--top-m", type=int, default=32)
@@ -108,6 +112,7 @@ def commands(args: argparse.Namespace, draft_port: int, target_port: int) -> dic
     cli = [sys.executable, "-m", "minedraft.cli"]
     max_seqs = args.max_seqs or 2 * args.max_batch + SPARE_SLOTS  # two full lanes, and room for a warm-up
     common = ["--dtype", args.dtype, "--host", "127.0.0.1", "--kv", args.kv, "--max-seqs", str(max_seqs),
+              "--lease-s", str(args.lease_s),
               "--max-context", str(args.max_context), "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
     same_gpu = args.device.startswith("cuda") and (args.draft_device or args.device) == args.device
     fraction = args.kv_memory_fraction or (0.45 if same_gpu else None)  # two caches on one GPU: half each
@@ -126,6 +131,7 @@ def commands(args: argparse.Namespace, draft_port: int, target_port: int) -> dic
               "--draft-tokenizer", args.tokenizer or args.draft_model,
               "--k", str(args.k), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
               "--draft-timeout", str(args.draft_timeout), "--draft-prefill-tokens", str(args.draft_prefill_tokens),
+              "--target-timeout", str(args.target_timeout),
               *router_cores]
     if any(uses_static_kv(args.kv, device) for device in (args.device, args.draft_device or args.device)):
         router += ["--max-context", str(args.max_context)]  # the services' static caches hold no more
@@ -196,6 +202,39 @@ class Cluster:
         self.stop()
 
 
+class Supervisor:
+    """Starts again any service that exits on its own, after a backoff that doubles while it keeps dying.
+
+    The router recovers from a restarted draft or target by itself (health watch, new epoch); the draft only
+    accelerates, so the cluster serves on, target-only, while it is away."""
+
+    def __init__(self, cluster: Cluster, first_backoff_s: float = 0.5, max_backoff_s: float = 30.0,
+                 stable_after_s: float = 60.0) -> None:
+        self.cluster = cluster
+        self.first_backoff_s, self.max_backoff_s, self.stable_after_s = first_backoff_s, max_backoff_s, stable_after_s
+        self.backoff_s = dict.fromkeys(cluster.procs, first_backoff_s)
+        self.died_at: dict[str, float] = {}
+        self.started_at = dict.fromkeys(cluster.procs, time.monotonic())
+        self.restarts = dict.fromkeys(cluster.procs, 0)
+
+    def check(self) -> None:
+        now = time.monotonic()
+        for name, proc in self.cluster.procs.items():
+            if proc.poll() is None:
+                if now - self.started_at[name] > self.stable_after_s:
+                    self.backoff_s[name] = self.first_backoff_s
+                continue
+            died_at = self.died_at.setdefault(name, now)
+            if now - died_at < self.backoff_s[name]:
+                continue
+            print(f"minedraft: {name} exited with code {proc.returncode}; starting it again "
+                  f"(restart {self.restarts[name] + 1})", file=sys.stderr, flush=True)
+            self.cluster.restart(name)
+            del self.died_at[name]
+            self.started_at[name], self.restarts[name] = now, self.restarts[name] + 1
+            self.backoff_s[name] = min(self.max_backoff_s, 2 * self.backoff_s[name])
+
+
 def serve(args: argparse.Namespace) -> int:
     cluster = Cluster(args)
     stop_requested = False
@@ -209,8 +248,10 @@ def serve(args: argparse.Namespace) -> int:
     try:
         cluster.wait_ready(should_stop=lambda: stop_requested)
         print(f"minedraft serving on {cluster.address} (mode {args.mode})", flush=True)
-        while not stop_requested and all(p.poll() is None for p in cluster.procs.values()):
+        supervisor = Supervisor(cluster)
+        while not stop_requested:
+            supervisor.check()
             time.sleep(0.2)
     finally:
         cluster.stop()
-    return 0 if stop_requested else 1
+    return 0

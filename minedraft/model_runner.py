@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 from minedraft.cuda_graphs import StepGraphs
 from minedraft.models.random_shapes import is_random, random_model
 from minedraft.precision import quantize_linears, resolve_dtype
+from minedraft.sampling import Sampling
 from minedraft.static_kv import StaticKV, check_fits, uses_static_kv
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,11 @@ class SequenceState:
     tokens: list[int]
     kv: torch.Tensor | None = None  # dynamic layout: [layers, 2, kv_heads, kv_len, head_dim]
     slot: int | None = None  # static layout: this sequence's row of the preallocated cache
-    kv_len: int = 0  # how many of `tokens` have cached keys/values
-    extra: dict = field(default_factory=dict)  # per-service data (sampling state)
+    kv_len: int = 0  # how many of `tokens` have cached keys/values (written by the runner alone)
+    sampling: Sampling = field(default_factory=Sampling)
+    generator: torch.Generator | None = None  # this sequence's own random stream (sampled decoding)
+    owner: str = ""  # the router that made it (its calls' `minedraft-owner` metadata)
+    expires_at: float = float("inf")  # time.monotonic() after which an unused sequence is dropped
 
     def truncate(self, length: int) -> None:
         """Forgets every token from `length` on, and their cached keys/values."""
@@ -55,6 +60,7 @@ class SequenceState:
 
 ONEDNN_MIN_PARAMS = 1 << 20
 LONG_FEED = 16  # tokens fed to one sequence beyond which a call is a prefill, not a decode or verify step
+PREFILL_CHUNK = 512  # a longer prompt runs in chunks of this many tokens (memory linear in its length)
 STATIC_ONLY = frozenset({"gemma2"})  # tests/test_model_families.py: the dynamic layout diverges for these
 
 
@@ -139,6 +145,11 @@ class ModelRunner:
             return self.static.max_context
         return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
 
+    @property
+    def free_slots(self) -> int:
+        """New sequences the cache can take now (static KV's free slots; unbounded for the dynamic layout)."""
+        return self.static.slots_free if self.static else 1 << 30
+
     def drop(self, state: SequenceState) -> None:
         """Returns a released sequence's cache space."""
         if self.static:
@@ -154,19 +165,38 @@ class ModelRunner:
         for state in states:  # fully cached: recompute the last token for its logits
             state.uncache_from(len(state.tokens) - 1)
         feeds = [len(s.tokens) - s.kv_len for s in states]
-        if len(states) > 1 and max(feeds) > LONG_FEED and min(feeds) < max(feeds) and logits_to_keep <= min(feeds):
+        alone = max(feeds) > LONG_FEED and (min(feeds) < max(feeds) or max(feeds) > PREFILL_CHUNK)
+        if len(states) > 1 and alone and logits_to_keep <= min(feeds):
             # Prompts of different lengths: padding each to the longest would compute the padding too (2-3x the
             # work for a batch of HumanEval prompts); alone, each costs its own length.
-            unassigned = [state for state in states if self.static and state.slot is None]
-            try:
-                return torch.cat([self.forward([state], logits_to_keep) for state in states])
-            except BaseException:  # all or nothing, as one call: give back the slots taken on the way
-                for state in unassigned:
-                    self.static.free(state)
-                raise
+            return self._all_or_nothing(states, lambda: torch.cat([self.forward([s], logits_to_keep) for s in states]))
+        if feeds[0] - logits_to_keep >= PREFILL_CHUNK and len(states) == 1:
+            return self._all_or_nothing(states, lambda: self._forward_chunked(states[0], logits_to_keep))
         if self.static:
             return self._forward_static(states, logits_to_keep)
         return self._forward_dynamic(states, logits_to_keep)
+
+    def _all_or_nothing(self, states: list[SequenceState], run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Runs several forwards as one call: if one fails, the slots taken on the way are given back."""
+        unassigned = [state for state in states if self.static and state.slot is None]
+        try:
+            return run()
+        except BaseException:
+            for state in unassigned:
+                self.static.free(state)
+            raise
+
+    def _forward_chunked(self, state: SequenceState, logits_to_keep: int) -> torch.Tensor:
+        """A long prompt in chunks of PREFILL_CHUNK tokens, each attending to the cache before it: the masks and
+        attention scores of one chunk are chunk x context, so memory grows linearly with the prompt."""
+        tokens = state.tokens
+        try:
+            while len(tokens) - state.kv_len - logits_to_keep >= PREFILL_CHUNK:
+                state.tokens = tokens[:state.kv_len + PREFILL_CHUNK]
+                self.forward([state], logits_to_keep=1)
+        finally:
+            state.tokens = tokens
+        return self.forward([state], logits_to_keep)
 
     def _forward_static(self, states: list[SequenceState], logits_to_keep: int) -> torch.Tensor:
         assigned = self.static.assign(states)

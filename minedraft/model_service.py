@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import logging
 import os
@@ -17,7 +18,7 @@ from minedraft.model_runner import DTYPES, ModelRunner
 from minedraft.models.random_shapes import is_random
 from minedraft.models.store import resolve_model
 from minedraft.precision import QUANTS
-from minedraft.sampling import Sampling
+from minedraft.sequence_table import DEFAULT_LEASE_S
 from minedraft.servicing import EngineServicer
 from minedraft.telemetry import setup_tracing
 
@@ -39,6 +40,12 @@ def add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     parser.add_argument("--cpu-linear", default="onednn", choices=["onednn", "torch"],
                         help="CPU float32 linear kernels for large layers (model_runner.use_onednn_linears)")
+    parser.add_argument("--lease-s", type=float, default=DEFAULT_LEASE_S,
+                        help="a sequence its router has neither used nor renewed for this long is dropped (so a "
+                             "crashed router leaks nothing)")
+    parser.add_argument("--max-sequences", type=int, default=256,
+                        help="most sequences held at once (static KV: also at most --max-seqs); more are "
+                             "refused with RESOURCE_EXHAUSTED")
     add_kv_args(parser)
 
 
@@ -84,16 +91,12 @@ async def serve_model(args: argparse.Namespace, service_name: str, servicer: Eng
                                  cuda_graphs=args.cuda_graphs, kv_memory_fraction=args.kv_memory_fraction)
         runner, _, load_ms, _ = await servicer.worker.run(load)
         engine = build_engine(runner)
-        await servicer.worker.run(warm_up, engine)
+        await servicer.worker.run(engine.warm_up)
         servicer.engine = engine
+        reaper = asyncio.create_task(servicer.reap_expired(), name="reap-expired")
+        host.background.append(reaper)
         log.info("%s ready: %s on %s (loaded in %.1fs)", service_name, args.model, args.device, load_ms / 1e3)
 
     await host.run(load_and_warm)
     servicer.worker.shutdown()
 
-
-def warm_up(engine) -> None:
-    """One prefill and one step of a throwaway sequence, so the first request pays no first-call costs."""
-    engine.prefill([("warm-up", [0, 1, 2, 3], Sampling())])
-    engine.step_once("warm-up")
-    engine.release(["warm-up"])

@@ -15,6 +15,8 @@ import torch
 # Distinct streams for the draft and the target: a shared stream would correlate the draft's
 # sample with the target's acceptance test and bias the output.
 DRAFT_STREAM, TARGET_STREAM = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9
+# Below this, logits / temperature can overflow float32 (inf - inf = nan in softmax): a setting is refused.
+MIN_TEMPERATURE = 1e-3
 
 
 @dataclass(frozen=True)

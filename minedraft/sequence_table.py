@@ -1,71 +1,115 @@
-"""The sequences a service holds, by id, with the checks every service applies to a batch."""
+"""The sequences a service holds, by id: who owns each, how long it may sit unused, and the checks every
+service applies before it touches one.
+
+Checks come in two kinds. A malformed batch (empty, an id twice) fails the whole call. Anything about one
+sequence (unknown id, bad tokens, no room) fails that sequence only: the engines report it beside the others'
+results, so one bad request never takes its batch-mates down.
+"""
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Iterable
 
 import torch
 
-from minedraft.errors import InvalidArgument, NotFound
+from minedraft.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from minedraft.model_runner import SequenceState
-from minedraft.sampling import Sampling, make_generator
+from minedraft.sampling import MIN_TEMPERATURE, Sampling, make_generator
+
+MAX_SEQ_ID_BYTES = 128
+DEFAULT_LEASE_S = 60.0
 
 
 class SequenceTable:
     def __init__(self, max_context: int, vocab_size: int,
-                 on_drop: Callable[[SequenceState], None] = lambda state: None) -> None:
+                 on_drop: Callable[[SequenceState], None] = lambda state: None,
+                 max_sequences: int = 1 << 30, lease_s: float = DEFAULT_LEASE_S) -> None:
         self.max_context = max_context
         self.vocab_size = vocab_size
         self.on_drop = on_drop  # gives a dropped sequence's cache space back (static KV slots)
+        self.max_sequences = max_sequences
+        self.lease_s = lease_s
         self._seqs: dict[str, SequenceState] = {}
 
     def __len__(self) -> int:
         return len(self._seqs)
 
-    def get(self, seq_id: str) -> SequenceState:
-        try:
-            return self._seqs[seq_id]
-        except KeyError:
-            raise NotFound(f"unknown sequence {seq_id!r} (never prefilled, or released)") from None
+    def __contains__(self, seq_id: str) -> bool:
+        return seq_id in self._seqs
+
+    def get(self, seq_id: str, owner: str = "") -> SequenceState:
+        """The owner's sequence, its lease renewed; another owner's is as unknown as a missing one."""
+        state = self._seqs.get(seq_id)
+        if state is None or state.owner != owner:
+            raise NotFound(f"unknown sequence {seq_id[:MAX_SEQ_ID_BYTES]!r} (never prefilled, released or expired)")
+        state.expires_at = time.monotonic() + self.lease_s
+        return state
 
     def put(self, seq_id: str, state: SequenceState) -> None:
         replaced = self._seqs.get(seq_id)
         if replaced is not None and replaced is not state:
             self.on_drop(replaced)
+        state.expires_at = time.monotonic() + self.lease_s
         self._seqs[seq_id] = state
 
-    def release(self, seq_ids: Iterable[str]) -> int:
+    def release(self, seq_ids: Iterable[str], owner: str | None = None) -> int:
+        """Drops these sequences (only the owner's, unless owner is None: the service itself)."""
         released = 0
         for seq_id in seq_ids:
-            state = self._seqs.pop(seq_id, None)
-            if state is not None:
+            state = self._seqs.get(seq_id)
+            if state is not None and (owner is None or state.owner == owner):
+                del self._seqs[seq_id]
                 self.on_drop(state)
                 released += 1
         return released
 
-    def check_batch(self, seq_ids: list[str]) -> None:
+    def renew(self, seq_ids: Iterable[str], owner: str) -> int:
+        """Extends the lease of these sequences of this owner; returns how many it holds."""
+        expires_at, renewed = time.monotonic() + self.lease_s, 0
+        for seq_id in seq_ids:
+            state = self._seqs.get(seq_id)
+            if state is not None and state.owner == owner:
+                state.expires_at = expires_at
+                renewed += 1
+        return renewed
+
+    def expired(self) -> list[str]:
+        now = time.monotonic()
+        return [seq_id for seq_id, state in list(self._seqs.items()) if state.expires_at < now]
+
+    def release_expired(self) -> int:
+        return self.release(self.expired())
+
+    @staticmethod
+    def check_batch(seq_ids: list[str]) -> None:
+        """What fails a whole call: an empty batch or an id twice (no sequence could be told apart)."""
         if not seq_ids:
             raise InvalidArgument("empty batch")
         if len(set(seq_ids)) != len(seq_ids):
             raise InvalidArgument("a sequence appears twice in one batch")
-        if any(not seq_id for seq_id in seq_ids):
-            raise InvalidArgument("empty sequence id")
 
-    def new_states(self, seqs: list[tuple[str, list[int], Sampling]], stream: int, device: torch.device,
-                   room: int = 0) -> list[SequenceState]:
-        """Checked states for a prefill batch, each with its own sampling generator on `stream`.
+    def new_state(self, seq_id: str, tokens: list[int], sampling: Sampling, stream: int, device: torch.device,
+                  owner: str = "", room: int = 0, replace: bool = False) -> SequenceState:
+        """A checked state for one prefill, with its own sampling generator on `stream`.
 
-        `room`: tokens the service adds at once (the target samples a first token)."""
-        self.check_batch([seq_id for seq_id, _, _ in seqs])
-        states = []
-        for _, tokens, sampling in seqs:
-            if not tokens:
-                raise InvalidArgument("empty prompt")
-            self.check_tokens(tokens, extra=room)
-            generator = make_generator(sampling.seed, stream, device)
-            states.append(SequenceState(list(tokens), extra={"sampling": sampling, "generator": generator}))
-        self.release(seq_id for seq_id, _, _ in seqs)  # a known id is re-sent (re-sync): free its old space first
-        return states
+        `room`: tokens the service adds at once (the target samples a first token). `replace`: a re-sync of an
+        id this owner holds already (its old state is dropped when the new one is put)."""
+        if not seq_id or len(seq_id.encode()) > MAX_SEQ_ID_BYTES:
+            raise InvalidArgument(f"a sequence id must have 1 to {MAX_SEQ_ID_BYTES} bytes")
+        held = self._seqs.get(seq_id)
+        if held is not None and not (replace and held.owner == owner):
+            raise AlreadyExists(f"sequence {seq_id!r} is held already")
+        if held is None and len(self._seqs) >= self.max_sequences:
+            raise ResourceExhausted(f"this service holds its most sequences ({self.max_sequences}); "
+                                    "retry when others finish")
+        if not tokens:
+            raise InvalidArgument("empty prompt")
+        self.check_tokens(tokens, extra=room)
+        check_sampling(sampling)
+        return SequenceState(list(tokens), sampling=sampling, generator=make_generator(sampling.seed, stream, device),
+                             owner=owner)
 
     def check_tokens(self, tokens: list[int], extra: int = 0) -> None:
         if any(t < 0 or t >= self.vocab_size for t in tokens):
@@ -73,3 +117,14 @@ class SequenceTable:
         if len(tokens) + extra > self.max_context:
             raise InvalidArgument(f"sequence of {len(tokens) + extra} tokens exceeds the context of "
                                   f"{self.max_context}")
+
+
+def check_sampling(sampling: Sampling) -> None:
+    """Settings the sampler can compute with (the router checks the same; a direct caller may not)."""
+    if not math.isfinite(sampling.temperature) or sampling.temperature < 0 or \
+            0 < sampling.temperature < MIN_TEMPERATURE:
+        raise InvalidArgument(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+    if not math.isfinite(sampling.top_p) or not 0 < sampling.top_p <= 1:
+        raise InvalidArgument("top_p must be in (0, 1]")
+    if sampling.top_k < 0:
+        raise InvalidArgument("top_k must be 0 (off) or positive")

@@ -18,6 +18,21 @@ from minedraft.protos import common_pb2
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+OWNER_KEY = "minedraft-owner"  # call metadata: the router instance a sequence belongs to
+
+
+def owner_of(context: grpc.aio.ServicerContext) -> str:
+    """The calling router's instance id ("" for a caller that sends none)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == OWNER_KEY:
+            return value[:128]
+    return ""
+
+
+def seq_errors(seq_ids: list[str], results: list) -> dict[str, common_pb2.SeqError]:
+    """The per-sequence failures among an engine call's results, as protobuf, by sequence id."""
+    return {seq_id: common_pb2.SeqError(seq_id=seq_id, code=result.code.value[0], message=str(result))
+            for seq_id, result in zip(seq_ids, results, strict=True) if isinstance(result, ServiceError)}
 
 
 async def run_engine(worker: DeviceWorker, context: grpc.aio.ServicerContext, batch_size: int,
@@ -52,13 +67,15 @@ class EngineServicer:
         self.engine = None
         self._releases: set[asyncio.Task] = set()  # running past their callers' deadlines
 
-    async def call(self, context: grpc.aio.ServicerContext, batch_size: int, method: str,
-                   *args, threads: int = 0) -> tuple[object, common_pb2.StepStats]:
+    async def ready_engine(self, context: grpc.aio.ServicerContext):
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model still loading")
+        return self.engine
+
+    async def call(self, context: grpc.aio.ServicerContext, batch_size: int, fn: Callable[..., T],
+                   *args, threads: int = 0) -> tuple[T, common_pb2.StepStats]:
         try:
-            return await run_engine(self.worker, context, batch_size, getattr(self.engine, method), *args,
-                                    threads=threads)
+            return await run_engine(self.worker, context, batch_size, fn, *args, threads=threads)
         finally:
             metrics.SEQUENCES_HELD.set(len(self.engine.table))
 
@@ -66,8 +83,28 @@ class EngineServicer:
                       context: grpc.aio.ServicerContext) -> common_pb2.ReleaseResponse:
         # Queued behind a long forward, a release can outlast its caller's deadline; cancelling it with the
         # call would leak the sequences' state (KV memory, static slots) for good, so it runs to the end.
-        release = asyncio.ensure_future(self.call(context, 0, "release", list(request.seq_ids)))
+        engine = await self.ready_engine(context)
+        release = asyncio.ensure_future(self.call(context, 0, engine.release, list(request.seq_ids),
+                                                  owner_of(context)))
         self._releases.add(release)
         release.add_done_callback(self._releases.discard)
         released, _ = await asyncio.shield(release)
-        return common_pb2.ReleaseResponse(released=released, still_held=len(self.engine.table))
+        return common_pb2.ReleaseResponse(released=released, still_held=len(engine.table))
+
+    async def Renew(self, request: common_pb2.RenewRequest,
+                    context: grpc.aio.ServicerContext) -> common_pb2.RenewResponse:
+        """The owner's heartbeat: runs on the event loop, so a long forward never lets leases lapse."""
+        engine = await self.ready_engine(context)
+        table = engine.table
+        return common_pb2.RenewResponse(renewed=table.renew(request.seq_ids, owner_of(context)), lease_s=table.lease_s,
+                                        max_context=table.max_context, max_sequences=min(table.max_sequences,
+                                                                                          1 << 31))
+
+    async def reap_expired(self) -> None:
+        """Drops sequences whose owner stopped using and renewing them (a router that crashed or hung)."""
+        while True:
+            await asyncio.sleep(max(0.1, self.engine.table.lease_s / 4))
+            if self.engine.table.expired():  # dropped on the device thread, which owns the cache
+                released, *_ = await self.worker.run(self.engine.table.release_expired)
+                log.warning("dropped %d sequences whose lease expired", released)
+                metrics.SEQUENCES_HELD.set(len(self.engine.table))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from minedraft.errors import InvalidArgument, NotFound
+from minedraft.errors import AlreadyExists, InvalidArgument, NotFound
 from minedraft.model_runner import ModelRunner
 from minedraft.sampling import Sampling
 from services.draft.engine import DraftEngine
@@ -14,25 +14,30 @@ SAMPLINGS = {"a": Sampling(), "b": Sampling(temperature=0.8, top_k=20, seed=3),
 
 
 def speculate(target: TargetEngine, draft: DraftEngine, seq_ids: list[str], rounds: int,
-              batched: bool) -> dict[str, list[int]]:
-    """Runs a few draft/verify rounds, the way the router does, batched or one sequence at a time."""
+              batched: bool, poison: bool = False) -> dict[str, list[int]]:
+    """Runs a few draft/verify rounds, the way the router does, batched or one sequence at a time.
+
+    `poison`: every call also carries a sequence that fails (a bad token, an unknown id, bad drafts)."""
     groups = [seq_ids] if batched else [[s] for s in seq_ids]
     out: dict[str, list[int]] = {}
+    bad = [("bad", [10**9], Sampling()), ("held", [1, 2], Sampling())] if poison else []
     for group in groups:
-        draft.prefill([(s, PROMPTS[s], SAMPLINGS[s]) for s in group])
-        firsts = target.prefill([(s, PROMPTS[s], SAMPLINGS[s]) for s in group])
+        draft.prefill([*bad, *((s, PROMPTS[s], SAMPLINGS[s]) for s in group)])
+        firsts = target.prefill([*((s, PROMPTS[s], SAMPLINGS[s]) for s in group), *bad])[:len(group)]
         tokens = {s: [*PROMPTS[s], t] for s, t in zip(group, firsts, strict=True)}
         draft_len = {s: len(PROMPTS[s]) for s in group}
         for _ in range(rounds):
-            proposals = draft.propose([(s, draft_len[s], tokens[s][draft_len[s]:], 3) for s in group])
-            drafts = [[(p.token_id, p.support, p.probs) for p in props] for props in proposals]
-            verdicts = target.verify(list(zip(group, drafts, strict=True)))
+            bad_propose = [("bad", 0, [1], 3)] if poison else []
+            proposals = draft.propose([(s, draft_len[s], tokens[s][draft_len[s]:], 3) for s in group] + bad_propose)
+            drafts = [[(p.token_id, p.support, p.probs) for p in props] for props in proposals[:len(group)]]
+            bad_verify = [("held", [(1, [2], [1.0])]), ("bad", [])] if poison else []  # malformed; unknown
+            verdicts = target.verify([*bad_verify, *zip(group, drafts, strict=True)])[len(bad_verify):]
             for s, d, (accepted, nxt) in zip(group, drafts, verdicts, strict=True):
                 draft_len[s] = len(tokens[s]) + accepted
                 tokens[s] += [t for t, _, _ in d[:accepted]] + [nxt]
         out.update(tokens)
-        target.release(group)
-        draft.release(group)
+        target.release([*group, "held"])
+        draft.release([*group, "held"])
     return out
 
 
@@ -58,15 +63,47 @@ def test_verify_without_drafts_is_plain_decoding(engines) -> None:
     assert target.table.get("x").tokens[len(PROMPTS["a"])] == first
 
 
-def test_bad_calls_raise_clear_errors(engines) -> None:
+def test_bad_calls_fail_alone_and_change_nothing(engines) -> None:
     target, draft = engines
-    with pytest.raises(NotFound):
-        target.verify([("missing", [])])
-    with pytest.raises(InvalidArgument):
-        target.prefill([("x", [10**9], Sampling())])
-    with pytest.raises(InvalidArgument):
+    (missing,) = target.verify([("missing", [])])
+    assert isinstance(missing, NotFound)
+    bad, good = target.prefill([("x", [10**9], Sampling()), ("z", [1, 2], Sampling())])
+    assert isinstance(bad, InvalidArgument) and isinstance(good, int) and "x" not in target.table
+    with pytest.raises(InvalidArgument):  # an id twice: no result could be told apart
         target.prefill([("x", [1], Sampling()), ("x", [2], Sampling())])
+    assert isinstance(target.prefill([("z", [3], Sampling())])[0], AlreadyExists)  # never silently replaced
+    assert isinstance(target.prefill([("w" * 200, [3], Sampling())])[0], InvalidArgument)
+    assert isinstance(target.prefill([("t", [3], Sampling(temperature=1e-30))])[0], InvalidArgument)
+    held = list(target.table.get("z").tokens)
+    too_many = [(1, [1], [1.0])] * (target.max_drafts + 1)
+    for drafts in (too_many, [(1, [2], [1.0])], [(1, [-5, 1], [0.5, 0.5])], [(1, [1], [float("nan")])]):
+        (result,) = target.verify([("z", drafts)])
+        assert isinstance(result, InvalidArgument)
+    assert target.table.get("z").tokens == held
     draft.prefill([("y", [1, 2, 3], Sampling())])
-    with pytest.raises(InvalidArgument):
-        draft.propose([("y", 99, [], 2)])
+    for call in (("y", 99, [], 2), ("y", 3, [], draft.max_k + 1), ("y", 3, [10**9], 2)):
+        (result,) = draft.propose([call])
+        assert isinstance(result, InvalidArgument)
     assert draft.table.get("y").tokens == [1, 2, 3]  # a rejected call changes nothing
+
+
+def test_other_owners_sequences_are_out_of_reach(engines) -> None:
+    target, draft = engines
+    target.prefill([("s", [1, 2], Sampling())], owner="router-a")
+    assert isinstance(target.verify([("s", [])], owner="router-b")[0], NotFound)
+    assert target.release(["s"], owner="router-b") == 0
+    assert isinstance(target.prefill([("s", [3], Sampling())], owner="router-b")[0], AlreadyExists)
+    draft.prefill([("s", [1, 2], Sampling())], owner="router-a")
+    assert draft.prefill([("s", [4, 5], Sampling())], owner="router-a", replace=frozenset({"s"})) == [None]
+    assert draft.table.get("s", "router-a").tokens == [4, 5]
+    assert draft.prefill([("s", [6], Sampling())], owner="router-b", replace=frozenset({"s"}))[0].code == \
+        AlreadyExists.code
+
+
+def test_bad_batch_mates_change_no_token(engines) -> None:
+    """Every call carries a poisoned sequence beside the good ones: their tokens equal a clean run's."""
+    target, draft = engines
+    clean = speculate(target, draft, list(PROMPTS), rounds=5, batched=True)
+    poisoned = speculate(target, draft, list(PROMPTS), rounds=5, batched=True, poison=True)
+    assert poisoned == clean
+    assert len(target.table) == 0 and len(draft.table) == 0

@@ -1,13 +1,18 @@
-"""Draft-side model work: caching prompts and proposing k tokens for a whole batch."""
+"""Draft-side model work: caching prompts and proposing k tokens for a whole batch.
+
+As on the target, each sequence is checked before anything changes, and one that fails gets its own error
+beside the others' results."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minedraft.errors import InvalidArgument
-from minedraft.model_runner import ModelRunner
+from minedraft.errors import InvalidArgument, ResourceExhausted, ServiceError
+from minedraft.model_runner import ModelRunner, SequenceState
 from minedraft.sampling import DRAFT_STREAM, Sampling, sample_truncated
 from minedraft.sequence_table import SequenceTable
+
+DEFAULT_MAX_K = 32
 
 
 @dataclass
@@ -18,47 +23,87 @@ class ProposedToken:
 
 
 class DraftEngine:
-    def __init__(self, runner: ModelRunner, top_m: int = 32) -> None:
+    def __init__(self, runner: ModelRunner, top_m: int = 32, max_sequences: int = 1 << 30,
+                 max_k: int = DEFAULT_MAX_K, lease_s: float = 60.0) -> None:
         self.runner = runner
         self.top_m = top_m
-        self.table = SequenceTable(runner.max_context, runner.vocab_size, on_drop=runner.drop)
+        self.max_k = max_k
+        self.table = SequenceTable(runner.max_context, runner.vocab_size, on_drop=runner.drop,
+                                   max_sequences=max_sequences, lease_s=lease_s)
 
-    def prefill(self, seqs: list[tuple[str, list[int], Sampling]]) -> None:
-        """Caches each prompt in one batched forward (a known id is replaced: re-sync after a restart)."""
-        states = self.table.new_states(seqs, DRAFT_STREAM, self.runner.device)
-        self.runner.forward(states, logits_to_keep=1)
-        for (seq_id, _, _), state in zip(seqs, states, strict=True):
-            self.table.put(seq_id, state)
+    def prefill(self, seqs: list[tuple[str, list[int], Sampling]], owner: str = "",
+                replace: frozenset[str] = frozenset()) -> list[ServiceError | None]:
+        """Caches each prompt in one batched forward; returns each sequence's error (None: held now).
 
-    def propose(self, seqs: list[tuple[str, int, list[int], int]]) -> list[list[ProposedToken]]:
-        """For each (seq_id, keep, append, k): apply the commit, then draft k tokens.
-
-        One batched forward per draft position; sequences asking for fewer tokens drop out early.
-        """
+        Ids in `replace` may be held by the owner already, and are replaced (a re-sync after a timeout)."""
         self.table.check_batch([seq_id for seq_id, *_ in seqs])
-        states = [self.table.get(seq_id) for seq_id, *_ in seqs]
-        for state, (seq_id, keep, append, k) in zip(states, seqs, strict=True):
-            if keep > len(state.tokens) or keep + len(append) == 0:
-                raise InvalidArgument(f"{seq_id}: cannot keep {keep} of {len(state.tokens)} tokens held")
-            self.table.check_tokens(append, extra=keep + k)
-        for state, (_, keep, append, _) in zip(states, seqs, strict=True):  # all checked: now mutate
+        errors: list[ServiceError | None] = [None] * len(seqs)
+        checked: list[tuple[str, SequenceState]] = []
+        for i, (seq_id, tokens, sampling) in enumerate(seqs):
+            try:
+                state = self.table.new_state(seq_id, tokens, sampling, DRAFT_STREAM, self.runner.device, owner,
+                                             replace=seq_id in replace)
+                if len(checked) >= self.runner.free_slots + self._replaced_slots(checked):
+                    raise ResourceExhausted("KV cache full; retry when others finish")
+                checked.append((seq_id, state))
+            except ServiceError as error:
+                errors[i] = error
+        self.table.release([seq_id for seq_id, _ in checked], owner)  # replaced ones: their space first
+        if checked:
+            self.runner.forward([state for _, state in checked], logits_to_keep=1)
+        for seq_id, state in checked:
+            self.table.put(seq_id, state)
+        return errors
+
+    def _replaced_slots(self, checked: list[tuple[str, SequenceState]]) -> int:
+        return sum(1 for seq_id, _ in checked if seq_id in self.table)
+
+    def propose(self, seqs: list[tuple[str, int, list[int], int]],
+                owner: str = "") -> list[list[ProposedToken] | ServiceError]:
+        """For each (seq_id, keep, append, k): apply the commit, then draft k tokens (or report its error).
+
+        One batched forward per draft position; sequences asking for fewer tokens drop out early. A failed
+        call leaves every sequence holding its verified tokens (the commit) only."""
+        self.table.check_batch([seq_id for seq_id, *_ in seqs])
+        results: list[list[ProposedToken] | ServiceError] = [[] for _ in seqs]
+        checked: list[tuple[int, SequenceState, int, list[int], int]] = []
+        for i, (seq_id, keep, append, k) in enumerate(seqs):
+            try:
+                state = self.table.get(seq_id, owner)
+                if keep > len(state.tokens) or keep + len(append) == 0:
+                    raise InvalidArgument(f"{seq_id}: cannot keep {keep} of {len(state.tokens)} tokens held")
+                if k > self.max_k:
+                    raise InvalidArgument(f"{seq_id}: k={k}; at most {self.max_k}")
+                self.table.check_tokens(append, extra=keep + k)
+                checked.append((i, state, keep, append, k))
+            except ServiceError as error:
+                results[i] = error
+        for _, state, keep, append, _ in checked:  # all checked: now mutate
             state.truncate(keep)
             state.tokens.extend(append)
-        proposals: list[list[ProposedToken]] = [[] for _ in seqs]
-        for step in range(max((k for *_, k in seqs), default=0)):
-            active = [i for i, (*_, k) in enumerate(seqs) if k > step]
-            logits = self.runner.forward([states[i] for i in active], logits_to_keep=1)[:, -1]
-            for row, i in enumerate(active):
-                state = states[i]
-                token, support, probs = sample_truncated(logits[row], state.extra["sampling"], self.top_m,
-                                                         state.extra["generator"])
+        try:
+            self._draft(checked, results)
+        except BaseException:
+            for _, state, keep, append, _ in checked:
+                state.truncate(keep + len(append))
+            raise
+        return results
+
+    def _draft(self, checked: list[tuple[int, SequenceState, int, list[int], int]],
+               results: list[list[ProposedToken] | ServiceError]) -> None:
+        for step in range(max((k for *_, k in checked), default=0)):
+            active = [(i, state) for i, state, *_, k in checked if k > step]
+            logits = self.runner.forward([state for _, state in active], logits_to_keep=1)[:, -1]
+            for row, (i, state) in enumerate(active):
+                token, support, probs = sample_truncated(logits[row], state.sampling, self.top_m, state.generator)
                 state.tokens.append(token)
-                proposals[i].append(ProposedToken(token, support, probs))
-        return proposals
+                results[i].append(ProposedToken(token, support, probs))
 
-    def step_once(self, seq_id: str) -> None:
-        """Proposes two tokens for a held sequence (warm-up)."""
-        self.propose([(seq_id, len(self.table.get(seq_id).tokens), [], 2)])
+    def warm_up(self) -> None:
+        """A prompt and a proposal of a throwaway sequence, so the first request pays no first-call costs."""
+        self.prefill([("warm-up", [0, 1, 2, 3], Sampling())])
+        self.propose([("warm-up", 4, [], 2)])
+        self.release(["warm-up"])
 
-    def release(self, seq_ids: list[str]) -> int:
-        return self.table.release(seq_ids)
+    def release(self, seq_ids: list[str], owner: str | None = None) -> int:
+        return self.table.release(seq_ids, owner)

@@ -13,16 +13,20 @@ from minedraft.grpc_server import CHANNEL_OPTIONS, ServiceHost
 from minedraft.metrics import serve_metrics
 from minedraft.models.compat import check_same_tokenizer
 from minedraft.models.store import resolve_model
-from minedraft.protos import draft_pb2_grpc, monitor_pb2_grpc, target_pb2_grpc
+from minedraft.protos import common_pb2, draft_pb2_grpc, monitor_pb2_grpc, target_pb2_grpc
 from minedraft.telemetry import client_interceptors, setup_tracing
 from services.router.admission import Admission
 from services.router.backends import Backend
+from services.router.leases import CallMetadata, keep_leases, new_owner_id, owner_metadata
 from services.router.monitor import MonitorServicer
 from services.router.scheduler import MODES, Scheduler
 from services.router.servicer import GenerationServicer, add_generation_servicer
 
 log = logging.getLogger(__name__)
 PUBLIC_MAX_REQUEST_BYTES = 8 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED from gRPC itself
+# A restarted service is noticed within a second, not after gRPC's default reconnect backoff (up to 2 minutes).
+BACKEND_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 200),
+                           ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +48,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "default: the target model's context")
     parser.add_argument("--draft-timeout", type=float, default=10.0, help="seconds before a draft call counts as "
                         "failed (the round then runs target-only)")
+    parser.add_argument("--target-timeout", type=float, default=30.0,
+                        help="seconds before a Verify counts as failed (a Prefill gets 20 ms more per prompt "
+                             "token): its requests fail and the router reports NOT_SERVING until the target "
+                             "answers its health checks again")
     parser.add_argument("--draft-prefill-tokens", type=int, default=512,
                         help="most prompt tokens in one draft prefill call (longer batches go in chunks, so "
                              "none outlasts --draft-timeout)")
@@ -51,6 +59,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--share-cores", type=int, default=0,
                         help="draft and target share this many CPU cores: a call asks for all of them when it "
                              "runs alone, half when the other service runs beside it (0: no hints)")
+    parser.add_argument("--control-tokens", default="text", choices=["text", "allow"],
+                        help="control-token text (<|im_start|>…) in prompts and chat messages: tokenised as plain "
+                             "text (default), or allowed to become control tokens (raw prompts that carry their "
+                             "own chat template)")
     parser.add_argument("--drain-timeout", type=float, default=60.0, help="seconds in-flight streams get to "
                         "finish after SIGTERM")
 
@@ -76,31 +88,38 @@ async def serve(args: argparse.Namespace) -> None:
     def on_target_change(up: bool) -> None:  # the router is only as healthy as its target
         asyncio.get_running_loop().create_task(host.set_serving(up))
 
-    target = Backend("target", grpc.aio.insecure_channel(args.target_addr, options=CHANNEL_OPTIONS,
-                                                interceptors=client_interceptors()),
-                     target_pb2_grpc.TargetStub, on_change=on_target_change)
-    draft = None
-    if args.mode != "ar":
-        draft = Backend("draft", grpc.aio.insecure_channel(args.draft_addr, options=CHANNEL_OPTIONS,
-                                                  interceptors=client_interceptors()),
-                        draft_pb2_grpc.DraftStub)
+    owner = new_owner_id()
+
+    def channel(address: str) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(address, options=BACKEND_CHANNEL_OPTIONS, interceptors=[
+            CallMetadata([owner_metadata(owner)]), *client_interceptors()])
+
+    target = Backend("target", channel(args.target_addr), target_pb2_grpc.TargetStub, on_change=on_target_change)
+    draft = Backend("draft", channel(args.draft_addr), draft_pb2_grpc.DraftStub) if args.mode != "ar" else None
     scheduler = Scheduler(target, draft, mode=args.mode, k=args.k, max_batch=args.max_batch,
                           draft_timeout_s=args.draft_timeout, k_max=args.k_max,
-                          draft_prefill_tokens=args.draft_prefill_tokens, share_cores=args.share_cores)
+                          draft_prefill_tokens=args.draft_prefill_tokens, share_cores=args.share_cores,
+                          target_timeout_s=args.target_timeout)
     lanes = len(scheduler.lanes)
     admission = Admission(max_sequences=lanes * args.max_batch + args.max_queue, rate_per_s=args.rate_limit)
     servicer = GenerationServicer(scheduler, tokenizer, eos_ids_of(tokenizer, config),
                                   max_context=min(getattr(config, "max_position_embeddings", 4096),
                                                   args.max_context or 1 << 30),
-                                  admission=admission, default_max_tokens=args.default_max_tokens)
+                                  admission=admission, default_max_tokens=args.default_max_tokens,
+                                  control_tokens=args.control_tokens == "allow")
     add_generation_servicer(servicer, host.server)
     monitor_pb2_grpc.add_RouterMonitorServicer_to_server(MonitorServicer(scheduler), host.server)
 
     async def ready() -> None:
         await asyncio.gather(*(b.wait_serving() for b in (target, draft) if b is not None))
+        held = await target.stub.Renew(common_pb2.RenewRequest(), timeout=10)
+        if held.max_context and held.max_context < servicer.max_context:  # what the target's cache holds
+            servicer.max_context = held.max_context
         await scheduler.calibrate()
         scheduler.start()
-        log.info("router ready: mode %s, k %d, %d lane(s) of up to %d", args.mode, args.k, lanes, args.max_batch)
+        host.background.append(asyncio.create_task(keep_leases(scheduler), name="keep-leases"))
+        log.info("router %s ready: mode %s, k %d, %d lane(s) of up to %d, context %d", owner, args.mode, args.k,
+                 lanes, args.max_batch, servicer.max_context)
 
     await host.run(ready, grace_s=args.drain_timeout)
     await scheduler.stop()

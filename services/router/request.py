@@ -26,6 +26,7 @@ class Request:
     speculate: bool = True  # False: decoded by the target alone
     draft_len: int = 0  # tokens of prompt + generated that the draft service holds, verified
     draft_epoch: int = -1  # the draft's epoch when it got this sequence (-1: it never did)
+    draft_sent: bool = False  # a draft prefill went out for it: the draft may hold it, release it there too
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0

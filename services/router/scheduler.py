@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from dataclasses import dataclass, field
 
 import grpc
 
@@ -24,25 +23,16 @@ from minedraft.protos import common_pb2, draft_pb2, monitor_pb2, target_pb2
 from minedraft.telemetry import batch_span
 from services.router.backends import Backend
 from services.router.calibration import calibrate
+from services.router.faults import draft_call_failed, draft_refused, target_call_failed, target_refused
 from services.router.k_trial import KTrial
 from services.router.policy import Plan, StageModel, next_plan, rebalance
+from services.router.recorder import Lane, Recorder
 from services.router.request import Request
 
 log = logging.getLogger(__name__)
 
 MODES = ("ar", "sd", "psd", "auto")
-
-
-@dataclass
-class Lane:
-    index: int
-    active: list[Request] = field(default_factory=list)
-    incoming: list[Request] = field(default_factory=list)  # handed over by the other lane, joins next round
-    prefilling: bool = False
-    counters: monitor_pb2.LaneCounters = field(default_factory=monitor_pb2.LaneCounters)
-
-    def __post_init__(self) -> None:
-        self.counters.lane = self.index
+PREFILL_S_PER_TOKEN = 0.02  # a target prefill's deadline grows by this per prompt token (CPU speeds, with margin)
 
 
 def token_chunks(requests: list[Request], max_tokens: int) -> list[list[Request]]:
@@ -61,16 +51,18 @@ def token_chunks(requests: list[Request], max_tokens: int) -> list[list[Request]
 class Scheduler:
     def __init__(self, target: Backend, draft: Backend | None, mode: str = "auto", k: int = 4,
                  max_batch: int = 16, draft_timeout_s: float = 10.0, k_max: int | None = None,
-                 draft_prefill_tokens: int = 512, share_cores: int = 0) -> None:
+                 draft_prefill_tokens: int = 512, share_cores: int = 0, target_timeout_s: float = 30.0) -> None:
         """`share_cores`: draft and target share this many CPU cores of one host; each call then asks for all
-        of them when it runs alone and half when the other service runs beside it (0: no hints)."""
+        of them when it runs alone and half when the other service runs beside it (0: no hints).
+        `target_timeout_s`: the deadline of a Verify (a Prefill's grows with its tokens); past it the target
+        counts as down and its requests fail, rather than hang."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if mode != "ar" and draft is None:
             raise ValueError(f"mode {mode} needs a draft service")
         self.target, self.draft = target, draft
         self.mode, self.k, self.max_batch = mode, k, max_batch
-        self.draft_timeout_s = draft_timeout_s
+        self.draft_timeout_s, self.target_timeout_s = draft_timeout_s, target_timeout_s
         self.draft_prefill_tokens = draft_prefill_tokens
         self.share_cores = share_cores
         self.lanes = [Lane(i) for i in range(2 if mode in ("psd", "auto") else 1)]
@@ -80,13 +72,17 @@ class Scheduler:
         self.resume_k = k  # the k to speculate at again after a spell of target-only decoding
         self.k_trial = KTrial(self.stages.tokens_per_round)
         self.waiting: deque[Request] = deque()
-        self.events: deque[monitor_pb2.DeviceEvent] = deque(maxlen=100_000)  # for the benchmark's timeline
+        self.recorder = Recorder()
         self._work = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
     @property
     def in_flight(self) -> int:
-        return len(self.waiting) + sum(len(lane.active) for lane in self.lanes)
+        return len(self.waiting) + sum(len(lane.active) + len(lane.incoming) for lane in self.lanes)
+
+    def live(self) -> list[Request]:
+        """Requests whose sequences the services hold for us (the leases to renew)."""
+        return [r for lane in self.lanes for r in lane.live()]
 
     @property
     def target_up(self) -> bool:
@@ -117,21 +113,8 @@ class Scheduler:
         other = self.lanes[1 - lane.index]
         return bool(other.active or other.incoming or other.prefilling)
 
-    def record(self, device: str, kind: str, lane: Lane, stats: common_pb2.StepStats, tokens: int) -> None:
-        metrics.STAGE_SECONDS.labels(f"{device}_{kind}").observe(stats.forward_ms / 1e3)
-        self.events.append(monitor_pb2.DeviceEvent(
-            device=device, kind=kind, lane=lane.index, start=stats.started_at,
-            end=stats.started_at + stats.forward_ms / 1e3, batch_size=stats.batch_size, tokens=tokens,
-            threads=stats.threads))
-
     def snapshot(self, clear: bool = False) -> monitor_pb2.RouterStats:
-        stats = monitor_pb2.RouterStats(mode=self.mode, k=self.k, lanes=[lane.counters for lane in self.lanes],
-                                        events=list(self.events))
-        if clear:
-            self.events.clear()
-            for lane in self.lanes:
-                lane.counters = monitor_pb2.LaneCounters(lane=lane.index)
-        return stats
+        return self.recorder.snapshot(self.mode, self.round_k, self.lanes, clear)
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run_lane(lane), name=f"lane-{lane.index}") for lane in self.lanes]
@@ -230,23 +213,29 @@ class Scheduler:
         return joining
 
     async def _retire(self, lane: Lane) -> None:
-        """Removes finished and cancelled requests and frees their state on both services."""
+        """Removes finished and cancelled requests and frees their state on both services.
+
+        A service that is down is not waited for: its leases drop what it holds for us."""
         done = [r for r in lane.active if r.done]
         if not done:
             return
         lane.active = [r for r in lane.active if not r.done]
+        releases = {self.target: [r.seq_id for r in done]}
+        if self.draft is not None:
+            releases[self.draft] = [r.seq_id for r in done if r.draft_sent]
+        releases = {backend: ids for backend, ids in releases.items() if backend.up and ids}
         with batch_span("release", [r.span for r in done], **{"minedraft.batch_size": len(done)}):
-            release = common_pb2.ReleaseRequest(seq_ids=[r.seq_id for r in done])
-            calls = [self.target.stub.Release(release, timeout=10)]
-            drafted = [r.seq_id for r in done if r.draft_epoch >= 0]
-            if self.draft is not None and drafted:
-                calls.append(self.draft.stub.Release(common_pb2.ReleaseRequest(seq_ids=drafted), timeout=10))
-            results = await asyncio.gather(*calls, return_exceptions=True)
-        for result in results:
-            if isinstance(result, grpc.aio.AioRpcError) and result.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            results = await asyncio.gather(*(backend.stub.Release(common_pb2.ReleaseRequest(seq_ids=ids), timeout=10)
+                                             for backend, ids in releases.items()), return_exceptions=True)
+        for backend, result in zip(releases, results, strict=True):
+            if not isinstance(result, grpc.aio.AioRpcError):
+                continue
+            if result.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 log.info("release still queued behind a forward at its deadline; the service finishes it")
-            elif isinstance(result, Exception):
-                log.warning("release failed: %s", result)
+            else:
+                log.warning("release on %s failed (its lease frees them): %s", backend.name, result.code().name)
+            if result.code() == grpc.StatusCode.UNAVAILABLE:
+                backend.mark_down("release: UNAVAILABLE")
 
     async def _prefill(self, lane: Lane, joining: list[Request]) -> None:
         """Prompts run on the target (first token) and the draft (cache) at the same time."""
@@ -264,7 +253,7 @@ class Scheduler:
         threads = self.threads_for(shared=bool(with_draft) or self._overlapped(lane))
         calls = [self.target.stub.Prefill(target_pb2.TargetPrefillRequest(seqs=[
             target_pb2.TargetPrefillSeq(seq_id=r.seq_id, tokens=r.prompt_ids, sampling=r.sampling_proto())
-            for r in joining], threads=threads))]
+            for r in joining], threads=threads), timeout=self.target_timeout_s + tokens * PREFILL_S_PER_TOKEN)]
         if with_draft:
             calls.append(self._draft_prefill(with_draft, lane, threads))
         lane.prefilling = True
@@ -272,13 +261,16 @@ class Scheduler:
             results = await asyncio.gather(*calls, return_exceptions=True)
         finally:
             lane.prefilling = False
-        lane.active.extend(joining)  # failed ones are retired (and released) at the next boundary
+        lane.active.extend(joining)  # failed ones sit out the round and are released at the next boundary
         if isinstance(results[0], Exception):
-            self._target_failed(joining, results[0], "prefill")
+            target_call_failed(self.target, joining, results[0], "prefill")
             return
-        self.record("target", "prefill", lane, results[0].stats, tokens)
+        self.recorder.device_call("target", "prefill", lane, results[0].stats, tokens)
         for request, first in zip(joining, results[0].tokens, strict=True):
-            request.add_tokens([first.token_id])
+            if first.HasField("error"):
+                target_refused(request, first.error)
+            else:
+                request.add_tokens([first.token_id])
 
     async def _draft_prefill(self, requests: list[Request], lane: Lane, threads: int,
                              catching_up: bool = False) -> None:
@@ -289,21 +281,30 @@ class Scheduler:
         and the re-sync after it (every sequence at once) outlasted it again, over and over."""
         for chunk in token_chunks(requests, self.draft_prefill_tokens):
             epoch, lengths = self.draft.epoch, [len(r.tokens) for r in chunk]
+            for request in chunk:
+                request.draft_sent = True
             try:
                 response = await self.draft.stub.Prefill(draft_pb2.DraftPrefillRequest(seqs=[
-                    draft_pb2.DraftPrefillSeq(seq_id=r.seq_id, tokens=r.tokens, sampling=r.sampling_proto())
+                    draft_pb2.DraftPrefillSeq(seq_id=r.seq_id, tokens=r.tokens, sampling=r.sampling_proto(),
+                                              replace=catching_up)
                     for r in chunk], threads=threads), timeout=self.draft_timeout_s)
             except grpc.aio.AioRpcError as error:
-                self.draft.mark_down(f"prefill: {error.code().name} {error.details()}")
+                draft_call_failed(self.draft, chunk, error, "prefill")
                 return
-            self.record("draft", "prefill", lane, response.stats, sum(lengths))
+            self.recorder.device_call("draft", "prefill", lane, response.stats, sum(lengths))
             if catching_up:  # beside the target's prefill it costs no round any time
                 self.stages.observe_draft_prefill(response.stats.forward_ms)
+            refused = {e.seq_id: e for e in response.errors}
             for request, length in zip(chunk, lengths, strict=True):
-                request.draft_len, request.draft_epoch = length, epoch
+                if request.seq_id in refused:
+                    draft_refused(request, refused[request.seq_id])
+                else:
+                    request.draft_len, request.draft_epoch = length, epoch
 
     async def _round(self, lane: Lane) -> None:
-        requests = list(lane.active)
+        requests = [r for r in lane.active if not r.done]  # one that failed at prefill never reaches a Verify
+        if not requests:
+            return
         with batch_span("round", [r.span for r in requests], **{
                 "minedraft.lane": lane.index, "minedraft.k": self.round_k if self.speculating else 0,
                 "minedraft.batch_size": len(requests)}) as span:
@@ -317,52 +318,48 @@ class Scheduler:
         started, k, draft_ms_before = loop.time(), self.round_k, lane.counters.draft_ms
         shared = bool(self.share_cores) and self._overlapped(lane)
         drafts = await self._propose(lane, requests, shared) if self.speculating else {}
-        try:
-            response = await self.target.stub.Verify(target_pb2.VerifyRequest(seqs=[
-                target_pb2.VerifySeq(seq_id=r.seq_id, drafts=drafts.get(r.seq_id, [])) for r in requests],
-                threads=self.threads_for(shared)))
-        except grpc.aio.AioRpcError as error:
-            self._target_failed(requests, error, "verify")
+        response = await self._verify(lane, requests, drafts, shared)
+        if response is None:
             return 0, 0
-        self.stages.observe_verify(len(requests), max(map(len, drafts.values()), default=0), response.stats.forward_ms,
-                                   shared)
-        counters = lane.counters
-        counters.verify_ms += response.stats.forward_ms
-        counters.verify_calls += 1
-        counters.sequences_in_rounds += len(requests)
-        self.record("target", "verify", lane, response.stats,
-                    sum(len(drafts.get(r.seq_id, [])) + 1 for r in requests))
+        accepted_total = 0
         for request, verdict in zip(requests, response.verdicts, strict=True):
+            if verdict.HasField("error"):
+                target_refused(request, verdict.error)
+                continue
             proposed = [d.token_id for d in drafts.get(request.seq_id, [])]
             if proposed:
                 request.draft_len = len(request.tokens) + verdict.accepted
-            if proposed:
                 self.stages.observe_round(len(proposed), verdict.accepted)
-            request.drafted += len(proposed)
-            request.accepted += verdict.accepted
-            request.rounds += 1
-            for position in range(1, len(proposed) + 1):
-                metrics.DRAFTED.labels(str(position)).inc()
-                if position <= verdict.accepted:
-                    metrics.ACCEPTED.labels(str(position)).inc()
-            request.span.add_event("round", {"minedraft.lane": lane.index, "minedraft.drafted": len(proposed),
-                                             "minedraft.accepted": verdict.accepted})
+            self.recorder.verdict(lane, request, len(proposed), verdict.accepted)
+            accepted_total += verdict.accepted
             if not request.done:
                 request.add_tokens([*proposed[:verdict.accepted], verdict.next_token])
         drafted_total = sum(len(d) for d in drafts.values())
-        accepted_total = sum(v.accepted for v in response.verdicts)
         self.stages.observe_acceptance(drafted_total, accepted_total)
         if self.mode == "auto":
             # Device time, not wall time: a round's wall time also holds the other lane's prefills, which
             # come in waves and would swamp a few percent. Overlapped, a lane round costs its slower stage.
-            draft_ms, verify_ms = counters.draft_ms - draft_ms_before, response.stats.forward_ms
+            draft_ms, verify_ms = lane.counters.draft_ms - draft_ms_before, response.stats.forward_ms
             overlapped = any(other is not lane and other.active for other in self.lanes) and self.plan.lanes == 2
             cost_ms = max(draft_ms, verify_ms) if overlapped else draft_ms + verify_ms
             self.k_trial.observe(self.plan.lanes, k, len(requests), cost_ms)
-        counters.rounds += 1
-        counters.round_ms += (loop.time() - started) * 1e3
-        metrics.ROUND_SECONDS.labels(str(lane.index)).observe(loop.time() - started)
+        self.recorder.round_done(lane, loop.time() - started)
         return drafted_total, accepted_total
+
+    async def _verify(self, lane: Lane, requests: list[Request], drafts: dict[str, list[common_pb2.DraftToken]],
+                      shared: bool) -> target_pb2.VerifyResponse | None:
+        try:
+            response = await self.target.stub.Verify(target_pb2.VerifyRequest(seqs=[
+                target_pb2.VerifySeq(seq_id=r.seq_id, drafts=drafts.get(r.seq_id, [])) for r in requests],
+                threads=self.threads_for(shared)), timeout=self.target_timeout_s)
+        except grpc.aio.AioRpcError as error:
+            target_call_failed(self.target, requests, error, "verify")
+            return None
+        longest = max(map(len, drafts.values()), default=0)
+        self.stages.observe_verify(len(requests), longest, response.stats.forward_ms, shared)
+        self.recorder.verify(lane, len(requests), response.stats,
+                             sum(len(drafts.get(r.seq_id, [])) + 1 for r in requests))
+        return response
 
     async def _propose(self, lane: Lane, requests: list[Request],
                        shared: bool) -> dict[str, list[common_pb2.DraftToken]]:
@@ -372,7 +369,7 @@ class Scheduler:
         stale = [r for r in wanted if r.draft_epoch != self.draft.epoch]
         if stale:  # new to the draft, or the draft restarted since: send their tokens first
             await self._draft_prefill(stale, lane, self.threads_for(shared), catching_up=True)
-        ready = [r for r in wanted if r.draft_epoch == self.draft.epoch]
+        ready = [r for r in wanted if r.speculate and r.draft_epoch == self.draft.epoch]
         if not ready or not self.draft.up:
             return {}
         seqs = [draft_pb2.ProposeSeq(seq_id=r.seq_id, k=min(k, r.remaining - 1), commit=draft_pb2.Commit(
@@ -381,19 +378,14 @@ class Scheduler:
             request = draft_pb2.ProposeRequest(seqs=seqs, threads=self.threads_for(shared))
             response = await self.draft.stub.Propose(request, timeout=self.draft_timeout_s)
         except grpc.aio.AioRpcError as error:  # verify without drafts: same output, just slower
-            self.draft.mark_down(f"propose: {error.code().name} {error.details()}")
+            draft_call_failed(self.draft, ready, error, "propose")
             return {}
         self.stages.observe_propose(len(seqs), max(s.k for s in seqs), response.stats.forward_ms, shared)
-        lane.counters.draft_ms += response.stats.forward_ms
-        lane.counters.propose_calls += 1
-        self.record("draft", "propose", lane, response.stats, sum(s.k for s in seqs))
-        return {p.seq_id: list(p.tokens) for p in response.proposals}
-
-    def _target_failed(self, requests: list[Request], error: BaseException, what: str) -> None:
-        details = f"{error.code().name}: {error.details()}" if isinstance(error, grpc.aio.AioRpcError) else str(error)
-        for request in requests:
-            if not request.done:
-                request.fail(Unavailable(f"target {what} failed ({details})"))
-        if isinstance(error, grpc.aio.AioRpcError) and error.code() in (
-                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND):
-            self.target.mark_down(f"{what}: {details}")
+        self.recorder.propose(lane, response.stats, sum(s.k for s in seqs))
+        drafts = {}
+        for request, proposal in zip(ready, response.proposals, strict=True):
+            if proposal.HasField("error"):
+                draft_refused(request, proposal.error)
+            else:
+                drafts[request.seq_id] = list(proposal.tokens)
+        return drafts

@@ -16,19 +16,22 @@ from minedraft.protos import generate_pb2
 from minedraft.sampling import Sampling
 from minedraft.telemetry import tracer
 from services.router.admission import Admission
+from services.router.prompts import PromptEncoder
 from services.router.request import Request
 from services.router.scheduler import Scheduler
 from services.router.text_stream import TextStream
-from services.router.validation import Checked, Malformed, check_request, parse_request
+from services.router.validation import Malformed, check_request, parse_request
 
 log = logging.getLogger(__name__)
 
 
 class GenerationServicer:
     def __init__(self, scheduler: Scheduler, tokenizer: PreTrainedTokenizerBase, eos_ids: frozenset[int],
-                 max_context: int, admission: Admission, default_max_tokens: int = 256) -> None:
+                 max_context: int, admission: Admission, default_max_tokens: int = 256,
+                 control_tokens: bool = False) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
+        self.prompts = PromptEncoder(tokenizer, control_tokens)
         self.eos_ids = eos_ids
         self.max_context = max_context
         self.admission = admission
@@ -37,7 +40,7 @@ class GenerationServicer:
     async def Generate(self, request: generate_pb2.GenerateRequest | Malformed,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[generate_pb2.GenerateResponse]:
         try:
-            job = self._build(request)
+            job = await self._build(request)
             if not self.scheduler.target_up:
                 raise Unavailable("the target service is down; the router is waiting for it to come back")
             await self.admission.admit(self.scheduler.in_flight)
@@ -63,9 +66,9 @@ class GenerationServicer:
             metrics.REQUESTS.labels(job.finish_reason or "cancelled").inc()
             metrics.GENERATED_TOKENS.inc(len(job.generated))
 
-    def _build(self, request: generate_pb2.GenerateRequest | Malformed) -> Request:
-        checked = check_request(request)
-        prompt_ids = self._prompt_ids(checked)
+    async def _build(self, request: generate_pb2.GenerateRequest | Malformed) -> Request:
+        checked = check_request(request)  # sizes first: only then is the text worth tokenising
+        prompt_ids = await self.prompts.encode(checked.prompt, checked.chat)
         if not prompt_ids:
             raise InvalidArgument("the prompt is empty")
         room = self.max_context - len(prompt_ids)
@@ -80,12 +83,6 @@ class GenerationServicer:
         return Request(seq_id=uuid.uuid4().hex, prompt_ids=prompt_ids, sampling=sampling, max_tokens=max_tokens,
                        text=TextStream(self.tokenizer, checked.stops), eos_ids=self.eos_ids,
                        speculate=checked.speculate)
-
-    def _prompt_ids(self, checked: Checked) -> list[int]:
-        if checked.chat is not None:
-            text = self.tokenizer.apply_chat_template(checked.chat, tokenize=False, add_generation_prompt=True)
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        return self.tokenizer.encode(checked.prompt, add_special_tokens=False)
 
 
 def add_generation_servicer(servicer: GenerationServicer, server: grpc.aio.Server) -> None:

@@ -10,6 +10,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from minedraft.errors import InvalidArgument
 from minedraft.protos import generate_pb2
+from minedraft.sampling import MIN_TEMPERATURE
 
 MAX_PROMPT_CHARS = 1_000_000
 MAX_STOPS = 16
@@ -64,8 +65,9 @@ def check_request(request: generate_pb2.GenerateRequest | Malformed) -> Checked:
         raise InvalidArgument(f"the prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are taken")
     sampling = request.sampling
     temperature = sampling.temperature
-    if not math.isfinite(temperature) or temperature < 0 or temperature > MAX_TEMPERATURE:
-        raise InvalidArgument(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 is greedy)")
+    if not math.isfinite(temperature) or temperature < 0 or temperature > MAX_TEMPERATURE or \
+            0 < temperature < MIN_TEMPERATURE:
+        raise InvalidArgument(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
     top_p = sampling.top_p if sampling.HasField("top_p") else 1.0
     if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
         raise InvalidArgument("top_p must be in (0, 1]")

@@ -1,9 +1,14 @@
-"""Target-side model work: prompts, and verification of a whole batch of drafts in one forward."""
+"""Target-side model work: prompts, and verification of a whole batch of drafts in one forward.
+
+Every call checks each sequence before it changes anything; a sequence that fails (unknown, malformed drafts,
+no cache room, a sampler fault) gets its own error in the results and leaves the others' untouched."""
 
 from __future__ import annotations
 
-from minedraft.errors import InvalidArgument
-from minedraft.model_runner import ModelRunner
+import math
+
+from minedraft.errors import InvalidArgument, ResourceExhausted, ServiceError
+from minedraft.model_runner import ModelRunner, SequenceState
 from minedraft.sampling import (
     TARGET_STREAM,
     Sampling,
@@ -15,59 +20,110 @@ from minedraft.sampling import (
 from minedraft.sequence_table import SequenceTable
 
 Drafts = list[tuple[int, list[int], list[float]]]  # (token, q support ids, q probs) per position
+DEFAULT_MAX_DRAFTS = 32
 
 
 class TargetEngine:
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, max_sequences: int = 1 << 30, max_drafts: int = DEFAULT_MAX_DRAFTS,
+                 lease_s: float = 60.0) -> None:
         self.runner = runner
-        self.table = SequenceTable(runner.max_context, runner.vocab_size, on_drop=runner.drop)
+        self.max_drafts = max_drafts
+        self.table = SequenceTable(runner.max_context, runner.vocab_size, on_drop=runner.drop,
+                                   max_sequences=max_sequences, lease_s=lease_s)
 
-    def prefill(self, seqs: list[tuple[str, list[int], Sampling]]) -> list[int]:
-        """Runs each prompt (one batched forward) and returns each sequence's first token."""
-        states = self.table.new_states(seqs, TARGET_STREAM, self.runner.device, room=1)
-        logits = self.runner.forward(states, logits_to_keep=1)[:, -1]
-        firsts = []
-        for (seq_id, _, _), state, row in zip(seqs, states, logits, strict=True):
-            token = next_token(row, state.extra["sampling"], state.extra["generator"])
+    def prefill(self, seqs: list[tuple[str, list[int], Sampling]], owner: str = "") -> list[int | ServiceError]:
+        """Runs each prompt (one batched forward); returns each sequence's first token, or its error."""
+        self.table.check_batch([seq_id for seq_id, _, _ in seqs])
+        results: list[int | ServiceError] = [0] * len(seqs)
+        checked: list[tuple[int, SequenceState]] = []
+        for i, (seq_id, tokens, sampling) in enumerate(seqs):
+            try:
+                state = self.table.new_state(seq_id, tokens, sampling, TARGET_STREAM, self.runner.device, owner,
+                                             room=1)
+                if len(checked) >= self.runner.free_slots:
+                    raise ResourceExhausted(f"KV cache full ({self.runner.free_slots} free slots); retry when "
+                                            "others finish")
+                checked.append((i, state))
+            except ServiceError as error:
+                results[i] = error
+        if not checked:
+            return results
+        logits = self.runner.forward([state for _, state in checked], logits_to_keep=1)[:, -1]
+        for (i, state), row in zip(checked, logits, strict=True):
+            try:
+                token = next_token(row, state.sampling, state.generator)
+            except RuntimeError as error:  # a sampler fault is this sequence's alone
+                self.runner.drop(state)
+                results[i] = InvalidArgument(f"sampling failed: {error}")
+                continue
             state.tokens.append(token)
-            self.table.put(seq_id, state)
-            firsts.append(token)
-        return firsts
+            self.table.put(seqs[i][0], state)
+            results[i] = token
+        return results
 
-    def verify(self, seqs: list[tuple[str, Drafts]]) -> list[tuple[int, int]]:
-        """Scores all drafts in one batched forward; returns (accepted, next token) per sequence.
+    def verify(self, seqs: list[tuple[str, Drafts]], owner: str = "") -> list[tuple[int, int] | ServiceError]:
+        """Scores all drafts in one batched forward; returns (accepted, next token) per sequence, or its error.
 
-        Each sequence's state afterwards holds its accepted drafts and the next token.
-        """
+        Each sequence's state afterwards holds its accepted drafts and the next token; a failed one is as
+        before the call."""
         self.table.check_batch([seq_id for seq_id, _ in seqs])
-        states = [self.table.get(seq_id) for seq_id, _ in seqs]
-        for state, (seq_id, drafts) in zip(states, seqs, strict=True):
-            self.table.check_tokens([d[0] for d in drafts], extra=len(state.tokens) + 1)
-            if any(not support or len(support) != len(probs) for _, support, probs in drafts):
-                raise InvalidArgument(f"{seq_id}: malformed draft distribution")
-        committed = [len(state.tokens) for state in states]
-        for state, (_, drafts) in zip(states, seqs, strict=True):
+        results: list[tuple[int, int] | ServiceError] = [(0, 0)] * len(seqs)
+        checked: list[tuple[int, SequenceState, Drafts]] = []
+        for i, (seq_id, drafts) in enumerate(seqs):
+            try:
+                state = self.table.get(seq_id, owner)
+                self._check_drafts(seq_id, state, drafts)
+                checked.append((i, state, drafts))
+            except ServiceError as error:
+                results[i] = error
+        if not checked:
+            return results
+        committed = {i: len(state.tokens) for i, state, _ in checked}
+        for _, state, drafts in checked:
             state.tokens.extend(d[0] for d in drafts)
-        keep = 1 + max(len(drafts) for _, drafts in seqs)
-        logits = self.runner.forward(states, logits_to_keep=keep)
-        verdicts = []
-        for i, (state, (_, drafts)) in enumerate(zip(states, seqs, strict=True)):
-            rows = logits[i, keep - len(drafts) - 1:]
-            sampling: Sampling = state.extra["sampling"]
-            tokens = [d[0] for d in drafts]
-            if sampling.greedy:
-                accepted, token = verify_greedy(rows, tokens)
-            else:
-                accepted, token = verify_sampled(warp(rows, sampling), tokens, [d[1:] for d in drafts],
-                                                 state.extra["generator"])
+        keep = 1 + max(len(drafts) for *_, drafts in checked)
+        try:
+            logits = self.runner.forward([state for _, state, _ in checked], logits_to_keep=keep)
+        except BaseException:  # nothing happened: every sequence back to what it held
+            for i, state, _ in checked:
+                state.truncate(committed[i])
+            raise
+        for row, (i, state, drafts) in enumerate(checked):
+            rows = logits[row, keep - len(drafts) - 1:]
+            try:
+                results[i] = self._judge(rows, drafts, state)
+            except RuntimeError as error:
+                state.truncate(committed[i])
+                results[i] = InvalidArgument(f"sampling failed: {error}")
+                continue
+            accepted, token = results[i]
             state.truncate(committed[i] + accepted)
             state.tokens.append(token)
-            verdicts.append((accepted, token))
-        return verdicts
+        return results
 
-    def step_once(self, seq_id: str) -> None:
-        """Decodes one token for a held sequence (warm-up)."""
-        self.verify([(seq_id, [])])
+    def _check_drafts(self, seq_id: str, state: SequenceState, drafts: Drafts) -> None:
+        if len(drafts) > self.max_drafts:
+            raise InvalidArgument(f"{seq_id}: {len(drafts)} drafts; at most {self.max_drafts}")
+        self.table.check_tokens([d[0] for d in drafts], extra=len(state.tokens) + 1)
+        for token, support, probs in drafts:
+            if not support or len(support) != len(probs) or token not in support:
+                raise InvalidArgument(f"{seq_id}: malformed draft distribution")
+            self.table.check_tokens(support)
+            if not all(math.isfinite(p) and 0 <= p <= 1 for p in probs):
+                raise InvalidArgument(f"{seq_id}: draft probabilities must be in [0, 1]")
 
-    def release(self, seq_ids: list[str]) -> int:
-        return self.table.release(seq_ids)
+    @staticmethod
+    def _judge(rows, drafts: Drafts, state: SequenceState) -> tuple[int, int]:
+        tokens = [d[0] for d in drafts]
+        if state.sampling.greedy:
+            return verify_greedy(rows, tokens)
+        return verify_sampled(warp(rows, state.sampling), tokens, [d[1:] for d in drafts], state.generator)
+
+    def warm_up(self) -> None:
+        """A prompt and a decode step of a throwaway sequence, so the first request pays no first-call costs."""
+        self.prefill([("warm-up", [0, 1, 2, 3], Sampling())])
+        self.verify([("warm-up", [])])
+        self.release(["warm-up"])
+
+    def release(self, seq_ids: list[str], owner: str | None = None) -> int:
+        return self.table.release(seq_ids, owner)

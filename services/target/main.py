@@ -8,12 +8,14 @@ from minedraft.device_worker import DeviceWorker
 from minedraft.model_service import add_model_args, serve_model
 from minedraft.precision import DRAFT_ONLY_QUANTS
 from minedraft.protos import target_pb2_grpc
-from services.target.engine import TargetEngine
+from services.target.engine import DEFAULT_MAX_DRAFTS, TargetEngine
 from services.target.servicer import TargetServicer
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser, default_port=50062)
+    parser.add_argument("--max-drafts", type=int, default=DEFAULT_MAX_DRAFTS,
+                        help="most draft tokens one sequence may bring to a Verify")
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -23,4 +25,5 @@ async def serve(args: argparse.Namespace) -> None:
                          "the batch (none, int8, int4, w8a8)")
     servicer = TargetServicer(DeviceWorker("target"))
     await serve_model(args, "minedraft.protos.Target", servicer, target_pb2_grpc.add_TargetServicer_to_server,
-                      TargetEngine)
+                      lambda runner: TargetEngine(runner, max_sequences=args.max_sequences,
+                                                  max_drafts=args.max_drafts, lease_s=args.lease_s))
