@@ -20,14 +20,15 @@ def _run_async(serve) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from minedraft.client import Generation, absorb, make_request, stream
+    from minedraft.client import Generation, absorb, api_key_metadata, make_request, open_channel, stream
 
     request = make_request(prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
     result = Generation()
-    with grpc.insecure_channel(args.addr) as channel:
+    with open_channel(args.addr, args.tls_ca, args.tls_cert, args.tls_key) as channel:
         try:
-            for response in stream(channel, request, timeout=args.timeout):
+            for response in stream(channel, request, timeout=args.timeout,
+                                   metadata=api_key_metadata(args.api_key_file)):
                 absorb(result, response)
                 if response.HasField("chunk") and not args.json:
                     print(response.chunk.text, end="", flush=True)
@@ -50,7 +51,9 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.addr) as channel:
+    from minedraft.client import open_channel
+
+    with open_channel(args.addr, args.tls_ca, args.tls_cert, args.tls_key) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
@@ -79,27 +82,25 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from minedraft import demo, launcher
-    from minedraft.bench import cli as bench_cli
-    from minedraft.bench import quality as bench_quality
-    from minedraft.bench import steps as bench_steps
-    from services.draft import main as draft_main
-    from services.router import main as router_main
-    from services.target import main as target_main
+def cmd_certs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from minedraft.certs import write_certs
+
+    for role, path in write_certs(Path(args.out)).items():
+        print(f"{role}: {path}")
+    return 0
+
+
+LIGHT_COMMANDS = ("generate", "health", "certs")  # parsed without importing torch: a healthcheck takes < 1 s
+
+
+def build_parser(light_only: bool = False) -> argparse.ArgumentParser:
+    from minedraft.client import add_connection_args
 
     parser = argparse.ArgumentParser(prog="minedraft", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("MINEDRAFT_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser("serve", help="start draft, target and router on loopback")
-    launcher.add_args(serve)
-    serve.set_defaults(func=launcher.serve)
-
-    for name, module in (("draft", draft_main), ("target", target_main), ("router", router_main)):
-        p = sub.add_parser(name, help=f"start the {name} service alone")
-        module.add_args(p)
-        p.set_defaults(func=lambda a, m=module: _run_async(m.serve(a)))
 
     gen = sub.add_parser("generate", help="stream a generation from a running router")
     gen.add_argument("prompt")
@@ -112,13 +113,41 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[])
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    add_connection_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     health = sub.add_parser("health", help="check a service's gRPC health (exit 0 when SERVING)")
     health.add_argument("addr")
     health.add_argument("--service", default="")
     health.add_argument("--timeout", type=float, default=3.0)
+    add_connection_args(health)
     health.set_defaults(func=cmd_health)
+
+    certs = sub.add_parser("certs", help="make a private CA with server and client certificates (TLS, mTLS)")
+    certs.add_argument("out", help="folder to write ca.pem, server.pem/.key and client.pem/.key to")
+    certs.set_defaults(func=cmd_certs)
+    if not light_only:
+        add_service_commands(sub)
+    return parser
+
+
+def add_service_commands(sub: argparse._SubParsersAction) -> None:
+    from minedraft import demo, launcher
+    from minedraft.bench import cli as bench_cli
+    from minedraft.bench import quality as bench_quality
+    from minedraft.bench import steps as bench_steps
+    from services.draft import main as draft_main
+    from services.router import main as router_main
+    from services.target import main as target_main
+
+    serve = sub.add_parser("serve", help="start draft, target and router on loopback")
+    launcher.add_args(serve)
+    serve.set_defaults(func=launcher.serve)
+
+    for name, module in (("draft", draft_main), ("target", target_main), ("router", router_main)):
+        p = sub.add_parser(name, help=f"start the {name} service alone")
+        module.add_args(p)
+        p.set_defaults(func=lambda a, m=module: _run_async(m.serve(a)))
 
     models = sub.add_parser("models", help="prepare models").add_subparsers(dest="models_command", required=True)
     tiny = models.add_parser("tiny", help="write a tiny random-weight draft/target pair")
@@ -142,11 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = sub.add_parser("demo", help="stream one answer through a psd cluster on the default pair")
     demo.add_args(demo_parser)
     demo_parser.set_defaults(func=demo.run)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(light_only=bool(argv) and argv[0] in LIGHT_COMMANDS).parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     return args.func(args)
 

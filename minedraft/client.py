@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -39,10 +42,31 @@ def make_request(prompt: str | None = None, messages: list[dict] | None = None, 
     return request
 
 
-def stream(channel: grpc.Channel, request: generate_pb2.GenerateRequest, timeout: float | None = None
-           ) -> Iterator[generate_pb2.GenerateResponse]:
+def add_connection_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-ca", default=None, help="PEM CA of the server's certificate: connect over TLS")
+    parser.add_argument("--tls-cert", default=None, help="PEM client certificate (a mutual-TLS server)")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--api-key-file", default=None, help="file holding the API key (or set MINEDRAFT_API_KEY)")
+
+
+def open_channel(address: str, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None) -> grpc.Channel:
+    """A plaintext channel, or TLS when given the server's CA (and, for mutual TLS, a client certificate)."""
+    if not tls_ca:
+        return grpc.insecure_channel(address)
+    read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert)))
+
+
+def api_key_metadata(api_key_file: str | None = None) -> list[tuple[str, str]]:
+    key = Path(api_key_file).read_text().strip() if api_key_file else os.environ.get("MINEDRAFT_API_KEY", "")
+    return [("authorization", f"Bearer {key}")] if key else []
+
+
+def stream(channel: grpc.Channel, request: generate_pb2.GenerateRequest, timeout: float | None = None,
+           metadata: list[tuple[str, str]] | None = None) -> Iterator[generate_pb2.GenerateResponse]:
     """The server stream: iterate it for responses; `.cancel()` ends it early."""
-    return generate_pb2_grpc.GenerationStub(channel).Generate(request, timeout=timeout)
+    return generate_pb2_grpc.GenerationStub(channel).Generate(request, timeout=timeout, metadata=metadata)
 
 
 def collect(responses) -> Generation:

@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from minedraft.security import TokenCheck
 from minedraft.telemetry import server_interceptors, shutdown_tracing
 
 log = logging.getLogger(__name__)
@@ -24,16 +25,21 @@ class ServiceHost:
     """A grpc.aio server whose health reports SERVING only after `ready()`."""
 
     def __init__(self, host: str, port: int, service_names: Iterable[str],
-                 max_receive_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 max_receive_bytes: int = MAX_MESSAGE_BYTES, credentials: grpc.ServerCredentials | None = None,
+                 tokens: list[str] | None = None) -> None:
+        """`credentials`: serve TLS; `tokens`: every call but health checks must carry one (security.py)."""
         options = [("grpc.max_receive_message_length", max_receive_bytes),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        self.server = grpc.aio.server(options=options, interceptors=server_interceptors())
+        checks = [TokenCheck(tokens)] if tokens else []
+        self.server = grpc.aio.server(options=options, interceptors=[*checks, *server_interceptors()])
         self.health = health.aio.HealthServicer()
         self.service_names = list(service_names)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        self.port = (self.server.add_secure_port(address, credentials) if credentials
+                     else self.server.add_insecure_port(address))
         if not self.port:
             raise RuntimeError(f"cannot listen on {host}:{port} (in use?)")
         self.stopping = asyncio.Event()

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from minedraft.client import open_channel
 from minedraft.model_service import add_kv_args
 from minedraft.precision import CPU_DEFAULT_QUANT, DRAFT_ONLY_QUANTS, QUANTS, resolve_quant
+from minedraft.security import TOKEN_ENV
 from minedraft.sequence_table import DEFAULT_LEASE_S
 from minedraft.static_kv import uses_static_kv
 from services.router.scheduler import MODES
@@ -50,6 +54,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-quant", default="auto", choices=["auto", *target_quants],
                         help=f"CPU weight-only format of the target; auto: {CPU_DEFAULT_QUANT['target']} on the CPU")
     parser.add_argument("--tokenizer", default=None, help="the router's tokenizer (default: the target model's)")
+    parser.add_argument("--tls-dir", default=None, help="certificates from `minedraft certs DIR`: every service "
+                        "serves TLS, and draft and target take only clients with a certificate from its CA")
+    parser.add_argument("--public-mtls", action="store_true",
+                        help="with --tls-dir: clients of the public API must present a certificate too")
+    parser.add_argument("--api-key-file", default=None, help="the router's API key (see `minedraft router`)")
+    parser.add_argument("--admin-key-file", default=None, help="the router's admin key (see `minedraft router`)")
     add_kv_args(parser)
     parser.set_defaults(max_seqs=0)
     parser.add_argument("--cpu-layout", default="auto", choices=CPU_LAYOUTS,
@@ -135,6 +145,18 @@ def commands(args: argparse.Namespace, draft_port: int, target_port: int) -> dic
               *router_cores]
     if any(uses_static_kv(args.kv, device) for device in (args.device, args.draft_device or args.device)):
         router += ["--max-context", str(args.max_context)]  # the services' static caches hold no more
+    if args.tls_dir:
+        tls = Path(args.tls_dir)
+        for cmd in (draft, target):
+            cmd += ["--tls-cert", str(tls / "server.pem"), "--tls-key", str(tls / "server.key"),
+                    "--tls-client-ca", str(tls / "ca.pem")]
+        router += ["--tls-cert", str(tls / "server.pem"), "--tls-key", str(tls / "server.key"),
+                   "--backend-ca", str(tls / "ca.pem"), "--backend-cert", str(tls / "client.pem"),
+                   "--backend-key", str(tls / "client.key"),
+                   *(["--tls-client-ca", str(tls / "ca.pem")] if args.public_mtls else [])]
+    for kind in ("api", "admin"):
+        if getattr(args, f"{kind}_key_file"):
+            router += [f"--{kind}-token-file", getattr(args, f"{kind}_key_file")]
     if args.metrics_port:
         for offset, cmd in enumerate((router, draft, target)):
             cmd += ["--metrics-port", str(args.metrics_port + offset)]
@@ -154,16 +176,28 @@ class Cluster:
         self.target_address = f"127.0.0.1:{args.target_port or next(spare)}"
         self.commands = commands(args, int(self.draft_address.rsplit(":", 1)[1]),
                                  int(self.target_address.rsplit(":", 1)[1]))
-        self.procs = {name: subprocess.Popen(cmd) for name, cmd in self.commands.items()}
+        # Only this cluster's router may call its draft and target: a token made for it, handed over in the
+        # environment (never argv, which `ps` shows).
+        self.internal_token = secrets.token_urlsafe(24)
+        self.env = {**os.environ, TOKEN_ENV["internal"]: self.internal_token}
+        self.tls = (Path(args.tls_dir), args.public_mtls) if args.tls_dir else None
+        self.procs = {name: subprocess.Popen(cmd, env=self.env) for name, cmd in self.commands.items()}
+
+    def public_channel(self) -> grpc.Channel:
+        if not self.tls:
+            return grpc.insecure_channel(self.address)
+        folder, mutual = self.tls
+        return open_channel(self.address, str(folder / "ca.pem"), *(
+            (str(folder / "client.pem"), str(folder / "client.key")) if mutual else ()))
 
     def restart(self, name: str) -> None:
         """Starts a service again with its original command (after it died or was killed)."""
         self.procs[name].wait()
-        self.procs[name] = subprocess.Popen(self.commands[name])
+        self.procs[name] = subprocess.Popen(self.commands[name], env=self.env)
 
     def wait_ready(self, timeout_s: float = 900.0, should_stop=lambda: False) -> None:
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as channel:
+        with self.public_channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline and not should_stop():
                 for name, proc in self.procs.items():

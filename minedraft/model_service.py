@@ -18,6 +18,7 @@ from minedraft.model_runner import DTYPES, ModelRunner
 from minedraft.models.random_shapes import is_random
 from minedraft.models.store import resolve_model
 from minedraft.precision import QUANTS
+from minedraft.security import add_server_tls_args, add_token_args, read_token, server_credentials
 from minedraft.sequence_table import DEFAULT_LEASE_S
 from minedraft.servicing import EngineServicer
 from minedraft.telemetry import setup_tracing
@@ -46,6 +47,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--max-sequences", type=int, default=256,
                         help="most sequences held at once (static KV: also at most --max-seqs); more are "
                              "refused with RESOURCE_EXHAUSTED")
+    add_server_tls_args(parser)
+    add_token_args(parser, "internal")
     add_kv_args(parser)
 
 
@@ -81,7 +84,9 @@ async def serve_model(args: argparse.Namespace, service_name: str, servicer: Eng
     torch.set_num_threads(servicer.worker.threads)
     setup_tracing(service_name.rsplit(".", 1)[-1].lower())
     serve_metrics(args.metrics_port, args.host)
-    host = ServiceHost(args.host, args.port, [service_name])
+    token = read_token(args, "internal")
+    host = ServiceHost(args.host, args.port, [service_name], credentials=server_credentials(args),
+                       tokens=[token] if token else None)
     add_to_server(servicer, host.server)
 
     async def load_and_warm() -> None:

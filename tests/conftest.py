@@ -33,7 +33,8 @@ def cluster_args(mode: str, target: Path, draft: Path, **extra) -> argparse.Name
     argv = ["--mode", mode, "--port", str(free_port()), "--target-model", str(target), "--draft-model", str(draft),
             "--dtype", "float64", "--draft-quant", "none", "--target-quant", "none"]
     for key, value in extra.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        argv += [flag] if value is True else [flag, str(value)]
     return parser.parse_args(argv)
 
 

@@ -104,8 +104,9 @@ def test_chat_messages_are_accepted(tiny_clusters) -> None:
 def held_sequences(cluster) -> tuple[int, int]:
     release = common_pb2.ReleaseRequest(seq_ids=[])
     with grpc.insecure_channel(cluster.draft_address) as d, grpc.insecure_channel(cluster.target_address) as t:
-        return (draft_pb2_grpc.DraftStub(d).Release(release).still_held,
-                target_pb2_grpc.TargetStub(t).Release(release).still_held)
+        token = [("authorization", f"Bearer {cluster.internal_token}")]  # only routers may call them
+        return (draft_pb2_grpc.DraftStub(d).Release(release, metadata=token).still_held,
+                target_pb2_grpc.TargetStub(t).Release(release, metadata=token).still_held)
 
 
 def test_cancelled_stream_releases_state_on_both_services(tiny_clusters) -> None:

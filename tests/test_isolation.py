@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -99,8 +100,8 @@ def test_a_stopped_target_fails_requests_within_the_timeout(tiny_pair) -> None:
 def children_of(pid: int) -> dict[str, int]:
     """The `minedraft <service>` processes a `serve` started, by service name."""
     found = {}
-    for child in open(f"/proc/{pid}/task/{pid}/children").read().split():
-        argv = open(f"/proc/{child}/cmdline").read().split("\0")
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        argv = Path(f"/proc/{child}/cmdline").read_text().split("\0")
         if len(argv) > 3 and argv[1:3] == ["-m", "minedraft.cli"]:
             found[argv[3]] = int(child)
     return found

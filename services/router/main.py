@@ -14,6 +14,15 @@ from minedraft.metrics import serve_metrics
 from minedraft.models.compat import check_same_tokenizer
 from minedraft.models.store import resolve_model
 from minedraft.protos import common_pb2, draft_pb2_grpc, monitor_pb2_grpc, target_pb2_grpc
+from minedraft.security import (
+    add_backend_tls_args,
+    add_server_tls_args,
+    add_token_args,
+    backend_credentials,
+    bearer,
+    read_token,
+    server_credentials,
+)
 from minedraft.telemetry import client_interceptors, setup_tracing
 from services.router.admission import Admission
 from services.router.backends import Backend
@@ -63,6 +72,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="control-token text (<|im_start|>…) in prompts and chat messages: tokenised as plain "
                              "text (default), or allowed to become control tokens (raw prompts that carry their "
                              "own chat template)")
+    add_server_tls_args(parser)
+    add_backend_tls_args(parser)
+    add_token_args(parser, "internal", "api", "admin")
     parser.add_argument("--drain-timeout", type=float, default=60.0, help="seconds in-flight streams get to "
                         "finish after SIGTERM")
 
@@ -83,16 +95,23 @@ async def serve(args: argparse.Namespace) -> None:
     setup_tracing("router")
     serve_metrics(args.metrics_port, args.host)
     public = ["minedraft.protos.Generation", "minedraft.protos.RouterMonitor"]
-    host = ServiceHost(args.host, args.port, public, max_receive_bytes=PUBLIC_MAX_REQUEST_BYTES)
+    api_key, admin_key, internal_token = (read_token(args, kind) for kind in ("api", "admin", "internal"))
+    host = ServiceHost(args.host, args.port, public, max_receive_bytes=PUBLIC_MAX_REQUEST_BYTES,
+                       credentials=server_credentials(args),
+                       tokens=[key for key in (api_key, admin_key) if key] if api_key else None)
 
     def on_target_change(up: bool) -> None:  # the router is only as healthy as its target
         asyncio.get_running_loop().create_task(host.set_serving(up))
 
-    owner = new_owner_id()
+    owner, credentials = new_owner_id(), backend_credentials(args)
+    metadata = [owner_metadata(owner), *([bearer(internal_token)] if internal_token else [])]
 
     def channel(address: str) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(address, options=BACKEND_CHANNEL_OPTIONS, interceptors=[
-            CallMetadata([owner_metadata(owner)]), *client_interceptors()])
+        interceptors = [CallMetadata(metadata), *client_interceptors()]
+        if credentials:
+            return grpc.aio.secure_channel(address, credentials, options=BACKEND_CHANNEL_OPTIONS,
+                                           interceptors=interceptors)
+        return grpc.aio.insecure_channel(address, options=BACKEND_CHANNEL_OPTIONS, interceptors=interceptors)
 
     target = Backend("target", channel(args.target_addr), target_pb2_grpc.TargetStub, on_change=on_target_change)
     draft = Backend("draft", channel(args.draft_addr), draft_pb2_grpc.DraftStub) if args.mode != "ar" else None
@@ -108,7 +127,8 @@ async def serve(args: argparse.Namespace) -> None:
                                   admission=admission, default_max_tokens=args.default_max_tokens,
                                   control_tokens=args.control_tokens == "allow")
     add_generation_servicer(servicer, host.server)
-    monitor_pb2_grpc.add_RouterMonitorServicer_to_server(MonitorServicer(scheduler), host.server)
+    monitor = MonitorServicer(scheduler, admin_key=admin_key, open_clear=not (api_key or admin_key))
+    monitor_pb2_grpc.add_RouterMonitorServicer_to_server(monitor, host.server)
 
     async def ready() -> None:
         await asyncio.gather(*(b.wait_serving() for b in (target, draft) if b is not None))

@@ -5,13 +5,21 @@ from __future__ import annotations
 import grpc
 
 from minedraft.protos import monitor_pb2, monitor_pb2_grpc
+from minedraft.security import presented_token, token_matches
 from services.router.scheduler import Scheduler
 
 
 class MonitorServicer(monitor_pb2_grpc.RouterMonitorServicer):
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, admin_key: str | None = None, open_clear: bool = True) -> None:
+        """`clear` wipes what others measure: it takes the admin key, or no key at all on a router that has
+        none configured (`open_clear`, the loopback default)."""
         self.scheduler = scheduler
+        self.admin_key = admin_key
+        self.open_clear = open_clear
 
     async def GetStats(self, request: monitor_pb2.StatsRequest,
                        context: grpc.aio.ServicerContext) -> monitor_pb2.RouterStats:
+        if request.clear and not self.open_clear and not (
+                self.admin_key and token_matches(presented_token(context), [self.admin_key])):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "clearing the counters takes the admin key")
         return self.scheduler.snapshot(clear=request.clear)
