@@ -1,13 +1,14 @@
 """`minedraft certs DIR`: the one-time step that makes a private CA and the certificates a cluster uses.
 
 ca.pem signs server.pem (every service presents it; its names cover loopback and the compose/Kubernetes
-service names) and client.pem (what a router, or a client of a mutual-TLS router, presents). Keys are
-written readable by their owner only. Real deployments can bring certificates from their own CA instead."""
+service names) and client.pem (what a router, or a client of a mutual-TLS router, presents); internal-token is the bearer
+token only routers hold. Keys and the token are written readable by their owner only. Real deployments can bring certificates from their own CA instead."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -65,4 +66,7 @@ def write_certs(out_dir: Path, server_names: tuple[str, ...] = SERVER_NAMES, day
         paths[role].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         paths[f"{role}-key"] = out_dir / f"{role}.key"
         _write_key(paths[f"{role}-key"], key)
+    paths["internal-token"] = out_dir / "internal-token"  # what routers present to draft and target
+    paths["internal-token"].write_text(secrets.token_urlsafe(32) + "\n")
+    paths["internal-token"].chmod(0o600)
     return paths
