@@ -1,8 +1,9 @@
 """`minedraft certs DIR`: the one-time step that makes a private CA and the certificates a cluster uses.
 
 ca.pem signs server.pem (every service presents it; its names cover loopback and the compose/Kubernetes
-service names) and client.pem (what a router, or a client of a mutual-TLS router, presents); internal-token is the bearer
-token only routers hold. Keys and the token are written readable by their owner only. Real deployments can bring certificates from their own CA instead."""
+service names) and client.pem (what a router, or a client of a mutual-TLS router, presents); internal-token
+is the bearer token only routers hold. Keys and the token are readable by their owner only. Deployments
+with their own CA can bring their own certificates instead."""
 
 from __future__ import annotations
 

@@ -79,6 +79,14 @@ class SequenceTable:
         now = time.monotonic()
         return [seq_id for seq_id, state in list(self._seqs.items()) if state.expires_at < now]
 
+    def check_room(self, taken: int, free_slots: int) -> None:
+        """Refuses one more new sequence when `taken` of this call's already use up the cap or the cache."""
+        if len(self._seqs) + taken >= self.max_sequences:
+            raise ResourceExhausted(f"this service holds its most sequences ({self.max_sequences}); retry when "
+                                    "others finish")
+        if taken >= free_slots:
+            raise ResourceExhausted("KV cache full; retry when others finish")
+
     def release_expired(self) -> int:
         return self.release(self.expired())
 
@@ -101,9 +109,6 @@ class SequenceTable:
         held = self._seqs.get(seq_id)
         if held is not None and not (replace and held.owner == owner):
             raise AlreadyExists(f"sequence {seq_id!r} is held already")
-        if held is None and len(self._seqs) >= self.max_sequences:
-            raise ResourceExhausted(f"this service holds its most sequences ({self.max_sequences}); "
-                                    "retry when others finish")
         if not tokens:
             raise InvalidArgument("empty prompt")
         self.check_tokens(tokens, extra=room)

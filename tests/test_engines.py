@@ -2,7 +2,7 @@
 
 import pytest
 
-from minedraft.errors import AlreadyExists, InvalidArgument, NotFound
+from minedraft.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from minedraft.model_runner import ModelRunner
 from minedraft.sampling import Sampling
 from services.draft.engine import DraftEngine
@@ -107,3 +107,11 @@ def test_bad_batch_mates_change_no_token(engines) -> None:
     poisoned = speculate(target, draft, list(PROMPTS), rounds=5, batched=True, poison=True)
     assert poisoned == clean
     assert len(target.table) == 0 and len(draft.table) == 0
+
+
+def test_past_the_sequence_cap_a_newcomer_is_refused(tiny_pair) -> None:
+    target = TargetEngine(ModelRunner.load(str(tiny_pair[0]), dtype="float64"), max_sequences=2)
+    results = target.prefill([(s, [1, 2], Sampling()) for s in "abc"])
+    assert isinstance(results[2], ResourceExhausted) and all(isinstance(r, int) for r in results[:2])
+    target.release(["a"])
+    assert isinstance(target.prefill([("c", [1, 2], Sampling())])[0], int)

@@ -118,7 +118,7 @@ def test_survival_never_increases_with_position() -> None:
 def test_draft_prefill_chunks_hold_at_most_the_token_budget() -> None:
     from types import SimpleNamespace
 
-    from services.router.scheduler import token_chunks
+    from services.router.drafting import token_chunks
 
     requests = [SimpleNamespace(tokens=[0] * n) for n in (300, 200, 100, 700, 50, 50)]
     chunks = token_chunks(requests, 512)

@@ -71,7 +71,8 @@ def test_internal_services_take_only_routers_over_mutual_tls(locked_cluster) -> 
             stub.Release(release, timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert stub.Release(release, timeout=10, metadata=[("authorization", f"Bearer {cluster.internal_token}")])
-    with open_channel(cluster.target_address, str(certs / "ca.pem")) as channel, pytest.raises(grpc.RpcError) as no_cert:
+    with open_channel(cluster.target_address, str(certs / "ca.pem")) as channel, \
+            pytest.raises(grpc.RpcError) as no_cert:
         target_pb2_grpc.TargetStub(channel).Release(release, timeout=10)
     assert no_cert.value.code() == grpc.StatusCode.UNAVAILABLE
 

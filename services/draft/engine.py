@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minedraft.errors import InvalidArgument, ResourceExhausted, ServiceError
+from minedraft.errors import InvalidArgument, ServiceError
 from minedraft.model_runner import ModelRunner, SequenceState
 from minedraft.sampling import DRAFT_STREAM, Sampling, sample_truncated
 from minedraft.sequence_table import SequenceTable
@@ -43,8 +43,8 @@ class DraftEngine:
             try:
                 state = self.table.new_state(seq_id, tokens, sampling, DRAFT_STREAM, self.runner.device, owner,
                                              replace=seq_id in replace)
-                if len(checked) >= self.runner.free_slots + self._replaced_slots(checked):
-                    raise ResourceExhausted("KV cache full; retry when others finish")
+                if seq_id not in self.table:  # a replaced one takes its own old room
+                    self.table.check_room(len(checked) - self._replaced(checked), self.runner.free_slots)
                 checked.append((seq_id, state))
             except ServiceError as error:
                 errors[i] = error
@@ -55,7 +55,7 @@ class DraftEngine:
             self.table.put(seq_id, state)
         return errors
 
-    def _replaced_slots(self, checked: list[tuple[str, SequenceState]]) -> int:
+    def _replaced(self, checked: list[tuple[str, SequenceState]]) -> int:
         return sum(1 for seq_id, _ in checked if seq_id in self.table)
 
     def propose(self, seqs: list[tuple[str, int, list[int], int]],

@@ -61,6 +61,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="seconds before a Verify counts as failed (a Prefill gets 20 ms more per prompt "
                              "token): its requests fail and the router reports NOT_SERVING until the target "
                              "answers its health checks again")
+    parser.add_argument("--max-lane-tokens", type=int, default=0,
+                        help="most prompt + max_tokens tokens the sequences of one lane may hold; a request that "
+                             "would pass it waits its turn (0: only --max-batch and the services' caches bound it)")
     parser.add_argument("--draft-prefill-tokens", type=int, default=512,
                         help="most prompt tokens in one draft prefill call (longer batches go in chunks, so "
                              "none outlasts --draft-timeout)")
@@ -118,7 +121,7 @@ async def serve(args: argparse.Namespace) -> None:
     scheduler = Scheduler(target, draft, mode=args.mode, k=args.k, max_batch=args.max_batch,
                           draft_timeout_s=args.draft_timeout, k_max=args.k_max,
                           draft_prefill_tokens=args.draft_prefill_tokens, share_cores=args.share_cores,
-                          target_timeout_s=args.target_timeout)
+                          target_timeout_s=args.target_timeout, max_lane_tokens=args.max_lane_tokens)
     lanes = len(scheduler.lanes)
     admission = Admission(max_sequences=lanes * args.max_batch + args.max_queue, rate_per_s=args.rate_limit)
     servicer = GenerationServicer(scheduler, tokenizer, eos_ids_of(tokenizer, config),

@@ -4,26 +4,11 @@ timeline the benchmark reads (RouterMonitor). None of it steers scheduling; the 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 from minedraft import metrics
 from minedraft.protos import common_pb2, monitor_pb2
+from services.router.lanes import Lane
 from services.router.request import Request
-
-
-@dataclass
-class Lane:
-    index: int
-    active: list[Request] = field(default_factory=list)
-    incoming: list[Request] = field(default_factory=list)  # handed over by the other lane, joins next round
-    prefilling: bool = False
-    counters: monitor_pb2.LaneCounters = field(default_factory=monitor_pb2.LaneCounters)
-
-    def __post_init__(self) -> None:
-        self.counters.lane = self.index
-
-    def live(self) -> list[Request]:
-        return [r for r in (*self.active, *self.incoming) if not r.done]
 
 
 class Recorder:

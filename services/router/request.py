@@ -41,6 +41,11 @@ class Request:
         return self.prompt_ids + self.generated
 
     @property
+    def reserved_tokens(self) -> int:
+        """The most tokens this sequence can come to hold: its prompt and every token it may generate."""
+        return len(self.prompt_ids) + self.max_tokens
+
+    @property
     def remaining(self) -> int:
         return self.max_tokens - len(self.generated)
 

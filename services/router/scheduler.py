@@ -19,14 +19,16 @@ import grpc
 
 from minedraft import metrics
 from minedraft.errors import Unavailable
-from minedraft.protos import common_pb2, draft_pb2, monitor_pb2, target_pb2
+from minedraft.protos import common_pb2, monitor_pb2, target_pb2
 from minedraft.telemetry import batch_span
 from services.router.backends import Backend
 from services.router.calibration import calibrate
-from services.router.faults import draft_call_failed, draft_refused, target_call_failed, target_refused
+from services.router.drafting import Drafter
+from services.router.faults import target_call_failed, target_refused
 from services.router.k_trial import KTrial
-from services.router.policy import Plan, StageModel, next_plan, rebalance
-from services.router.recorder import Lane, Recorder
+from services.router.lanes import Lane, hand_over, overlapped, take_waiting
+from services.router.policy import Plan, StageModel, next_plan
+from services.router.recorder import Recorder
 from services.router.request import Request
 
 log = logging.getLogger(__name__)
@@ -35,27 +37,16 @@ MODES = ("ar", "sd", "psd", "auto")
 PREFILL_S_PER_TOKEN = 0.02  # a target prefill's deadline grows by this per prompt token (CPU speeds, with margin)
 
 
-def token_chunks(requests: list[Request], max_tokens: int) -> list[list[Request]]:
-    """Consecutive groups of requests holding at most max_tokens tokens each (a longer one goes alone)."""
-    chunks: list[list[Request]] = []
-    size = 0
-    for request in requests:
-        if not chunks or size + len(request.tokens) > max_tokens:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(request)
-        size += len(request.tokens)
-    return chunks
-
-
 class Scheduler:
     def __init__(self, target: Backend, draft: Backend | None, mode: str = "auto", k: int = 4,
                  max_batch: int = 16, draft_timeout_s: float = 10.0, k_max: int | None = None,
-                 draft_prefill_tokens: int = 512, share_cores: int = 0, target_timeout_s: float = 30.0) -> None:
+                 draft_prefill_tokens: int = 512, share_cores: int = 0, target_timeout_s: float = 30.0,
+                 max_lane_tokens: int = 0) -> None:
         """`share_cores`: draft and target share this many CPU cores of one host; each call then asks for all
         of them when it runs alone and half when the other service runs beside it (0: no hints).
         `target_timeout_s`: the deadline of a Verify (a Prefill's grows with its tokens); past it the target
-        counts as down and its requests fail, rather than hang."""
+        counts as down and its requests fail, rather than hang. `max_lane_tokens`: most prompt + completion
+        tokens the sequences of one lane may come to hold (0: only max_batch and the services' caches bound it)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if mode != "ar" and draft is None:
@@ -63,7 +54,7 @@ class Scheduler:
         self.target, self.draft = target, draft
         self.mode, self.k, self.max_batch = mode, k, max_batch
         self.draft_timeout_s, self.target_timeout_s = draft_timeout_s, target_timeout_s
-        self.draft_prefill_tokens = draft_prefill_tokens
+        self.max_lane_tokens = max_lane_tokens
         self.share_cores = share_cores
         self.lanes = [Lane(i) for i in range(2 if mode in ("psd", "auto") else 1)]
         self.stages = StageModel()
@@ -73,6 +64,8 @@ class Scheduler:
         self.k_trial = KTrial(self.stages.tokens_per_round)
         self.waiting: deque[Request] = deque()
         self.recorder = Recorder()
+        self.drafter = Drafter(draft, self.stages, self.recorder, draft_timeout_s, draft_prefill_tokens) \
+            if draft is not None else None
         self._work = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -105,13 +98,6 @@ class Scheduler:
         if not self.share_cores:
             return 0
         return max(1, self.share_cores // 2) if shared else self.share_cores
-
-    def _overlapped(self, lane: Lane) -> bool:
-        """Whether this lane's calls run beside the other lane's (two lanes, both with work)."""
-        if len(self.lanes) != 2 or self.plan.lanes != 2:
-            return False
-        other = self.lanes[1 - lane.index]
-        return bool(other.active or other.incoming or other.prefilling)
 
     def snapshot(self, clear: bool = False) -> monitor_pb2.RouterStats:
         return self.recorder.snapshot(self.mode, self.round_k, self.lanes, clear)
@@ -154,24 +140,6 @@ class Scheduler:
     def _lane_open(self, lane: Lane) -> bool:
         return lane.index < self.plan.lanes
 
-    def _hand_over(self, lane: Lane) -> None:
-        """At this lane's own boundary (none of its sequences is mid-round), give sequences to the other lane:
-        all of them when it is closed, else enough to even out a tail so neither lane idles."""
-        if len(self.lanes) != 2:
-            return
-        other = self.lanes[1 - lane.index]
-        if not self._lane_open(lane):
-            count = len(lane.active)
-        elif self._lane_open(other):
-            count = rebalance([len(lane.active), len(other.active) + len(other.incoming)])
-            count = count if len(lane.active) > len(other.active) + len(other.incoming) else 0
-        else:
-            count = 0
-        if count:
-            other.incoming.extend(lane.active[-count:])
-            del lane.active[-count:]
-            self._work.set()
-
     async def _run_lane(self, lane: Lane) -> None:
         while True:
             try:
@@ -179,8 +147,10 @@ class Scheduler:
                 self._replan()
                 lane.active.extend(lane.incoming)
                 lane.incoming.clear()
-                self._hand_over(lane)
-                joining = self._take_waiting(lane) if self._lane_open(lane) else []
+                if hand_over(self.lanes, self.plan.lanes, lane):
+                    self._work.set()
+                joining = take_waiting(self.lanes, self.plan.lanes, lane, self.waiting, self.max_batch,
+                                       self.max_lane_tokens) if self._lane_open(lane) else []
                 metrics.WAITING.set(len(self.waiting))
                 metrics.LANE_SEQUENCES.labels(str(lane.index)).set(len(lane.active) + len(joining))
                 if joining:
@@ -198,19 +168,6 @@ class Scheduler:
                 for request in lane.active:
                     if not request.done:
                         request.fail(Unavailable(f"internal router error: {error}"))
-
-    def _take_waiting(self, lane: Lane) -> list[Request]:
-        """Moves waiting requests into this lane while it is (one of) the smallest and not full."""
-        joining: list[Request] = []
-        while self.waiting and len(lane.active) + len(joining) < self.max_batch:
-            others = min((len(o.active) + len(o.incoming) for o in self.lanes if o is not lane and self._lane_open(o)),
-                         default=self.max_batch)
-            if len(lane.active) + len(joining) > others:
-                break
-            request = self.waiting.popleft()
-            if not request.cancelled:
-                joining.append(request)
-        return joining
 
     async def _retire(self, lane: Lane) -> None:
         """Removes finished and cancelled requests and frees their state on both services.
@@ -250,12 +207,12 @@ class Scheduler:
         # for the first token), and the draft catches up at the lane's next propose (stale, below).
         at_once = self.speculating and self.round_k and not self.share_cores
         with_draft = [r for r in joining if r.speculate] if at_once else []
-        threads = self.threads_for(shared=bool(with_draft) or self._overlapped(lane))
+        threads = self.threads_for(shared=bool(with_draft) or overlapped(self.lanes, self.plan.lanes, lane))
         calls = [self.target.stub.Prefill(target_pb2.TargetPrefillRequest(seqs=[
             target_pb2.TargetPrefillSeq(seq_id=r.seq_id, tokens=r.prompt_ids, sampling=r.sampling_proto())
             for r in joining], threads=threads), timeout=self.target_timeout_s + tokens * PREFILL_S_PER_TOKEN)]
         if with_draft:
-            calls.append(self._draft_prefill(with_draft, lane, threads))
+            calls.append(self.drafter.prefill(with_draft, lane, threads))
         lane.prefilling = True
         try:
             results = await asyncio.gather(*calls, return_exceptions=True)
@@ -272,35 +229,6 @@ class Scheduler:
             else:
                 request.add_tokens([first.token_id])
 
-    async def _draft_prefill(self, requests: list[Request], lane: Lane, threads: int,
-                             catching_up: bool = False) -> None:
-        """Sends the draft every token of these requests; a failure only turns speculation off.
-
-        In chunks of at most `draft_prefill_tokens` prompt tokens (one request at least), so no call's
-        duration grows with the batch: one call for 16 long prompts once outlasted the draft timeout,
-        and the re-sync after it (every sequence at once) outlasted it again, over and over."""
-        for chunk in token_chunks(requests, self.draft_prefill_tokens):
-            epoch, lengths = self.draft.epoch, [len(r.tokens) for r in chunk]
-            for request in chunk:
-                request.draft_sent = True
-            try:
-                response = await self.draft.stub.Prefill(draft_pb2.DraftPrefillRequest(seqs=[
-                    draft_pb2.DraftPrefillSeq(seq_id=r.seq_id, tokens=r.tokens, sampling=r.sampling_proto(),
-                                              replace=catching_up)
-                    for r in chunk], threads=threads), timeout=self.draft_timeout_s)
-            except grpc.aio.AioRpcError as error:
-                draft_call_failed(self.draft, chunk, error, "prefill")
-                return
-            self.recorder.device_call("draft", "prefill", lane, response.stats, sum(lengths))
-            if catching_up:  # beside the target's prefill it costs no round any time
-                self.stages.observe_draft_prefill(response.stats.forward_ms)
-            refused = {e.seq_id: e for e in response.errors}
-            for request, length in zip(chunk, lengths, strict=True):
-                if request.seq_id in refused:
-                    draft_refused(request, refused[request.seq_id])
-                else:
-                    request.draft_len, request.draft_epoch = length, epoch
-
     async def _round(self, lane: Lane) -> None:
         requests = [r for r in lane.active if not r.done]  # one that failed at prefill never reaches a Verify
         if not requests:
@@ -316,8 +244,9 @@ class Scheduler:
         """One draft + verify round for these requests; returns (tokens drafted, tokens accepted)."""
         loop = asyncio.get_running_loop()
         started, k, draft_ms_before = loop.time(), self.round_k, lane.counters.draft_ms
-        shared = bool(self.share_cores) and self._overlapped(lane)
-        drafts = await self._propose(lane, requests, shared) if self.speculating else {}
+        shared = bool(self.share_cores) and overlapped(self.lanes, self.plan.lanes, lane)
+        drafts = await self.drafter.propose(lane, requests, self.round_k, shared, self.threads_for(shared)) \
+            if self.speculating else {}
         response = await self._verify(lane, requests, drafts, shared)
         if response is None:
             return 0, 0
@@ -340,8 +269,8 @@ class Scheduler:
             # Device time, not wall time: a round's wall time also holds the other lane's prefills, which
             # come in waves and would swamp a few percent. Overlapped, a lane round costs its slower stage.
             draft_ms, verify_ms = lane.counters.draft_ms - draft_ms_before, response.stats.forward_ms
-            overlapped = any(other is not lane and other.active for other in self.lanes) and self.plan.lanes == 2
-            cost_ms = max(draft_ms, verify_ms) if overlapped else draft_ms + verify_ms
+            beside = any(other is not lane and other.active for other in self.lanes) and self.plan.lanes == 2
+            cost_ms = max(draft_ms, verify_ms) if beside else draft_ms + verify_ms
             self.k_trial.observe(self.plan.lanes, k, len(requests), cost_ms)
         self.recorder.round_done(lane, loop.time() - started)
         return drafted_total, accepted_total
@@ -360,32 +289,3 @@ class Scheduler:
         self.recorder.verify(lane, len(requests), response.stats,
                              sum(len(drafts.get(r.seq_id, [])) + 1 for r in requests))
         return response
-
-    async def _propose(self, lane: Lane, requests: list[Request],
-                       shared: bool) -> dict[str, list[common_pb2.DraftToken]]:
-        """Drafts up to k tokens per request; a request that can take only one more token gets none."""
-        k = self.round_k
-        wanted = [r for r in requests if r.speculate and not r.done and r.remaining > 1] if k > 0 else []
-        stale = [r for r in wanted if r.draft_epoch != self.draft.epoch]
-        if stale:  # new to the draft, or the draft restarted since: send their tokens first
-            await self._draft_prefill(stale, lane, self.threads_for(shared), catching_up=True)
-        ready = [r for r in wanted if r.speculate and r.draft_epoch == self.draft.epoch]
-        if not ready or not self.draft.up:
-            return {}
-        seqs = [draft_pb2.ProposeSeq(seq_id=r.seq_id, k=min(k, r.remaining - 1), commit=draft_pb2.Commit(
-            keep=r.draft_len, append=r.tokens[r.draft_len:])) for r in ready]
-        try:
-            request = draft_pb2.ProposeRequest(seqs=seqs, threads=self.threads_for(shared))
-            response = await self.draft.stub.Propose(request, timeout=self.draft_timeout_s)
-        except grpc.aio.AioRpcError as error:  # verify without drafts: same output, just slower
-            draft_call_failed(self.draft, ready, error, "propose")
-            return {}
-        self.stages.observe_propose(len(seqs), max(s.k for s in seqs), response.stats.forward_ms, shared)
-        self.recorder.propose(lane, response.stats, sum(s.k for s in seqs))
-        drafts = {}
-        for request, proposal in zip(ready, response.proposals, strict=True):
-            if proposal.HasField("error"):
-                draft_refused(request, proposal.error)
-            else:
-                drafts[request.seq_id] = list(proposal.tokens)
-        return drafts

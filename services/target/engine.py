@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from minedraft.errors import InvalidArgument, ResourceExhausted, ServiceError
+from minedraft.errors import InvalidArgument, ServiceError
 from minedraft.model_runner import ModelRunner, SequenceState
 from minedraft.sampling import (
     TARGET_STREAM,
@@ -40,9 +40,7 @@ class TargetEngine:
             try:
                 state = self.table.new_state(seq_id, tokens, sampling, TARGET_STREAM, self.runner.device, owner,
                                              room=1)
-                if len(checked) >= self.runner.free_slots:
-                    raise ResourceExhausted(f"KV cache full ({self.runner.free_slots} free slots); retry when "
-                                            "others finish")
+                self.table.check_room(len(checked), self.runner.free_slots)
                 checked.append((i, state))
             except ServiceError as error:
                 results[i] = error

@@ -1,0 +1,92 @@
+"""The router's calls to the draft: caching sequences there and asking it for proposals.
+
+The draft only accelerates. Whatever goes wrong here costs speed, never output: a draft that does not answer
+in time is marked down (rounds go on target-only until it is back), and a sequence it refuses goes on without
+drafts (faults.py)."""
+
+from __future__ import annotations
+
+import grpc
+
+from minedraft.protos import common_pb2, draft_pb2
+from services.router.backends import Backend
+from services.router.faults import draft_call_failed, draft_refused
+from services.router.policy import StageModel
+from services.router.recorder import Lane, Recorder
+from services.router.request import Request
+
+
+def token_chunks(requests: list[Request], max_tokens: int) -> list[list[Request]]:
+    """Consecutive groups of requests holding at most max_tokens tokens each (a longer one goes alone)."""
+    chunks: list[list[Request]] = []
+    size = 0
+    for request in requests:
+        if not chunks or size + len(request.tokens) > max_tokens:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(request)
+        size += len(request.tokens)
+    return chunks
+
+
+class Drafter:
+    def __init__(self, draft: Backend, stages: StageModel, recorder: Recorder, timeout_s: float,
+                 prefill_tokens: int) -> None:
+        self.draft, self.stages, self.recorder = draft, stages, recorder
+        self.timeout_s, self.prefill_tokens = timeout_s, prefill_tokens
+
+    async def prefill(self, requests: list[Request], lane: Lane, threads: int, catching_up: bool = False) -> None:
+        """Sends the draft every token of these requests.
+
+        In chunks of at most `prefill_tokens` prompt tokens (one request at least), so no call's duration grows
+        with the batch: one call for 16 long prompts once outlasted the draft timeout, and the re-sync after it
+        (every sequence at once) outlasted it again, over and over."""
+        for chunk in token_chunks(requests, self.prefill_tokens):
+            epoch, lengths = self.draft.epoch, [len(r.tokens) for r in chunk]
+            for request in chunk:
+                request.draft_sent = True
+            try:
+                response = await self.draft.stub.Prefill(draft_pb2.DraftPrefillRequest(seqs=[
+                    draft_pb2.DraftPrefillSeq(seq_id=r.seq_id, tokens=r.tokens, sampling=r.sampling_proto(),
+                                              replace=catching_up)
+                    for r in chunk], threads=threads), timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as error:
+                draft_call_failed(self.draft, chunk, error, "prefill")
+                return
+            self.recorder.device_call("draft", "prefill", lane, response.stats, sum(lengths))
+            if catching_up:  # beside the target's prefill it costs no round any time
+                self.stages.observe_draft_prefill(response.stats.forward_ms)
+            refused = {e.seq_id: e for e in response.errors}
+            for request, length in zip(chunk, lengths, strict=True):
+                if request.seq_id in refused:
+                    draft_refused(request, refused[request.seq_id])
+                else:
+                    request.draft_len, request.draft_epoch = length, epoch
+
+    async def propose(self, lane: Lane, requests: list[Request], k: int, shared: bool,
+                      threads: int) -> dict[str, list[common_pb2.DraftToken]]:
+        """Drafts up to k tokens per request; a request that can take only one more token gets none."""
+        wanted = [r for r in requests if r.speculate and not r.done and r.remaining > 1] if k > 0 else []
+        stale = [r for r in wanted if r.draft_epoch != self.draft.epoch]
+        if stale:  # new to the draft, or the draft restarted or lost them since: send their tokens first
+            await self.prefill(stale, lane, threads, catching_up=True)
+        ready = [r for r in wanted if r.speculate and r.draft_epoch == self.draft.epoch]
+        if not ready or not self.draft.up:
+            return {}
+        seqs = [draft_pb2.ProposeSeq(seq_id=r.seq_id, k=min(k, r.remaining - 1), commit=draft_pb2.Commit(
+            keep=r.draft_len, append=r.tokens[r.draft_len:])) for r in ready]
+        try:
+            response = await self.draft.stub.Propose(draft_pb2.ProposeRequest(seqs=seqs, threads=threads),
+                                                     timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as error:  # verify without drafts: same output, just slower
+            draft_call_failed(self.draft, ready, error, "propose")
+            return {}
+        self.stages.observe_propose(len(seqs), max(s.k for s in seqs), response.stats.forward_ms, shared)
+        self.recorder.propose(lane, response.stats, sum(s.k for s in seqs))
+        drafts = {}
+        for request, proposal in zip(ready, response.proposals, strict=True):
+            if proposal.HasField("error"):
+                draft_refused(request, proposal.error)
+            else:
+                drafts[request.seq_id] = list(proposal.tokens)
+        return drafts

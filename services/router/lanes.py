@@ -1,0 +1,86 @@
+"""Lanes and who rides in them: joining from the queue, handing sequences to the other lane, overlap.
+
+A lane is a batch of sequences that goes through rounds together. With two lanes open, each lane's loop runs
+on its own, so while the target verifies one the draft proposes for the other. Only the lanes below
+`open_lanes` (auto's plan) take new sequences; a closed lane hands its sequences to the open one at its own
+round boundary, where none of them is mid-round.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from minedraft.protos import monitor_pb2
+from services.router.policy import rebalance
+from services.router.request import Request
+
+
+@dataclass
+class Lane:
+    index: int
+    active: list[Request] = field(default_factory=list)
+    incoming: list[Request] = field(default_factory=list)  # handed over by the other lane, joins next round
+    prefilling: bool = False
+    counters: monitor_pb2.LaneCounters = field(default_factory=monitor_pb2.LaneCounters)
+
+    def __post_init__(self) -> None:
+        self.counters.lane = self.index
+
+    @property
+    def size(self) -> int:
+        return len(self.active) + len(self.incoming)
+
+    def live(self) -> list[Request]:
+        return [r for r in (*self.active, *self.incoming) if not r.done]
+
+    def tokens_reserved(self) -> int:
+        return sum(r.reserved_tokens for r in self.active)
+
+
+def overlapped(lanes: list[Lane], open_lanes: int, lane: Lane) -> bool:
+    """Whether this lane's calls run beside the other lane's (two lanes, both with work)."""
+    if len(lanes) != 2 or open_lanes != 2:
+        return False
+    other = lanes[1 - lane.index]
+    return bool(other.active or other.incoming or other.prefilling)
+
+
+def hand_over(lanes: list[Lane], open_lanes: int, lane: Lane) -> bool:
+    """Gives sequences to the other lane: all of them when this one is closed, else enough to even out a tail
+    so neither lane idles. Returns whether any moved."""
+    if len(lanes) != 2:
+        return False
+    other = lanes[1 - lane.index]
+    if lane.index >= open_lanes:
+        count = len(lane.active)
+    elif other.index < open_lanes and len(lane.active) > other.size:
+        count = rebalance([len(lane.active), other.size])
+    else:
+        count = 0
+    if count:
+        other.incoming.extend(lane.active[-count:])
+        del lane.active[-count:]
+    return bool(count)
+
+
+def take_waiting(lanes: list[Lane], open_lanes: int, lane: Lane, waiting: deque[Request], max_batch: int,
+                 max_lane_tokens: int = 0) -> list[Request]:
+    """Moves waiting requests into this lane while it is (one of) the smallest, not full, and (with
+    `max_lane_tokens`) holds room for the next one's prompt and completion. The first in line waits its turn
+    rather than be overtaken, and one alone always fits."""
+    joining: list[Request] = []
+    reserved = lane.tokens_reserved()
+    while waiting and len(lane.active) + len(joining) < max_batch:
+        others = min((o.size for o in lanes if o is not lane and o.index < open_lanes), default=max_batch)
+        if len(lane.active) + len(joining) > others:
+            break
+        if waiting[0].cancelled:
+            waiting.popleft()
+            continue
+        if max_lane_tokens and (lane.active or joining) and reserved + waiting[0].reserved_tokens > max_lane_tokens:
+            break
+        request = waiting.popleft()
+        reserved += request.reserved_tokens
+        joining.append(request)
+    return joining
