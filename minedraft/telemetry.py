@@ -47,20 +47,27 @@ def shutdown_tracing() -> None:
         provider.shutdown()
 
 
+def _traced():
+    """Every call but the periodic ones (health checks, lease renewals), which belong to no request."""
+    from opentelemetry.instrumentation.grpc import filters
+
+    return filters.negate(filters.any_of(filters.health_check(), filters.method_name("Renew")))
+
+
 def server_interceptors() -> list:
     if not _enabled:
         return []
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return [aio_server_interceptor(filter_=filters.negate(filters.health_check()))]
+    return [aio_server_interceptor(filter_=_traced())]
 
 
 def client_interceptors() -> list:
     if not _enabled:
         return []
-    from opentelemetry.instrumentation.grpc import aio_client_interceptors, filters
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-    return aio_client_interceptors(filter_=filters.negate(filters.health_check()))
+    return aio_client_interceptors(filter_=_traced())
 
 
 def tracer() -> trace.Tracer:
