@@ -168,7 +168,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     bench_quality.add_args(quality_parser)
     quality_parser.set_defaults(func=bench_quality.run)
 
-    demo_parser = sub.add_parser("demo", help="stream one answer through a psd cluster on the default pair")
+    demo_parser = sub.add_parser("demo", help="stream one answer through a cluster (auto) on the default pair")
     demo.add_args(demo_parser)
     demo_parser.set_defaults(func=demo.run)
 

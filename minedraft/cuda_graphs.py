@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from minedraft import metrics
+
 log = logging.getLogger(__name__)
 
 Step = Callable[..., torch.Tensor]  # step(**tensors) -> logits
@@ -46,7 +48,7 @@ class StepGraphs:
         self.max_graphs, self.max_tokens = max_graphs, max_tokens
         self.graphs: dict[tuple, CapturedStep] = {}
         self.failed: set[tuple] = set()
-        self.replays = self.eager_runs = 0
+        self.replays = 0
         self.pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, inputs: dict[str, torch.Tensor], logits_to_keep: int) -> torch.Tensor:
@@ -62,9 +64,10 @@ class StepGraphs:
                 self.failed.add(key)
                 torch.cuda.synchronize()
         if graph is None:
-            self.eager_runs += 1
+            metrics.GRAPH_STEPS.labels("eager").inc()  # a shape past the graph limits, or one that failed capture
             return self.step(logits_to_keep=logits_to_keep, **inputs)
         self.replays += 1
+        metrics.GRAPH_STEPS.labels("replay").inc()
         return graph(inputs)
 
     def _may_capture(self, key: tuple, inputs: dict[str, torch.Tensor]) -> bool:

@@ -19,7 +19,6 @@ class DeviceWorker:
 
     def __init__(self, name: str, threads: int = 0) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self.busy_s = 0.0  # total time spent running calls, for busy-fraction metrics
         self.threads = threads  # CPU threads a call uses unless it asks for others (0: torch's default)
         self.threads_now = 0
 
@@ -43,11 +42,7 @@ class DeviceWorker:
             ran_with.append(self.threads_now)  # read here: the next queued call may change it before we resume
             return fn(*args)
 
-        try:
-            result = await asyncio.get_running_loop().run_in_executor(self._executor, timed)
-        finally:
-            if started:
-                self.busy_s += time.perf_counter() - started[0]
+        result = await asyncio.get_running_loop().run_in_executor(self._executor, timed)
         done = time.perf_counter()
         return result, (started[0] - submitted) * 1e3, (done - started[0]) * 1e3, ran_with[0]
 

@@ -154,9 +154,8 @@ def commands(args: argparse.Namespace, draft_port: int, target_port: int) -> dic
                    "--backend-ca", str(tls / "ca.pem"), "--backend-cert", str(tls / "client.pem"),
                    "--backend-key", str(tls / "client.key"),
                    *(["--tls-client-ca", str(tls / "ca.pem")] if args.public_mtls else [])]
-    for kind in ("api", "admin"):
-        if getattr(args, f"{kind}_key_file"):
-            router += [f"--{kind}-token-file", getattr(args, f"{kind}_key_file")]
+    for flag, path in (("--api-key-file", args.api_key_file), ("--admin-key-file", args.admin_key_file)):
+        router += [flag, str(path)] if path else []
     if args.metrics_port:
         for offset, cmd in enumerate((router, draft, target)):
             cmd += ["--metrics-port", str(args.metrics_port + offset)]

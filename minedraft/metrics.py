@@ -17,6 +17,8 @@ DEVICE_QUEUE_SECONDS = Histogram("minedraft_device_queue_seconds", "Wait for the
                                  buckets=LATENCY_BUCKETS)
 DEVICE_BATCH = Histogram("minedraft_device_batch_size", "Sequences in one call", ["method"], buckets=BATCH_BUCKETS)
 DEVICE_BUSY = Counter("minedraft_device_busy_seconds", "Time the device thread spent running calls")
+GRAPH_STEPS = Counter("minedraft_graph_steps", "Static-KV steps on CUDA, replayed as a graph or run eagerly",
+                      ["how"])
 SEQUENCES_HELD = Gauge("minedraft_sequences_held", "Sequences whose state this service holds")
 
 # Router.

@@ -4,9 +4,10 @@ Shared by the draft and the target service. Every call is one batched forward, w
 sequences' lengths: each sequence's new tokens are right-aligned in a padded input (so every row's
 last positions share columns, and `logits_to_keep` works) and an explicit 4D mask hides the padding.
 Two cache layouts, same results:
-- dynamic (the CPU default): each sequence owns a KV tensor; a call right-aligns them in a padded past.
-- static (`kv="static"`, the GPU default): preallocated slots written in place (`static_kv`), with
-  fixed-shape steps replayed as CUDA graphs on a GPU (`cuda_graphs`).
+- static (the default on every device): preallocated slots written in place (`static_kv`), with fixed-shape
+  steps replayed as CUDA graphs on a GPU (`cuda_graphs`).
+- dynamic (`kv="dynamic"`): each sequence owns a KV tensor; a call right-aligns them in a padded past.
+Prompts longer than PREFILL_CHUNK run in chunks, so a prefill's memory grows linearly with its length.
 """
 
 from __future__ import annotations

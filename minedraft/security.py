@@ -35,17 +35,20 @@ def add_backend_tls_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend-key", default=None, help="PEM private key of --backend-cert")
 
 
+TOKEN_FLAGS = {"internal": "--internal-token-file", "api": "--api-key-file", "admin": "--admin-key-file"}
+
+
 def add_token_args(parser: argparse.ArgumentParser, *kinds: str) -> None:
     helps = {"internal": "the token routers present to draft and target (only its holders may call them)",
              "api": "an API key clients must present on the public API",
              "admin": "the key that may clear the router's monitor counters"}
     for kind in kinds:
-        parser.add_argument(f"--{kind}-token-file", default=None,
+        parser.add_argument(TOKEN_FLAGS[kind], default=None,
                             help=f"file holding {helps[kind]} (or set {TOKEN_ENV[kind]})")
 
 
 def read_token(args: argparse.Namespace, kind: str) -> str | None:
-    path = getattr(args, f"{kind}_token_file", None)
+    path = getattr(args, TOKEN_FLAGS[kind].lstrip("-").replace("-", "_"), None)
     token = Path(path).read_text().strip() if path else os.environ.get(TOKEN_ENV[kind], "").strip()
     return token or None
 

@@ -43,6 +43,25 @@ def test_a_poisoned_request_among_twelve_streams_hurts_none(tiny_clusters) -> No
     assert results == [("ok", expected[p]) for p in prompts]
 
 
+def test_megabyte_prompts_do_not_stall_other_streams(tiny_clusters) -> None:
+    """Tokenising ~900k characters takes about a second; on the event loop it froze every stream that long."""
+    cluster = tiny_clusters["ar"]
+    huge = "def add(a, b):\n    return a + b\n" * 28_000
+    with channel_to(cluster) as channel:
+        call = stream(channel, make_request(prompt=PROMPTS[2], max_tokens=600, temperature=1.0, seed=5), timeout=120)
+        next(call)
+        with ThreadPoolExecutor(3) as pool:
+            refused = [pool.submit(outcome, cluster, huge, 4) for _ in range(3)]
+            gaps, last = [], time.monotonic()
+            for _ in call:
+                gaps.append(time.monotonic() - last)
+                last = time.monotonic()
+            codes = [f.result()[0] for f in refused]
+    assert codes == ["INVALID_ARGUMENT"] * 3  # far past the context, once tokenised
+    print(f"longest gap between chunks: {max(gaps):.3f}s")
+    assert max(gaps) < 0.5, f"a stream stalled {max(gaps):.2f}s"
+
+
 def test_a_full_static_cache_refuses_only_the_newcomer(clusters, tiny_pair, tiny_clusters) -> None:
     """Three slots, four long streams: one gets RESOURCE_EXHAUSTED, the others finish as target-only would."""
     expected = reference(tiny_clusters, 200)

@@ -15,22 +15,18 @@ from minedraft.errors import ResourceExhausted
 
 
 class Admission:
-    def __init__(self, max_sequences: int, rate_per_s: float | None = None, max_wait_s: float = 0.0) -> None:
+    def __init__(self, max_sequences: int, rate_per_s: float | None = None) -> None:
         self.max_sequences = max_sequences
-        self.max_wait_s = max_wait_s
         self._throttler = Throttler(rate_limit=max(1, round(rate_per_s)), period=1.0) if rate_per_s else None
-        self.refused = 0
 
     async def admit(self, in_flight: int) -> None:
         """Returns if the request may enter; raises ResourceExhausted otherwise."""
         if in_flight >= self.max_sequences:
-            self.refused += 1
             metrics.REFUSED.labels("capacity").inc()
             raise ResourceExhausted(f"the server holds {in_flight} sequences, its limit; retry later")
         if self._throttler is not None:
             try:
-                await asyncio.wait_for(self._throttler.acquire(), timeout=self.max_wait_s or 0.001)
+                await asyncio.wait_for(self._throttler.acquire(), timeout=0.001)  # refused, never queued
             except TimeoutError:
-                self.refused += 1
                 metrics.REFUSED.labels("rate").inc()
                 raise ResourceExhausted("request rate limit reached; retry later") from None

@@ -31,7 +31,6 @@ class Backend:
         self.up = True
         self.epoch = 0
         metrics.BACKEND_UP.labels(name).set(1)
-        self.switches = 0  # how often it went down
         self._watcher: asyncio.Task | None = None
 
     async def is_serving(self) -> bool:
@@ -53,7 +52,6 @@ class Backend:
         if not self.up:
             return
         self.up = False
-        self.switches += 1
         metrics.BACKEND_UP.labels(self.name).set(0)
         metrics.BACKEND_DOWN.labels(self.name).inc()
         log.warning("%s is down (%s); watching for it to come back", self.name, reason)
@@ -70,7 +68,3 @@ class Backend:
         log.warning("%s is back (epoch %d)", self.name, self.epoch)
         if self._on_change:
             self._on_change(True)
-
-    async def close(self) -> None:
-        if self._watcher:
-            self._watcher.cancel()
