@@ -41,7 +41,7 @@ class SequenceState:
     tokens: list[int]
     kv: torch.Tensor | None = None  # dynamic layout: [layers, 2, kv_heads, kv_len, head_dim]
     slot: int | None = None  # static layout: this sequence's row of the preallocated cache
-    kv_len: int = 0  # how many of `tokens` have cached keys/values (written by the runner alone)
+    kv_len: int = 0  # how many of `tokens` have cached keys/values (changed only by the methods below)
     sampling: Sampling = field(default_factory=Sampling)
     generator: torch.Generator | None = None  # this sequence's own random stream (sampled decoding)
     owner: str = ""  # the router that made it (its calls' `minedraft-owner` metadata)
@@ -51,6 +51,14 @@ class SequenceState:
         """Forgets every token from `length` on, and their cached keys/values."""
         del self.tokens[length:]
         self.uncache_from(length)
+
+    def mark_cached(self) -> None:
+        """Every token now has cached keys/values (after a forward)."""
+        self.kv_len = len(self.tokens)
+
+    def forget_cache(self) -> None:
+        """No cached keys/values (a slot just taken, or given back)."""
+        self.kv_len, self.kv = 0, None
 
     def uncache_from(self, length: int) -> None:
         if self.kv_len > length:
@@ -213,7 +221,7 @@ class ModelRunner:
                 self.static.free(state)
             raise
         for state in states:
-            state.kv_len = len(state.tokens)
+            state.mark_cached()
         return logits[:len(states)]
 
     def _static_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, slots: torch.Tensor,
@@ -284,4 +292,4 @@ class ModelRunner:
             else:
                 old = full[:, :, i, :, n_past - state.kv_len:n_past]
                 state.kv = torch.cat([old, new], dim=3)
-            state.kv_len = state.kv.shape[3]
+            state.mark_cached()

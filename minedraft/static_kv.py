@@ -126,14 +126,14 @@ class StaticKV:
                                     f"of {self.max_seqs}")
         for state in needed:
             state.slot = self._free.pop()
-            state.kv_len = 0
+            state.forget_cache()
         return needed
 
     def free(self, state) -> None:
         if state.slot is not None:
             self._free.append(state.slot)
             state.slot = None
-            state.kv_len = 0
+            state.forget_cache()
 
     def inputs(self, states: list, feeds: list[list[int]]) -> StepInputs:
         """Right-aligned new tokens (so every row's last positions share columns, for logits_to_keep)."""

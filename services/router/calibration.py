@@ -6,7 +6,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from minedraft.protos import common_pb2, draft_pb2, target_pb2
+from minedraft.protos import common_pb2
+from services.router import messages
 
 if TYPE_CHECKING:
     from services.router.scheduler import Scheduler
@@ -37,19 +38,15 @@ async def _calibrate_batch(scheduler: Scheduler, batch: int, prompt_len: int, le
     threads, sampling = scheduler.threads_for(shared), common_pb2.SamplingParams()
     ids = [f"calibrate-{batch}-{i}" for i in range(batch)]
     prompt = list(range(prompt_len))
-    await scheduler.draft.stub.Prefill(draft_pb2.DraftPrefillRequest(seqs=[
-        draft_pb2.DraftPrefillSeq(seq_id=i, tokens=prompt, sampling=sampling) for i in ids], threads=threads))
-    firsts = await scheduler.target.stub.Prefill(target_pb2.TargetPrefillRequest(seqs=[
-        target_pb2.TargetPrefillSeq(seq_id=i, tokens=prompt, sampling=sampling) for i in ids], threads=threads))
-    proposal = await scheduler.draft.stub.Propose(draft_pb2.ProposeRequest(seqs=[
-        draft_pb2.ProposeSeq(seq_id=f.seq_id, k=scheduler.k_max,
-                             commit=draft_pb2.Commit(keep=prompt_len, append=[f.token_id]))
-        for f in firsts.tokens], threads=threads))
+    prompts = [(seq_id, prompt, sampling) for seq_id in ids]
+    await scheduler.draft.stub.Prefill(messages.draft_prefill(prompts, threads))
+    firsts = await scheduler.target.stub.Prefill(messages.target_prefill(prompts, threads))
+    proposal = await scheduler.draft.stub.Propose(messages.propose(
+        [(f.seq_id, prompt_len, [f.token_id], scheduler.k_max) for f in firsts.tokens], threads))
     scheduler.stages.observe_propose(batch, scheduler.k_max, proposal.stats.forward_ms, shared)
     for k in lengths:  # each verify extends the sequences a little; only its duration matters here
-        verdicts = await scheduler.target.stub.Verify(target_pb2.VerifyRequest(seqs=[
-            target_pb2.VerifySeq(seq_id=p.seq_id, drafts=p.tokens[:k]) for p in proposal.proposals],
-            threads=threads))
+        verdicts = await scheduler.target.stub.Verify(messages.verify(
+            [(p.seq_id, p.tokens[:k]) for p in proposal.proposals], threads))
         scheduler.stages.observe_verify(batch, k, verdicts.stats.forward_ms, shared)
-    release = common_pb2.ReleaseRequest(seq_ids=ids)
-    await asyncio.gather(scheduler.draft.stub.Release(release), scheduler.target.stub.Release(release))
+    await asyncio.gather(scheduler.draft.stub.Release(messages.release(ids)),
+                         scheduler.target.stub.Release(messages.release(ids)))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import grpc
 
-from minedraft.protos import common_pb2, draft_pb2
+from minedraft.protos import common_pb2
+from services.router import messages
 from services.router.backends import Backend
 from services.router.faults import draft_call_failed, draft_refused
 from services.router.policy import StageModel
@@ -46,10 +47,9 @@ class Drafter:
             for request in chunk:
                 request.draft_sent = True
             try:
-                response = await self.draft.stub.Prefill(draft_pb2.DraftPrefillRequest(seqs=[
-                    draft_pb2.DraftPrefillSeq(seq_id=r.seq_id, tokens=r.tokens, sampling=r.sampling_proto(),
-                                              replace=catching_up)
-                    for r in chunk], threads=threads), timeout=self.timeout_s)
+                response = await self.draft.stub.Prefill(messages.draft_prefill(
+                    [(r.seq_id, r.tokens, r.sampling_proto()) for r in chunk], threads, replace=catching_up),
+                    timeout=self.timeout_s)
             except grpc.aio.AioRpcError as error:
                 draft_call_failed(self.draft, chunk, error, "prefill")
                 return
@@ -73,16 +73,15 @@ class Drafter:
         ready = [r for r in wanted if r.speculate and r.draft_epoch == self.draft.epoch]
         if not ready or not self.draft.up:
             return {}
-        seqs = [draft_pb2.ProposeSeq(seq_id=r.seq_id, k=min(k, r.remaining - 1), commit=draft_pb2.Commit(
-            keep=r.draft_len, append=r.tokens[r.draft_len:])) for r in ready]
+        seqs = [(r.seq_id, r.draft_len, r.tokens[r.draft_len:], min(k, r.remaining - 1)) for r in ready]
         try:
-            response = await self.draft.stub.Propose(draft_pb2.ProposeRequest(seqs=seqs, threads=threads),
-                                                     timeout=self.timeout_s)
+            response = await self.draft.stub.Propose(messages.propose(seqs, threads), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as error:  # verify without drafts: same output, just slower
             draft_call_failed(self.draft, ready, error, "propose")
             return {}
-        self.stages.observe_propose(len(seqs), max(s.k for s in seqs), response.stats.forward_ms, shared)
-        self.recorder.propose(lane, response.stats, sum(s.k for s in seqs))
+        ks = [seq_k for *_, seq_k in seqs]
+        self.stages.observe_propose(len(seqs), max(ks), response.stats.forward_ms, shared)
+        self.recorder.propose(lane, response.stats, sum(ks))
         drafts = {}
         for request, proposal in zip(ready, response.proposals, strict=True):
             if proposal.HasField("error"):

@@ -21,6 +21,7 @@ from minedraft import metrics
 from minedraft.errors import Unavailable
 from minedraft.protos import common_pb2, monitor_pb2, target_pb2
 from minedraft.telemetry import batch_span
+from services.router import messages
 from services.router.backends import Backend
 from services.router.calibration import calibrate
 from services.router.drafting import Drafter
@@ -182,7 +183,7 @@ class Scheduler:
             releases[self.draft] = [r.seq_id for r in done if r.draft_sent]
         releases = {backend: ids for backend, ids in releases.items() if backend.up and ids}
         with batch_span("release", [r.span for r in done], **{"minedraft.batch_size": len(done)}):
-            results = await asyncio.gather(*(backend.stub.Release(common_pb2.ReleaseRequest(seq_ids=ids), timeout=10)
+            results = await asyncio.gather(*(backend.stub.Release(messages.release(ids), timeout=10)
                                              for backend, ids in releases.items()), return_exceptions=True)
         for backend, result in zip(releases, results, strict=True):
             if not isinstance(result, grpc.aio.AioRpcError):
@@ -208,9 +209,9 @@ class Scheduler:
         at_once = self.speculating and self.round_k and not self.share_cores
         with_draft = [r for r in joining if r.speculate] if at_once else []
         threads = self.threads_for(shared=bool(with_draft) or overlapped(self.lanes, self.plan.lanes, lane))
-        calls = [self.target.stub.Prefill(target_pb2.TargetPrefillRequest(seqs=[
-            target_pb2.TargetPrefillSeq(seq_id=r.seq_id, tokens=r.prompt_ids, sampling=r.sampling_proto())
-            for r in joining], threads=threads), timeout=self.target_timeout_s + tokens * PREFILL_S_PER_TOKEN)]
+        prompts = [(r.seq_id, r.prompt_ids, r.sampling_proto()) for r in joining]
+        calls = [self.target.stub.Prefill(messages.target_prefill(prompts, threads),
+                                          timeout=self.target_timeout_s + tokens * PREFILL_S_PER_TOKEN)]
         if with_draft:
             calls.append(self.drafter.prefill(with_draft, lane, threads))
         lane.prefilling = True
@@ -278,9 +279,9 @@ class Scheduler:
     async def _verify(self, lane: Lane, requests: list[Request], drafts: dict[str, list[common_pb2.DraftToken]],
                       shared: bool) -> target_pb2.VerifyResponse | None:
         try:
-            response = await self.target.stub.Verify(target_pb2.VerifyRequest(seqs=[
-                target_pb2.VerifySeq(seq_id=r.seq_id, drafts=drafts.get(r.seq_id, [])) for r in requests],
-                threads=self.threads_for(shared)), timeout=self.target_timeout_s)
+            response = await self.target.stub.Verify(messages.verify(
+                [(r.seq_id, drafts.get(r.seq_id, [])) for r in requests], self.threads_for(shared)),
+                timeout=self.target_timeout_s)
         except grpc.aio.AioRpcError as error:
             target_call_failed(self.target, requests, error, "verify")
             return None

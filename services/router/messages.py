@@ -1,0 +1,37 @@
+"""The internal calls' request messages, built in one place for the rounds and the start-up calibration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from minedraft.protos import common_pb2, draft_pb2, target_pb2
+
+PromptSeq = tuple[str, list[int], common_pb2.SamplingParams]  # (seq_id, tokens, sampling)
+
+
+def target_prefill(seqs: Iterable[PromptSeq], threads: int) -> target_pb2.TargetPrefillRequest:
+    return target_pb2.TargetPrefillRequest(seqs=[
+        target_pb2.TargetPrefillSeq(seq_id=seq_id, tokens=tokens, sampling=sampling)
+        for seq_id, tokens, sampling in seqs], threads=threads)
+
+
+def draft_prefill(seqs: Iterable[PromptSeq], threads: int, replace: bool = False) -> draft_pb2.DraftPrefillRequest:
+    return draft_pb2.DraftPrefillRequest(seqs=[
+        draft_pb2.DraftPrefillSeq(seq_id=seq_id, tokens=tokens, sampling=sampling, replace=replace)
+        for seq_id, tokens, sampling in seqs], threads=threads)
+
+
+def propose(seqs: Iterable[tuple[str, int, list[int], int]], threads: int) -> draft_pb2.ProposeRequest:
+    """Per sequence (seq_id, keep, append, k): the commit of its verified tokens, then k drafts."""
+    return draft_pb2.ProposeRequest(seqs=[
+        draft_pb2.ProposeSeq(seq_id=seq_id, k=k, commit=draft_pb2.Commit(keep=keep, append=append))
+        for seq_id, keep, append, k in seqs], threads=threads)
+
+
+def verify(seqs: Iterable[tuple[str, list[common_pb2.DraftToken]]], threads: int) -> target_pb2.VerifyRequest:
+    return target_pb2.VerifyRequest(seqs=[target_pb2.VerifySeq(seq_id=seq_id, drafts=drafts)
+                                          for seq_id, drafts in seqs], threads=threads)
+
+
+def release(seq_ids: Iterable[str]) -> common_pb2.ReleaseRequest:
+    return common_pb2.ReleaseRequest(seq_ids=list(seq_ids))
