@@ -20,7 +20,7 @@ def _run_async(serve) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from minedraft.client import Generation, absorb, api_key_metadata, make_request, open_channel, stream
+    from minedraft.app.client import Generation, absorb, api_key_metadata, make_request, open_channel, stream
 
     request = make_request(prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
@@ -51,7 +51,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from minedraft.client import open_channel
+    from minedraft.app.client import open_channel
 
     with open_channel(args.addr, args.tls_ca, args.tls_cert, args.tls_key) as channel:
         try:
@@ -65,7 +65,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_models_tiny(args: argparse.Namespace) -> int:
-    from minedraft.tiny_models import build_tiny_pair
+    from minedraft.models.tiny import build_tiny_pair
 
     target, draft = build_tiny_pair(args.out, noise=args.noise)
     print(f"target: {target}\ndraft: {draft}")
@@ -85,7 +85,7 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 def cmd_certs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from minedraft.certs import write_certs
+    from minedraft.app.certs import write_certs
 
     for role, path in write_certs(Path(args.out)).items():
         print(f"{role}: {path}")
@@ -96,7 +96,7 @@ LIGHT_COMMANDS = ("generate", "health", "certs")  # parsed without importing tor
 
 
 def build_parser(light_only: bool = False) -> argparse.ArgumentParser:
-    from minedraft.client import add_connection_args
+    from minedraft.app.client import add_connection_args
 
     parser = argparse.ArgumentParser(prog="minedraft", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("MINEDRAFT_LOG_LEVEL", "INFO"))
@@ -132,10 +132,10 @@ def build_parser(light_only: bool = False) -> argparse.ArgumentParser:
 
 
 def add_service_commands(sub: argparse._SubParsersAction) -> None:
-    from minedraft import demo, launcher
-    from minedraft.bench import cli as bench_cli
-    from minedraft.bench import quality as bench_quality
-    from minedraft.bench import steps as bench_steps
+    from minedraft.app import demo, launcher
+    from minedraft.app.bench import cli as bench_cli
+    from minedraft.app.bench import quality as bench_quality
+    from minedraft.app.bench import steps as bench_steps
     from services.draft import main as draft_main
     from services.router import main as router_main
     from services.target import main as target_main

@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from minedraft.launcher import Cluster, add_args, free_port
-from minedraft.tiny_models import build_tiny_pair
+from minedraft.app.launcher import Cluster, add_args, free_port
+from minedraft.models.tiny import build_tiny_pair
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -7,7 +7,7 @@ import math
 import grpc
 import pytest
 
-from minedraft.client import collect, make_request, stream
+from minedraft.app.client import collect, make_request, stream
 from minedraft.protos import common_pb2, generate_pb2
 from tests.conftest import channel_to
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from minedraft.bench.cli import run_order
-from minedraft.bench.metrics import (
+from minedraft.app.bench.cli import run_order
+from minedraft.app.bench.metrics import (
     Event,
     RequestRecord,
     busy_fraction,

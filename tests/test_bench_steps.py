@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from minedraft.bench import gpu_summary, steps
+from minedraft.app.bench import gpu_summary, steps
 
 
 def test_step_bench_measures_layouts_and_skips_graphs_without_cuda(tmp_path, capsys) -> None:

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from minedraft.client import collect, make_request, stream
-from minedraft.launcher import add_args, commands, cpu_layout
+from minedraft.app.client import collect, make_request, stream
+from minedraft.app.launcher import add_args, commands, cpu_layout
 from minedraft.protos import monitor_pb2, monitor_pb2_grpc
 from tests.conftest import channel_to
 

@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from minedraft.client import collect, make_request, stream
-from minedraft.launcher import Cluster
+from minedraft.app.client import collect, make_request, stream
+from minedraft.app.launcher import Cluster
+from minedraft.engine.sampling import Sampling
 from minedraft.protos import common_pb2
-from minedraft.sampling import Sampling
 from services.router.faults import draft_refused
 from services.router.request import Request
 from tests.conftest import channel_to, cluster_args

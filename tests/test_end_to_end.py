@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from minedraft.client import collect, make_request, stream
+from minedraft.app.client import collect, make_request, stream
 from minedraft.protos import common_pb2, draft_pb2_grpc, target_pb2_grpc
 from tests.conftest import channel_to
 

@@ -2,9 +2,9 @@
 
 import pytest
 
+from minedraft.engine.model_runner import ModelRunner
+from minedraft.engine.sampling import Sampling
 from minedraft.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from minedraft.model_runner import ModelRunner
-from minedraft.sampling import Sampling
 from services.draft.engine import DraftEngine
 from services.target.engine import TargetEngine
 

@@ -15,8 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from minedraft.client import collect, make_request, stream
-from minedraft.launcher import Cluster
+from minedraft.app.client import collect, make_request, stream
+from minedraft.app.launcher import Cluster
 from tests.conftest import channel_to, cluster_args
 from tests.test_end_to_end import PROMPTS, held_sequences
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from minedraft.client import collect, make_request, stream
-from minedraft.model_runner import ModelRunner, SequenceState
+from minedraft.app.client import collect, make_request, stream
+from minedraft.engine.model_runner import ModelRunner, SequenceState
 from services.draft.engine import DraftEngine
 from services.target.engine import TargetEngine
 from tests.conftest import channel_to

@@ -14,8 +14,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from minedraft.client import collect, make_request, stream
-from minedraft.launcher import Cluster, free_port
+from minedraft.app.client import collect, make_request, stream
+from minedraft.app.launcher import Cluster, free_port
 from tests.conftest import channel_to, cluster_args
 from tests.test_end_to_end import PROMPTS, held_sequences
 from tests.test_faults import reference, router_status, wait_until

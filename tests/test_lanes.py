@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from minedraft.sampling import Sampling
+from minedraft.engine.sampling import Sampling
 from services.router.lanes import Lane, take_waiting
 from services.router.request import Request
 

@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 
-from minedraft import model_runner
-from minedraft.model_runner import ModelRunner, SequenceState
+from minedraft.engine import model_runner
+from minedraft.engine.model_runner import ModelRunner, SequenceState
 
 PEAK_SCRIPT = """
 import json, resource, sys
-from minedraft.model_runner import ModelRunner, SequenceState
+from minedraft.engine.model_runner import ModelRunner, SequenceState
 path, kv, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 runner = ModelRunner.load(path, dtype="float32", kv=kv, max_seqs=1, max_context=n + 8)
 warm = SequenceState([i % 300 + 3 for i in range(600)])  # first-call costs: one full chunk and a tail

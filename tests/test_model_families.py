@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
-from minedraft.model_runner import STATIC_ONLY, ModelRunner, SequenceState
-from minedraft.static_kv import StaticKV
+from minedraft.engine.model_runner import STATIC_ONLY, ModelRunner, SequenceState
+from minedraft.engine.static_kv import StaticKV
 
 SHAPE = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,

@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from minedraft.model_runner import ModelRunner, SequenceState, use_onednn_linears
+from minedraft.engine.model_runner import ModelRunner, SequenceState, use_onednn_linears
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
 

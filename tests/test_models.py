@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from minedraft.models.compat import TokenizerMismatch, check_same_tokenizer
 from minedraft.models.store import PRESETS, cache_dir, resolve_model
-from minedraft.tiny_models import build_tokenizer
+from minedraft.models.tiny import build_tokenizer
 
 needs_default_pair = pytest.mark.skipif(
     not (cache_dir() / "models" / PRESETS["default-draft"].name / "config.json").exists(),

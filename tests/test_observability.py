@@ -15,8 +15,8 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from minedraft.client import collect, make_request, stream
-from minedraft.launcher import Cluster, free_port
+from minedraft.app.client import collect, make_request, stream
+from minedraft.app.launcher import Cluster, free_port
 from tests.conftest import channel_to, cluster_args
 
 ROOT = Path(__file__).resolve().parent.parent

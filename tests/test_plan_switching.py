@@ -8,8 +8,8 @@ import itertools
 import grpc
 from transformers import AutoTokenizer
 
+from minedraft.engine.sampling import Sampling
 from minedraft.protos import draft_pb2_grpc, target_pb2_grpc
-from minedraft.sampling import Sampling
 from services.router import scheduler as scheduler_module
 from services.router.backends import Backend
 from services.router.leases import CallMetadata

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from minedraft.client import collect, make_request, stream
-from minedraft.model_runner import ModelRunner, SequenceState
-from minedraft.models.random_shapes import weight_bytes
-from minedraft.precision import (
+from minedraft.app.client import collect, make_request, stream
+from minedraft.engine.model_runner import ModelRunner, SequenceState
+from minedraft.engine.precision import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
     int4_dequantize,
@@ -21,6 +20,7 @@ from minedraft.precision import (
     resolve_dtype,
     resolve_quant,
 )
+from minedraft.models.random_shapes import weight_bytes
 from services.draft.engine import DraftEngine
 from services.target.engine import TargetEngine
 from tests.conftest import channel_to

@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from minedraft.client import collect, make_request, stream
-from minedraft.launcher import Cluster
-from minedraft.model_runner import ModelRunner
+from minedraft.app.client import collect, make_request, stream
+from minedraft.app.launcher import Cluster
+from minedraft.engine.model_runner import ModelRunner
+from minedraft.engine.precision import resolve_dtype, resolve_quant
 from minedraft.models.store import resolve_model
-from minedraft.precision import resolve_dtype, resolve_quant
 from tests.conftest import channel_to, cluster_args
 from tests.test_models import needs_default_pair
 from tests.ties import assert_same_or_tie

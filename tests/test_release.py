@@ -8,8 +8,8 @@ import threading
 import grpc
 import pytest
 
-from minedraft.device_worker import DeviceWorker
-from minedraft.model_runner import ModelRunner
+from minedraft.engine.device_worker import DeviceWorker
+from minedraft.engine.model_runner import ModelRunner
 from minedraft.protos import common_pb2, draft_pb2, draft_pb2_grpc
 from services.draft.engine import DraftEngine
 from services.draft.servicer import DraftServicer

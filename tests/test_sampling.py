@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minedraft.sampling import (
+from minedraft.engine.sampling import (
     DRAFT_STREAM,
     TARGET_STREAM,
     Sampling,

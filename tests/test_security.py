@@ -10,11 +10,11 @@ import time
 import grpc
 import pytest
 
-from minedraft.certs import write_certs
-from minedraft.client import collect, make_request, open_channel, stream
-from minedraft.launcher import Cluster
+from minedraft.app.certs import write_certs
+from minedraft.app.client import collect, make_request, open_channel, stream
+from minedraft.app.launcher import Cluster
+from minedraft.models.tiny import build_tokenizer
 from minedraft.protos import common_pb2, monitor_pb2, monitor_pb2_grpc, target_pb2_grpc
-from minedraft.tiny_models import build_tokenizer
 from services.router.prompts import PromptEncoder
 from tests.conftest import cluster_args
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from minedraft.engine.model_runner import ModelRunner, SequenceState
+from minedraft.engine.sampling import Sampling
+from minedraft.engine.static_kv import bucket
 from minedraft.errors import ResourceExhausted
-from minedraft.model_runner import ModelRunner, SequenceState
-from minedraft.sampling import Sampling
-from minedraft.static_kv import bucket
 from services.draft.engine import DraftEngine
 from services.target.engine import TargetEngine
 from tests.test_engines import PROMPTS as ENGINE_PROMPTS
@@ -102,7 +102,7 @@ def test_static_kv_cluster_matches_target_only_and_router_knows_its_context(clus
     """psd with static caches on both services == dynamic target-only; the router refuses what would overflow."""
     import grpc
 
-    from minedraft.client import collect, make_request, stream
+    from minedraft.app.client import collect, make_request, stream
     from tests.conftest import channel_to
     from tests.test_end_to_end import PROMPTS as E2E_PROMPTS
     from tests.test_end_to_end import run_all

@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from minedraft.models.store import PRESETS, cache_dir
-from minedraft.tiny_models import build_tokenizer
+from minedraft.models.tiny import build_tokenizer
 from services.router.text_stream import TextStream
 
 TEXTS = ["def add(a, b):\n    return a + b  # sum", "emoji: 🙂🚀✨ and 👩‍👩‍👧 family", "日本語のテキストと中文文本",

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from minedraft.engine.model_runner import ModelRunner, SequenceState
+from minedraft.engine.sampling import DRAFT_STREAM, Sampling, sample_truncated
+from minedraft.engine.sequence_table import SequenceTable
 from minedraft.errors import InvalidArgument, ServiceError
-from minedraft.model_runner import ModelRunner, SequenceState
-from minedraft.sampling import DRAFT_STREAM, Sampling, sample_truncated
-from minedraft.sequence_table import SequenceTable
 
 DEFAULT_MAX_K = 32
 

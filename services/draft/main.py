@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from minedraft.device_worker import DeviceWorker
-from minedraft.model_service import add_model_args, serve_model
+from minedraft.engine.device_worker import DeviceWorker
 from minedraft.protos import draft_pb2_grpc
+from minedraft.serving.model_service import add_model_args, serve_model
 from services.draft.engine import DEFAULT_MAX_K, DraftEngine
 from services.draft.servicer import DraftServicer
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from minedraft.protos import common_pb2
-from minedraft.servicing import OWNER_KEY
+from minedraft.serving.servicing import OWNER_KEY
 
 if TYPE_CHECKING:
     from services.router.scheduler import Scheduler

@@ -9,12 +9,12 @@ import logging
 import grpc
 from transformers import AutoConfig, AutoTokenizer
 
-from minedraft.grpc_server import CHANNEL_OPTIONS, ServiceHost
 from minedraft.metrics import serve_metrics
 from minedraft.models.compat import check_same_tokenizer
 from minedraft.models.store import resolve_model
 from minedraft.protos import common_pb2, draft_pb2_grpc, monitor_pb2_grpc, target_pb2_grpc
-from minedraft.security import (
+from minedraft.serving.grpc_server import CHANNEL_OPTIONS, ServiceHost
+from minedraft.serving.security import (
     add_backend_tls_args,
     add_server_tls_args,
     add_token_args,
@@ -23,12 +23,13 @@ from minedraft.security import (
     read_token,
     server_credentials,
 )
-from minedraft.telemetry import client_interceptors, setup_tracing
+from minedraft.serving.telemetry import client_interceptors, setup_tracing
 from services.router.admission import Admission
 from services.router.backends import Backend
 from services.router.leases import CallMetadata, keep_leases, new_owner_id, owner_metadata
+from services.router.modes import MODES
 from services.router.monitor import MonitorServicer
-from services.router.scheduler import MODES, Scheduler
+from services.router.scheduler import Scheduler
 from services.router.servicer import GenerationServicer, add_generation_servicer
 
 log = logging.getLogger(__name__)

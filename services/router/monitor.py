@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from minedraft.protos import monitor_pb2, monitor_pb2_grpc
-from minedraft.security import presented_token, token_matches
+from minedraft.serving.security import presented_token, token_matches
 from services.router.scheduler import Scheduler
 
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from opentelemetry.trace import INVALID_SPAN, Span
 
+from minedraft.engine.sampling import Sampling
 from minedraft.protos import common_pb2, generate_pb2
-from minedraft.sampling import Sampling
 from services.router.text_stream import TextStream
 
 

@@ -20,7 +20,7 @@ import grpc
 from minedraft import metrics
 from minedraft.errors import Unavailable
 from minedraft.protos import common_pb2, monitor_pb2, target_pb2
-from minedraft.telemetry import batch_span
+from minedraft.serving.telemetry import batch_span
 from services.router import messages
 from services.router.backends import Backend
 from services.router.calibration import calibrate
@@ -28,13 +28,12 @@ from services.router.drafting import Drafter
 from services.router.faults import target_call_failed, target_refused
 from services.router.k_trial import KTrial
 from services.router.lanes import Lane, hand_over, overlapped, take_waiting
+from services.router.modes import MODES
 from services.router.policy import Plan, StageModel, next_plan
 from services.router.recorder import Recorder
 from services.router.request import Request
 
 log = logging.getLogger(__name__)
-
-MODES = ("ar", "sd", "psd", "auto")
 PREFILL_S_PER_TOKEN = 0.02  # a target prefill's deadline grows by this per prompt token (CPU speeds, with margin)
 
 

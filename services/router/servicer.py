@@ -11,10 +11,10 @@ import grpc
 from transformers import PreTrainedTokenizerBase
 
 from minedraft import metrics
+from minedraft.engine.sampling import Sampling
 from minedraft.errors import InvalidArgument, ServiceError, Unavailable
 from minedraft.protos import generate_pb2
-from minedraft.sampling import Sampling
-from minedraft.telemetry import tracer
+from minedraft.serving.telemetry import tracer
 from services.router.admission import Admission
 from services.router.prompts import PromptEncoder
 from services.router.request import Request

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+from minedraft.engine.sampling import MIN_TEMPERATURE
 from minedraft.errors import InvalidArgument
 from minedraft.protos import generate_pb2
-from minedraft.sampling import MIN_TEMPERATURE
 
 MAX_PROMPT_CHARS = 1_000_000
 MAX_STOPS = 16

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import math
 
-from minedraft.errors import InvalidArgument, ServiceError
-from minedraft.model_runner import ModelRunner, SequenceState
-from minedraft.sampling import (
+from minedraft.engine.model_runner import ModelRunner, SequenceState
+from minedraft.engine.sampling import (
     TARGET_STREAM,
     Sampling,
     next_token,
@@ -17,7 +16,8 @@ from minedraft.sampling import (
     verify_sampled,
     warp,
 )
-from minedraft.sequence_table import SequenceTable
+from minedraft.engine.sequence_table import SequenceTable
+from minedraft.errors import InvalidArgument, ServiceError
 
 Drafts = list[tuple[int, list[int], list[float]]]  # (token, q support ids, q probs) per position
 DEFAULT_MAX_DRAFTS = 32

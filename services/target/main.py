@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from minedraft.device_worker import DeviceWorker
-from minedraft.model_service import add_model_args, serve_model
-from minedraft.precision import DRAFT_ONLY_QUANTS
+from minedraft.engine.device_worker import DeviceWorker
+from minedraft.engine.precision import DRAFT_ONLY_QUANTS
 from minedraft.protos import target_pb2_grpc
+from minedraft.serving.model_service import add_model_args, serve_model
 from services.target.engine import DEFAULT_MAX_DRAFTS, TargetEngine
 from services.target.servicer import TargetServicer
 

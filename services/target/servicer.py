@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 
+from minedraft.engine.sampling import Sampling
 from minedraft.protos import target_pb2, target_pb2_grpc
-from minedraft.sampling import Sampling
-from minedraft.servicing import EngineServicer, owner_of, seq_errors
+from minedraft.serving.servicing import EngineServicer, owner_of, seq_errors
 from services.target.engine import TargetEngine
 
 

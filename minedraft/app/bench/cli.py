@@ -8,13 +8,13 @@ import platform
 import time
 from pathlib import Path
 
-from minedraft.bench.driver import cluster_args, run_mode
-from minedraft.bench.metrics import compare_modes, summarise_runs
-from minedraft.bench.peer import parse_peers, run_peer
-from minedraft.bench.report import write_all
-from minedraft.bench.workloads import load_prompts
-from minedraft.launcher import cpu_layout, free_port
-from minedraft.precision import native_bf16_cpu, resolve_dtype, resolve_quant
+from minedraft.app.bench.driver import cluster_args, run_mode
+from minedraft.app.bench.metrics import compare_modes, summarise_runs
+from minedraft.app.bench.peer import parse_peers, run_peer
+from minedraft.app.bench.report import write_all
+from minedraft.app.bench.workloads import load_prompts
+from minedraft.app.launcher import cpu_layout, free_port
+from minedraft.engine.precision import native_bf16_cpu, resolve_dtype, resolve_quant
 
 MODES = ("ar", "sd", "psd", "psd2c", "auto")
 

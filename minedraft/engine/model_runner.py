@@ -22,11 +22,11 @@ import torch
 import torch.utils.mkldnn
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from minedraft.cuda_graphs import StepGraphs
+from minedraft.engine.cuda_graphs import StepGraphs
+from minedraft.engine.precision import quantize_linears, resolve_dtype
+from minedraft.engine.sampling import Sampling
+from minedraft.engine.static_kv import StaticKV, check_fits, uses_static_kv
 from minedraft.models.random_shapes import is_random, random_model
-from minedraft.precision import quantize_linears, resolve_dtype
-from minedraft.sampling import Sampling
-from minedraft.static_kv import StaticKV, check_fits, uses_static_kv
 
 log = logging.getLogger(__name__)
 

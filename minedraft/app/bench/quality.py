@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from minedraft.model_runner import ModelRunner
+from minedraft.engine.model_runner import ModelRunner
 from minedraft.models.store import fetch_human_eval, resolve_model
 
 HELD_OUT_FROM = 100  # the benchmark reads HumanEval from problem 0 on

@@ -11,10 +11,10 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
-from minedraft.bench.metrics import Event, RequestRecord
-from minedraft.client import make_request
-from minedraft.launcher import Cluster, free_port
-from minedraft.launcher import add_args as add_cluster_args
+from minedraft.app.bench.metrics import Event, RequestRecord
+from minedraft.app.client import make_request
+from minedraft.app.launcher import Cluster, free_port
+from minedraft.app.launcher import add_args as add_cluster_args
 from minedraft.protos import generate_pb2_grpc, monitor_pb2, monitor_pb2_grpc
 
 

@@ -9,10 +9,10 @@ import time
 
 import grpc
 
-from minedraft.client import Generation, absorb, make_request, stream
-from minedraft.launcher import Cluster, free_port
-from minedraft.launcher import add_args as add_cluster_args
-from services.router.scheduler import MODES
+from minedraft.app.client import Generation, absorb, make_request, stream
+from minedraft.app.launcher import Cluster, free_port
+from minedraft.app.launcher import add_args as add_cluster_args
+from services.router.modes import MODES
 
 PROMPT = "Write a Python function `fibonacci(n)` that returns the n-th Fibonacci number iteratively, with a docstring."
 

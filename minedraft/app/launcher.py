@@ -15,13 +15,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from minedraft.client import open_channel
-from minedraft.model_service import add_kv_args
-from minedraft.precision import CPU_DEFAULT_QUANT, DRAFT_ONLY_QUANTS, QUANTS, resolve_quant
-from minedraft.security import TOKEN_ENV
-from minedraft.sequence_table import DEFAULT_LEASE_S
-from minedraft.static_kv import uses_static_kv
-from services.router.scheduler import MODES
+from minedraft.app.client import open_channel
+from minedraft.engine.precision import CPU_DEFAULT_QUANT, DRAFT_ONLY_QUANTS, QUANTS, resolve_quant
+from minedraft.engine.sequence_table import DEFAULT_LEASE_S
+from minedraft.engine.static_kv import uses_static_kv
+from minedraft.serving.model_service import add_kv_args
+from minedraft.serving.security import TOKEN_ENV
+from services.router.modes import MODES
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from minedraft.bench.metrics import Event
+from minedraft.app.bench.metrics import Event
 
 COLUMNS = [("throughput tok/s", "throughput_tok_s"), ("TTFT p50 s", "ttft_s.p50"), ("TPOT p50 s", "tpot_s.p50"),
            ("e2e p50 s", "e2e_latency_s.p50"), ("e2e p90 s", "e2e_latency_s.p90"),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from openai import APIError, AsyncOpenAI
 
-from minedraft.bench.metrics import RequestRecord
+from minedraft.app.bench.metrics import RequestRecord
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "peer-llamacpp"
 BUILT_IN = {"llamacpp": [], "llamacpp-spec": ["--spec"]}

@@ -12,7 +12,7 @@ import grpc
 from opentelemetry import trace
 
 from minedraft import metrics
-from minedraft.device_worker import DeviceWorker
+from minedraft.engine.device_worker import DeviceWorker
 from minedraft.errors import ServiceError
 from minedraft.protos import common_pb2
 

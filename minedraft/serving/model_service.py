@@ -12,16 +12,16 @@ from collections.abc import Callable
 import grpc
 import torch
 
-from minedraft.grpc_server import ServiceHost
+from minedraft.engine.model_runner import DTYPES, ModelRunner
+from minedraft.engine.precision import QUANTS
+from minedraft.engine.sequence_table import DEFAULT_LEASE_S
 from minedraft.metrics import serve_metrics
-from minedraft.model_runner import DTYPES, ModelRunner
 from minedraft.models.random_shapes import is_random
 from minedraft.models.store import resolve_model
-from minedraft.precision import QUANTS
-from minedraft.security import add_server_tls_args, add_token_args, read_token, server_credentials
-from minedraft.sequence_table import DEFAULT_LEASE_S
-from minedraft.servicing import EngineServicer
-from minedraft.telemetry import setup_tracing
+from minedraft.serving.grpc_server import ServiceHost
+from minedraft.serving.security import add_server_tls_args, add_token_args, read_token, server_credentials
+from minedraft.serving.servicing import EngineServicer
+from minedraft.serving.telemetry import setup_tracing
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from minedraft.model_runner import ModelRunner, SequenceState
+from minedraft.engine.model_runner import ModelRunner, SequenceState
+from minedraft.engine.precision import resolve_dtype
+from minedraft.engine.static_kv import StaticKV
 from minedraft.models.random_shapes import is_random, weight_bytes
 from minedraft.models.store import resolve_model
-from minedraft.precision import resolve_dtype
-from minedraft.static_kv import StaticKV
 
 log = logging.getLogger(__name__)
 LAYOUTS = ("dynamic", "static", "graphs")

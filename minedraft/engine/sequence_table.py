@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from minedraft.engine.model_runner import SequenceState
+from minedraft.engine.sampling import MIN_TEMPERATURE, Sampling, make_generator
 from minedraft.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from minedraft.model_runner import SequenceState
-from minedraft.sampling import MIN_TEMPERATURE, Sampling, make_generator
 
 MAX_SEQ_ID_BYTES = 128
 DEFAULT_LEASE_S = 60.0

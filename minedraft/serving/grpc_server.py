@@ -11,8 +11,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from minedraft.security import TokenCheck
-from minedraft.telemetry import server_interceptors, shutdown_tracing
+from minedraft.serving.security import TokenCheck
+from minedraft.serving.telemetry import server_interceptors, shutdown_tracing
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""What users run on top of the services: the launcher, demo, client, certificates and benchmarks."""

@@ -1,0 +1,1 @@
+"""The runtime inside a model service: one model, its KV cache, precision and sampling (torch; no gRPC)."""
