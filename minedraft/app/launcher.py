@@ -16,6 +16,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from minedraft.app.client import open_channel
+from minedraft.app.forwarding import forward, offer
+from minedraft.app.supervisor import Supervisor
 from minedraft.engine.precision import CPU_DEFAULT_QUANT, DRAFT_ONLY_QUANTS, QUANTS, resolve_quant
 from minedraft.engine.sequence_table import DEFAULT_LEASE_S
 from minedraft.engine.static_kv import uses_static_kv
@@ -32,17 +34,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-model", default="default-target", help="preset, .gguf file or model folder")
     parser.add_argument("--draft-port", type=int, default=0, help="0: pick a free port")
     parser.add_argument("--target-port", type=int, default=0, help="0: pick a free port")
-    parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--max-batch", type=int, default=16, help="most sequences in one lane")
-    parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a lane")
-    parser.add_argument("--draft-timeout", type=float, default=10.0)
-    parser.add_argument("--draft-prefill-tokens", type=int, default=512, help="most tokens per draft prefill call")
-    parser.add_argument("--target-timeout", type=float, default=30.0, help="seconds before a Verify counts as failed")
     parser.add_argument("--lease-s", type=float, default=DEFAULT_LEASE_S,
                         help="the services drop sequences the router has not used or renewed for this long")
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="Prometheus ports: router on this one, draft +1, target +2 (0: off)")
-    parser.add_argument("--top-m", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="device of both models (see --draft-device)")
     parser.add_argument("--draft-device", default=None)
     parser.add_argument("--dtype", default="auto", help="both models (auto: bfloat16 where the device multiplies "
@@ -66,6 +61,29 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="how draft and target use the CPU's cores: split (disjoint halves, one device each), "
                              "shared (all cores each; the router asks for half while both run), none (no pinning); "
                              "auto: the target alone gets every core in ar, split in psd, shared in sd and auto")
+    parser.set_defaults(passthrough={name: offer(service_parser(name), parser, skip, prefix)
+                                     for name, skip, prefix in (("router", ROUTER_OWNED, ""),
+                                                                ("draft", MODEL_OWNED, "draft-"),
+                                                                ("target", MODEL_OWNED, "target-"))})
+
+
+# What the launcher decides for its children itself; every other option of theirs passes through (forwarding.py).
+ROUTER_OWNED = {"host", "port", "mode", "target_addr", "draft_addr", "tokenizer", "draft_tokenizer", "max_context",
+                "metrics_port", "share_cores", "tls_cert", "tls_key", "tls_client_ca", "backend_ca", "backend_cert",
+                "backend_key", "internal_token_file", "api_key_file", "admin_key_file"}
+MODEL_OWNED = {"model", "host", "port", "device", "dtype", "quant", "metrics_port", "cpu_cores", "kv", "max_seqs",
+               "max_context", "kv_memory_fraction", "cuda_graphs", "lease_s", "tls_cert", "tls_key", "tls_client_ca",
+               "internal_token_file"}
+
+
+def service_parser(name: str) -> argparse.ArgumentParser:
+    from services.draft import main as draft_main
+    from services.router import main as router_main
+    from services.target import main as target_main
+
+    parser = argparse.ArgumentParser(add_help=False)
+    {"router": router_main, "draft": draft_main, "target": target_main}[name].add_args(parser)
+    return parser
 
 
 ROUTER_SERVICE = "minedraft.protos.Generation"
@@ -130,19 +148,18 @@ def commands(args: argparse.Namespace, draft_port: int, target_port: int) -> dic
         common += ["--kv-memory-fraction", str(fraction)]
     draft_cores, target_cores, router_cores = core_args(cpu_layout(args))
     draft_device = args.draft_device or args.device
-    draft = [*cli, "draft", "--model", args.draft_model, "--port", str(draft_port), "--top-m", str(args.top_m),
-             "--device", draft_device, "--quant", resolve_quant(args.draft_quant, "draft", draft_device),
-             *common, *draft_cores]
+    passthrough = args.passthrough
+    draft = [*cli, "draft", "--model", args.draft_model, "--port", str(draft_port), "--device", draft_device,
+             "--quant", resolve_quant(args.draft_quant, "draft", draft_device), *common, *draft_cores,
+             *forward(args, passthrough["draft"])]
     target = [*cli, "target", "--model", args.target_model, "--port", str(target_port), "--device", args.device,
-              "--quant", resolve_quant(args.target_quant, "target", args.device), *common, *target_cores]
+              "--quant", resolve_quant(args.target_quant, "target", args.device), *common, *target_cores,
+              *forward(args, passthrough["target"])]
     router = [*cli, "router", "--mode", args.mode, "--port", str(args.port), "--host", args.host,
               "--target-addr", f"127.0.0.1:{target_port}", "--draft-addr", f"127.0.0.1:{draft_port}",
               "--tokenizer", args.tokenizer or args.target_model,
-              "--draft-tokenizer", args.tokenizer or args.draft_model,
-              "--k", str(args.k), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
-              "--draft-timeout", str(args.draft_timeout), "--draft-prefill-tokens", str(args.draft_prefill_tokens),
-              "--target-timeout", str(args.target_timeout),
-              *router_cores]
+              "--draft-tokenizer", args.tokenizer or args.draft_model, *router_cores,
+              *forward(args, passthrough["router"])]
     if any(uses_static_kv(args.kv, device) for device in (args.device, args.draft_device or args.device)):
         router += ["--max-context", str(args.max_context)]  # the services' static caches hold no more
     if args.tls_dir:
@@ -233,39 +250,6 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-class Supervisor:
-    """Starts again any service that exits on its own, after a backoff that doubles while it keeps dying.
-
-    The router recovers from a restarted draft or target by itself (health watch, new epoch); the draft only
-    accelerates, so the cluster serves on, target-only, while it is away."""
-
-    def __init__(self, cluster: Cluster, first_backoff_s: float = 0.5, max_backoff_s: float = 30.0,
-                 stable_after_s: float = 60.0) -> None:
-        self.cluster = cluster
-        self.first_backoff_s, self.max_backoff_s, self.stable_after_s = first_backoff_s, max_backoff_s, stable_after_s
-        self.backoff_s = dict.fromkeys(cluster.procs, first_backoff_s)
-        self.died_at: dict[str, float] = {}
-        self.started_at = dict.fromkeys(cluster.procs, time.monotonic())
-        self.restarts = dict.fromkeys(cluster.procs, 0)
-
-    def check(self) -> None:
-        now = time.monotonic()
-        for name, proc in self.cluster.procs.items():
-            if proc.poll() is None:
-                if now - self.started_at[name] > self.stable_after_s:
-                    self.backoff_s[name] = self.first_backoff_s
-                continue
-            died_at = self.died_at.setdefault(name, now)
-            if now - died_at < self.backoff_s[name]:
-                continue
-            print(f"minedraft: {name} exited with code {proc.returncode}; starting it again "
-                  f"(restart {self.restarts[name] + 1})", file=sys.stderr, flush=True)
-            self.cluster.restart(name)
-            del self.died_at[name]
-            self.started_at[name], self.restarts[name] = now, self.restarts[name] + 1
-            self.backoff_s[name] = min(self.max_backoff_s, 2 * self.backoff_s[name])
 
 
 def serve(args: argparse.Namespace) -> int:
