@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import grpc
 import pytest
 
-from minedraft.app.launcher import Cluster, add_args, free_port
+from minedraft.app.cluster_config import ClusterConfig
+from minedraft.app.launcher import Cluster, free_port
 from minedraft.models.tiny import build_tiny_pair
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,15 +27,10 @@ def identical_pair(tmp_path_factory) -> tuple[Path, Path]:
     return build_tiny_pair(tmp_path_factory.mktemp("same"), noise=0.0)
 
 
-def cluster_args(mode: str, target: Path, draft: Path, **extra) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_args(parser)
-    argv = ["--mode", mode, "--port", str(free_port()), "--target-model", str(target), "--draft-model", str(draft),
-            "--dtype", "float64", "--draft-quant", "none", "--target-quant", "none"]
-    for key, value in extra.items():
-        flag = f"--{key.replace('_', '-')}"
-        argv += [flag] if value is True else [flag, str(value)]
-    return parser.parse_args(argv)
+def cluster_args(mode: str, target: Path, draft: Path, **extra) -> ClusterConfig:
+    options = {"dtype": "float64", "draft_quant": "none", "target_quant": "none", **extra}
+    return ClusterConfig.of(mode=mode, port=free_port(), target_model=str(target), draft_model=str(draft),
+                            **{k: str(v) if isinstance(v, Path) else v for k, v in options.items()})
 
 
 class RunningClusters:

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from minedraft.app.client import collect, make_request, stream
+from minedraft.app.cluster_config import ClusterConfig
 from minedraft.app.launcher import add_args, commands, cpu_layout
 from minedraft.protos import monitor_pb2, monitor_pb2_grpc
 from tests.conftest import channel_to
@@ -18,10 +19,10 @@ CORES = len(os.sched_getaffinity(0))
 needs_two_cores = pytest.mark.skipif(CORES < 2, reason="sharing needs at least two cores")
 
 
-def launcher_args(mode: str, *extra: str) -> argparse.Namespace:
+def launcher_args(mode: str, *extra: str) -> ClusterConfig:
     parser = argparse.ArgumentParser()
     add_args(parser)
-    return parser.parse_args(["--mode", mode, *extra])
+    return ClusterConfig.from_args(parser.parse_args(["--mode", mode, *extra]))
 
 
 @needs_two_cores

@@ -10,8 +10,8 @@ import time
 import grpc
 
 from minedraft.app.client import Generation, absorb, make_request, stream
+from minedraft.app.cluster_config import ClusterConfig
 from minedraft.app.launcher import Cluster, free_port
-from minedraft.app.launcher import add_args as add_cluster_args
 from services.router.modes import MODES
 
 PROMPT = "Write a Python function `fibonacci(n)` that returns the n-th Fibonacci number iteratively, with a docstring."
@@ -25,9 +25,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MINEDRAFT_LOG_LEVEL", "WARNING")  # the services' logs would interleave with the answer
-    cluster_parser = argparse.ArgumentParser()
-    add_cluster_args(cluster_parser)
-    cluster_args = cluster_parser.parse_args(["--mode", args.cluster_mode, "--port", str(free_port())])
+    cluster_args = ClusterConfig.of(mode=args.cluster_mode, port=free_port())
     started = time.perf_counter()
     with Cluster(cluster_args) as cluster:
         cluster.wait_ready()

@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from minedraft.app.bench.metrics import Event, RequestRecord
 from minedraft.app.client import make_request
+from minedraft.app.cluster_config import ClusterConfig
 from minedraft.app.launcher import Cluster, free_port
-from minedraft.app.launcher import add_args as add_cluster_args
 from minedraft.protos import generate_pb2_grpc, monitor_pb2, monitor_pb2_grpc
 
 
@@ -71,16 +71,12 @@ async def router_stats(address: str, clear: bool) -> monitor_pb2.RouterStats:
         return await monitor_pb2_grpc.RouterMonitorStub(channel).GetStats(monitor_pb2.StatsRequest(clear=clear))
 
 
-def cluster_args(args: argparse.Namespace, mode: str, max_batch: int) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_cluster_args(parser)
-    return parser.parse_args([
-        "--mode", mode, "--port", str(free_port()), "--k", str(args.k), "--max-batch", str(max_batch),
-        "--draft-model", args.draft_model, "--target-model", args.target_model, "--dtype", args.dtype,
-        "--draft-quant", args.draft_quant, "--target-quant", args.target_quant, "--cpu-layout", args.cpu_layout,
-        "--device", args.device, *(["--draft-device", args.draft_device] if args.draft_device else []),
-        *(["--tokenizer", args.tokenizer] if args.tokenizer else []), "--kv", args.kv,
-        "--max-context", str(args.max_context)])
+def cluster_args(args: argparse.Namespace, mode: str, max_batch: int) -> ClusterConfig:
+    return ClusterConfig.of(
+        mode=mode, port=free_port(), k=args.k, max_batch=max_batch, draft_model=args.draft_model,
+        target_model=args.target_model, dtype=args.dtype, draft_quant=args.draft_quant, target_quant=args.target_quant,
+        cpu_layout=args.cpu_layout, device=args.device, draft_device=args.draft_device, tokenizer=args.tokenizer,
+        kv=args.kv, max_context=args.max_context)
 
 
 def run_mode(args: argparse.Namespace, mode: str, items: list[dict], concurrency: int) -> dict:
