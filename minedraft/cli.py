@@ -92,7 +92,17 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-LIGHT_COMMANDS = ("generate", "health", "certs")  # parsed without importing torch: a healthcheck takes < 1 s
+def cmd_http(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from minedraft.app.http.front import create_app
+
+    app = create_app(args.router, args.model_name, args.tls_ca, args.tls_cert, args.tls_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
+
+
+LIGHT_COMMANDS = ("generate", "health", "certs", "http")  # parsed without importing torch: a healthcheck takes < 1 s
 
 
 def build_parser(light_only: bool = False) -> argparse.ArgumentParser:
@@ -126,6 +136,13 @@ def build_parser(light_only: bool = False) -> argparse.ArgumentParser:
     certs = sub.add_parser("certs", help="make a private CA with server and client certificates (TLS, mTLS)")
     certs.add_argument("out", help="folder to write ca.pem, server.pem/.key and client.pem/.key to")
     certs.set_defaults(func=cmd_certs)
+    http = sub.add_parser("http", help="serve the OpenAI HTTP API in front of a router")
+    http.add_argument("--router", default="127.0.0.1:50051", help="the router's gRPC address")
+    http.add_argument("--host", default="127.0.0.1")
+    http.add_argument("--port", type=int, default=8000)
+    http.add_argument("--model-name", default="minedraft", help="the model id clients ask for (GET /v1/models)")
+    add_connection_args(http)
+    http.set_defaults(func=cmd_http)
     if not light_only:
         add_service_commands(sub)
     return parser

@@ -49,6 +49,7 @@ class ClusterConfig:
                              "cores each; the router asks for half while both run), none (no pinning); auto: the "
                              "target alone gets every core in ar, split in psd, shared in sd and auto",
                              choices=CPU_LAYOUTS)
+    http_port: int = option(0, "serve the OpenAI HTTP API on this port too (0: off)")
     tls_dir: str | None = option(None, "certificates from `minedraft certs DIR`: every service serves TLS, and "
                                  "draft and target take only clients with a certificate from its CA", type=str)
     public_mtls: bool = option(False, "with --tls-dir: clients of the public API must present a certificate too")

@@ -118,9 +118,20 @@ def commands(config: ClusterConfig, draft_port: int, target_port: int) -> dict[s
         for offset, cmd in enumerate((router, draft, target)):
             cmd += ["--metrics-port", str(config.metrics_port + offset)]
     procs = {"target": target, "router": router}
+    if config.http_port:
+        procs["http"] = [*cli, "http", "--router", f"127.0.0.1:{config.port}", "--host", config.host,
+                         "--port", str(config.http_port), "--model-name", model_name(config.target_model),
+                         *(["--tls-ca", str(Path(config.tls_dir) / "ca.pem")] if config.tls_dir else []),
+                         *(["--tls-cert", str(Path(config.tls_dir) / "client.pem"), "--tls-key",
+                            str(Path(config.tls_dir) / "client.key")] if config.tls_dir and config.public_mtls else [])]
     if config.mode != "ar":
         procs = {"draft": draft, **procs}
     return procs
+
+
+def model_name(model: str) -> str:
+    """The id the HTTP API gives a model: its preset name, or its file or folder name."""
+    return Path(model).stem if model.endswith(".gguf") else Path(model).name
 
 
 class Cluster:
@@ -128,6 +139,7 @@ class Cluster:
 
     def __init__(self, config: ClusterConfig) -> None:
         self.address = f"{config.host}:{config.port}"
+        self.http_address = f"{config.host}:{config.http_port}" if config.http_port else None
         spare = iter(free_ports(2, exclude=(config.port,)))
         self.draft_address = f"127.0.0.1:{config.draft_port or next(spare)}"
         self.target_address = f"127.0.0.1:{config.target_port or next(spare)}"
@@ -163,7 +175,7 @@ class Cluster:
                 try:
                     # Ask for the router's own service: another server on the port must not pass for it.
                     if stub.Check(health_pb2.HealthCheckRequest(service=ROUTER_SERVICE), timeout=1.0).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
+                            health_pb2.HealthCheckResponse.SERVING and self._http_listening():
                         return
                 except grpc.RpcError:
                     pass
@@ -171,6 +183,13 @@ class Cluster:
         if should_stop():
             return
         raise TimeoutError(f"the cluster was not serving after {timeout_s:.0f}s")
+
+    def _http_listening(self) -> bool:
+        if not self.http_address:
+            return True
+        host, port = self.http_address.rsplit(":", 1)
+        with socket.socket() as sock:
+            return sock.connect_ex((host, int(port))) == 0
 
     def stop(self, timeout_s: float = 90.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,1 @@
+"""An OpenAI-compatible HTTP front: a FastAPI app that speaks to the router over its gRPC API."""

@@ -1,0 +1,109 @@
+"""The OpenAI HTTP front, through the official `openai` client and raw HTTP, against a real cluster."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from minedraft.app.client import collect, make_request, stream
+from minedraft.app.launcher import Cluster, free_port
+from tests.conftest import channel_to, cluster_args
+from tests.test_end_to_end import held_sequences
+from tests.test_faults import wait_until
+
+PROMPT = "def add(a, b):"
+
+
+@pytest.fixture(scope="module")
+def front(tiny_pair):
+    with Cluster(cluster_args("psd", *tiny_pair, max_batch=4, http_port=free_port())) as cluster:
+        cluster.wait_ready(timeout_s=120)
+        yield cluster
+
+
+def client(cluster: Cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://{cluster.http_address}/v1", api_key="unused", max_retries=0)
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    """Raw HTTP, as a client with a bug would send it."""
+    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.load(reply)
+    except urllib.error.HTTPError as failure:
+        return failure.code, json.load(failure)
+
+
+def grpc_text(cluster: Cluster, **request) -> str:
+    with channel_to(cluster) as channel:
+        return collect(stream(channel, make_request(**request))).text
+
+
+def test_completions_match_the_grpc_path_streamed_or_not(front) -> None:
+    api = client(front)
+    assert [m.id for m in api.models.list().data] == ["target"]
+    expected = grpc_text(front, prompt=PROMPT, max_tokens=24)
+    whole = api.completions.create(model="target", prompt=PROMPT, max_tokens=24, temperature=0)
+    assert whole.choices[0].text == expected and whole.choices[0].finish_reason in ("length", "stop")
+    assert whole.usage.completion_tokens == 24 or whole.choices[0].finish_reason == "stop"
+    streamed = api.completions.create(model="target", prompt=PROMPT, max_tokens=24, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == expected
+    sampled = grpc_text(front, prompt=PROMPT, max_tokens=24, temperature=0.8, seed=11)
+    assert api.completions.create(model="target", prompt=PROMPT, max_tokens=24, temperature=0.8,
+                                  seed=11).choices[0].text == sampled
+
+
+def test_chat_streams_with_usage_and_stops(front) -> None:
+    api = client(front)
+    messages = [{"role": "user", "content": "Hello"}]
+    expected = grpc_text(front, messages=messages, max_tokens=20)
+    chunks = list(api.chat.completions.create(model="target", messages=messages, max_tokens=20, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens > 0 and chunks[-1].usage.prompt_tokens > 0
+    whole = api.chat.completions.create(model="target", messages=messages, max_tokens=20, temperature=0)
+    assert whole.choices[0].message.content == expected
+    if len(expected) > 3:  # a stop string cuts the reply where it first appears
+        stopped = api.chat.completions.create(model="target", messages=messages, max_tokens=20, temperature=0,
+                                              stop=[expected[2:4]])
+        assert stopped.choices[0].message.content == expected[:expected.index(expected[2:4])]
+        assert stopped.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ("{not json", 400, None),
+    ({"model": "target", "prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens"),
+    ({"model": "gpt-4", "prompt": PROMPT}, 404, "model"),
+    ({"model": "target", "prompt": PROMPT, "n": 2}, 400, "n"),
+    ({"model": "target", "prompt": PROMPT, "logprobs": 3}, 400, "logprobs"),
+    ({"model": "target", "prompt": PROMPT, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"model": "target", "prompt": PROMPT, "tools": []}, 400, "tools"),
+    ({"model": "target", "prompt": PROMPT, "temperature": 0.0001}, 400, None),  # the router's own check
+    ({"model": "target", "prompt": "x" * (9 << 20)}, 413, None),
+])
+def test_bad_requests_get_openai_errors_and_the_server_serves_on(front, body, status, param) -> None:
+    url = f"http://{front.http_address}/v1/completions"
+    code, reply = post(url, body.encode() if isinstance(body, str) else json.dumps(body).encode())
+    assert code == status, reply
+    failure = reply["error"]
+    assert failure["message"] and failure["type"] == "invalid_request_error"
+    if param:
+        assert failure["param"] == param
+    with urllib.request.urlopen(f"http://{front.http_address}/health", timeout=10) as health:
+        assert health.status == 200
+
+
+def test_a_client_that_goes_away_frees_its_sequence(front) -> None:
+    api = client(front)
+    chunks = api.completions.create(model="target", prompt=PROMPT, max_tokens=800, temperature=1.0, seed=2,
+                                    stream=True)
+    next(iter(chunks))
+    assert held_sequences(front) == (1, 1)
+    chunks.close()  # the HTTP connection closes: the front cancels the gRPC stream
+    wait_until(lambda: held_sequences(front) == (0, 0), 10, "the sequence to be released on both services")
