@@ -34,17 +34,26 @@ def cluster_args(mode: str, target: Path, draft: Path, **extra) -> ClusterConfig
 
 
 class RunningClusters:
-    """Starts clusters on demand (all started ones boot in parallel) and stops them at the end."""
+    """Starts clusters on demand and stops them at the end. At most MAX_CACHED of them (besides the pinned
+    tiny_clusters) stay up: the least recently used goes first, since every cluster holds three processes'
+    memory and the real-pair tests need room for the real models."""
+
+    MAX_CACHED = 3
 
     def __init__(self) -> None:
         self.clusters: dict[tuple, Cluster] = {}
+        self.pinned: set[tuple] = set()
 
     def get(self, mode: str, pair: tuple[Path, Path], **extra) -> Cluster:
         key = (mode, pair, tuple(sorted(extra.items())))
         if key not in self.clusters:
+            cached = [k for k in self.clusters if k not in self.pinned]
+            for old in cached[:max(0, len(cached) - self.MAX_CACHED + 1)]:
+                self.clusters.pop(old).stop()
             cluster = Cluster(cluster_args(mode, pair[0], pair[1], **extra))
             self.clusters[key] = cluster
             cluster.wait_ready(timeout_s=120)
+        self.clusters[key] = self.clusters.pop(key)  # most recently used last
         return self.clusters[key]
 
     def stop(self) -> None:
@@ -64,7 +73,9 @@ def tiny_clusters(clusters, tiny_pair) -> dict[str, Cluster]:
     """ar, sd and psd clusters on the tiny pair, booted side by side."""
     booting = {mode: Cluster(cluster_args(mode, *tiny_pair, max_batch=4)) for mode in ("ar", "sd", "psd")}
     for mode, cluster in booting.items():
-        clusters.clusters[(mode, tiny_pair, (("max_batch", 4),))] = cluster
+        key = (mode, tiny_pair, (("max_batch", 4),))
+        clusters.clusters[key] = cluster
+        clusters.pinned.add(key)
     for cluster in booting.values():
         cluster.wait_ready(timeout_s=120)
     return booting

@@ -12,7 +12,7 @@ import pytest
 from minedraft.app.client import collect, make_request, stream
 from minedraft.app.launcher import Cluster, free_port
 from tests.conftest import channel_to, cluster_args
-from tests.test_end_to_end import held_sequences
+from tests.test_end_to_end import PROMPTS, held_sequences
 from tests.test_faults import wait_until
 
 PROMPT = "def add(a, b):"
@@ -107,3 +107,11 @@ def test_a_client_that_goes_away_frees_its_sequence(front) -> None:
     assert held_sequences(front) == (1, 1)
     chunks.close()  # the HTTP connection closes: the front cancels the gRPC stream
     wait_until(lambda: held_sequences(front) == (0, 0), 10, "the sequence to be released on both services")
+
+
+def test_a_whole_reply_whose_client_leaves_stops_too(front) -> None:
+    impatient = openai.OpenAI(base_url=f"http://{front.http_address}/v1", api_key="unused", max_retries=0,
+                              timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):  # the prompt and seed of test_faults' deadline test: no early EOS
+        impatient.completions.create(model="target", prompt=PROMPTS[2], max_tokens=800, temperature=1.0, seed=1)
+    wait_until(lambda: held_sequences(front) == (0, 0), 10, "the abandoned reply's sequence to be released")

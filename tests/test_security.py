@@ -125,3 +125,16 @@ def test_health_check_answers_well_under_a_second(tiny_clusters) -> None:
                        capture_output=True, timeout=30)
         times.append(time.monotonic() - started)
     assert min(times) < 1.0, times
+
+
+def test_settings_that_would_fail_open_are_refused(tmp_path) -> None:
+    """An empty key file, or a client certificate without the CA to check the server, must stop the start."""
+    import argparse
+
+    from minedraft.serving.security import backend_credentials, read_token
+
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SystemExit, match="is empty"):
+        read_token(argparse.Namespace(api_key_file=str(tmp_path / "empty")), "api")
+    with pytest.raises(SystemExit, match="need --backend-ca"):
+        backend_credentials(argparse.Namespace(backend_ca=None, backend_cert="c.pem", backend_key="c.key"))

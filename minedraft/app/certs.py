@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import secrets
 from pathlib import Path
 
@@ -36,10 +37,16 @@ def _alt_names(names: tuple[str, ...]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(entries)
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    """Created readable by its owner only (never briefly readable by others)."""
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
+        file.write(data)
+
+
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
+    _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
 
 
 def write_certs(out_dir: Path, server_names: tuple[str, ...] = SERVER_NAMES, days: int = 365) -> dict[str, Path]:
@@ -68,6 +75,5 @@ def write_certs(out_dir: Path, server_names: tuple[str, ...] = SERVER_NAMES, day
         paths[f"{role}-key"] = out_dir / f"{role}.key"
         _write_key(paths[f"{role}-key"], key)
     paths["internal-token"] = out_dir / "internal-token"  # what routers present to draft and target
-    paths["internal-token"].write_text(secrets.token_urlsafe(32) + "\n")
-    paths["internal-token"].chmod(0o600)
+    _write_private(paths["internal-token"], (secrets.token_urlsafe(32) + "\n").encode())
     return paths

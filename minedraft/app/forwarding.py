@@ -50,8 +50,8 @@ def options_of(service: str) -> tuple[Option, ...]:
             continue
         kind = ("boolean" if isinstance(action, argparse.BooleanOptionalAction) else
                 "flag" if isinstance(action, argparse._StoreTrueAction) else "value")
-        options.append(Option(max(action.option_strings, key=len), action.dest, action.default, kind, action.help,
-                              action.type, action.choices))
+        flag = next(f for f in action.option_strings if f.startswith("--") and not f.startswith("--no-"))
+        options.append(Option(flag, action.dest, action.default, kind, action.help, action.type, action.choices))
     return tuple(options)
 
 

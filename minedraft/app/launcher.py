@@ -150,7 +150,11 @@ class Cluster:
         self.internal_token = secrets.token_urlsafe(24)
         self.env = {**os.environ, TOKEN_ENV["internal"]: self.internal_token}
         self.tls = (Path(config.tls_dir), config.public_mtls) if config.tls_dir else None
-        self.procs = {name: subprocess.Popen(cmd, env=self.env) for name, cmd in self.commands.items()}
+        self.procs = {name: subprocess.Popen(cmd, env=self.env_for(name)) for name, cmd in self.commands.items()}
+
+    def env_for(self, name: str) -> dict[str, str]:
+        """The HTTP front talks only to the public API: it never holds the internal token."""
+        return {k: v for k, v in self.env.items() if k != TOKEN_ENV["internal"]} if name == "http" else self.env
 
     def public_channel(self) -> grpc.Channel:
         if not self.tls:
@@ -162,7 +166,7 @@ class Cluster:
     def restart(self, name: str) -> None:
         """Starts a service again with its original command (after it died or was killed)."""
         self.procs[name].wait()
-        self.procs[name] = subprocess.Popen(self.commands[name], env=self.env)
+        self.procs[name] = subprocess.Popen(self.commands[name], env=self.env_for(name))
 
     def wait_ready(self, timeout_s: float = 900.0, should_stop=lambda: False) -> None:
         deadline = time.monotonic() + timeout_s

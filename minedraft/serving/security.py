@@ -50,6 +50,8 @@ def add_token_args(parser: argparse.ArgumentParser, *kinds: str) -> None:
 def read_token(args: argparse.Namespace, kind: str) -> str | None:
     path = getattr(args, TOKEN_FLAGS[kind].lstrip("-").replace("-", "_"), None)
     token = Path(path).read_text().strip() if path else os.environ.get(TOKEN_ENV[kind], "").strip()
+    if path and not token:  # an empty secret must not quietly turn the check off
+        raise SystemExit(f"{TOKEN_FLAGS[kind]} {path} is empty")
     return token or None
 
 
@@ -69,6 +71,8 @@ def server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | Non
 
 def backend_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     if not args.backend_ca:
+        if args.backend_cert or args.backend_key:  # else the token would travel in plaintext
+            raise SystemExit("--backend-cert and --backend-key need --backend-ca")
         return None
     return grpc.ssl_channel_credentials(root_certificates=_read(args.backend_ca),
                                         private_key=_read(args.backend_key),

@@ -91,11 +91,21 @@ class DraftEngine:
 
     def _draft(self, checked: list[tuple[int, SequenceState, int, list[int], int]],
                results: list[list[ProposedToken] | ServiceError]) -> None:
+        failed: set[int] = set()
         for step in range(max((k for *_, k in checked), default=0)):
-            active = [(i, state) for i, state, *_, k in checked if k > step]
+            active = [(i, state) for i, state, *_, k in checked if k > step and i not in failed]
+            if not active:
+                break
             logits = self.runner.forward([state for _, state in active], logits_to_keep=1)[:, -1]
             for row, (i, state) in enumerate(active):
-                token, support, probs = sample_truncated(logits[row], state.sampling, self.top_m, state.generator)
+                try:
+                    token, support, probs = sample_truncated(logits[row], state.sampling, self.top_m,
+                                                             state.generator)
+                except RuntimeError as error:  # a sampler fault is this sequence's alone: it keeps its commit
+                    state.truncate(len(state.tokens) - len(results[i]))
+                    results[i] = ServiceError(f"draft sampling failed: {error}")
+                    failed.add(i)
+                    continue
                 state.tokens.append(token)
                 results[i].append(ProposedToken(token, support, probs))
 

@@ -19,6 +19,14 @@ from services.router.request import Request
 
 log = logging.getLogger(__name__)
 DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# A service refusing the router's credentials, or a cancelled internal call, is no fault of the client's.
+SERVER_SIDE = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                         grpc.StatusCode.CANCELLED})
+
+
+def client_error(code: int | grpc.StatusCode, message: str) -> Exception:
+    status = error_for(code, message).code
+    return error_for(grpc.StatusCode.INTERNAL if status in SERVER_SIDE else status, message)
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -33,7 +41,7 @@ def target_call_failed(target: Backend, requests: list[Request], error: BaseExce
     message = f"target {what} failed ({code.name}: {details})"
     for request in requests:
         if not request.done:
-            request.fail(Unavailable(message) if code in DOWN_CODES else error_for(code, message))
+            request.fail(Unavailable(message) if code in DOWN_CODES else client_error(code, message))
     if code in DOWN_CODES:
         target.mark_down(f"{what}: {code.name} {details}")
 
@@ -45,7 +53,7 @@ def target_refused(request: Request, error: common_pb2.SeqError) -> None:
     if error.code == grpc.StatusCode.NOT_FOUND.value[0]:  # its lease lapsed: the router lost track of it
         request.fail(Unavailable(f"the target no longer holds this sequence ({error.message})"))
     else:
-        request.fail(error_for(error.code, error.message))
+        request.fail(client_error(error.code, error.message))
 
 
 def draft_call_failed(draft: Backend, requests: list[Request], error: BaseException, what: str) -> None:

@@ -31,6 +31,7 @@ from services.router.lanes import Lane, hand_over, overlapped, take_waiting
 from services.router.modes import MODES
 from services.router.policy import Plan, StageModel, next_plan
 from services.router.recorder import Recorder
+from services.router.releases import Releaser
 from services.router.request import Request
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class Scheduler:
         self.mode, self.k, self.max_batch = mode, k, max_batch
         self.draft_timeout_s, self.target_timeout_s = draft_timeout_s, target_timeout_s
         self.max_lane_tokens = max_lane_tokens
+        self._prefill_allowance_s = 0.0  # of the target prefills in flight (see _target_prefill)
+        self.releaser = Releaser(target, draft)
         self.share_cores = share_cores
         self.lanes = [Lane(i) for i in range(2 if mode in ("psd", "auto") else 1)]
         self.stages = StageModel()
@@ -154,6 +157,7 @@ class Scheduler:
                 metrics.WAITING.set(len(self.waiting))
                 metrics.LANE_SEQUENCES.labels(str(lane.index)).set(len(lane.active) + len(joining))
                 if joining:
+                    lane.active.extend(joining)  # before the call: a lane error fails them too, leases cover them
                     await self._prefill(lane, joining)
                 if not lane.active:
                     if not (self.waiting and self._lane_open(lane)) and not lane.incoming:
@@ -172,27 +176,12 @@ class Scheduler:
     async def _retire(self, lane: Lane) -> None:
         """Removes finished and cancelled requests and frees their state on both services.
 
-        A service that is down is not waited for: its leases drop what it holds for us."""
+        A service that is down is not waited for (releases.py)."""
         done = [r for r in lane.active if r.done]
         if not done:
             return
         lane.active = [r for r in lane.active if not r.done]
-        releases = {self.target: [r.seq_id for r in done]}
-        if self.draft is not None:
-            releases[self.draft] = [r.seq_id for r in done if r.draft_sent]
-        releases = {backend: ids for backend, ids in releases.items() if backend.up and ids}
-        with batch_span("release", [r.span for r in done], **{"minedraft.batch_size": len(done)}):
-            results = await asyncio.gather(*(backend.stub.Release(messages.release(ids), timeout=10)
-                                             for backend, ids in releases.items()), return_exceptions=True)
-        for backend, result in zip(releases, results, strict=True):
-            if not isinstance(result, grpc.aio.AioRpcError):
-                continue
-            if result.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                log.info("release still queued behind a forward at its deadline; the service finishes it")
-            else:
-                log.warning("release on %s failed (its lease frees them): %s", backend.name, result.code().name)
-            if result.code() == grpc.StatusCode.UNAVAILABLE:
-                backend.mark_down("release: UNAVAILABLE")
+        await self.releaser.release(done)
 
     async def _prefill(self, lane: Lane, joining: list[Request]) -> None:
         """Prompts run on the target (first token) and the draft (cache) at the same time."""
@@ -209,8 +198,8 @@ class Scheduler:
         with_draft = [r for r in joining if r.speculate] if at_once else []
         threads = self.threads_for(shared=bool(with_draft) or overlapped(self.lanes, self.plan.lanes, lane))
         prompts = [(r.seq_id, r.prompt_ids, r.sampling_proto()) for r in joining]
-        calls = [self.target.stub.Prefill(messages.target_prefill(prompts, threads),
-                                          timeout=self.target_timeout_s + tokens * PREFILL_S_PER_TOKEN)]
+        allowance = tokens * PREFILL_S_PER_TOKEN
+        calls = [self._target_prefill(messages.target_prefill(prompts, threads), allowance)]
         if with_draft:
             calls.append(self.drafter.prefill(with_draft, lane, threads))
         lane.prefilling = True
@@ -218,7 +207,6 @@ class Scheduler:
             results = await asyncio.gather(*calls, return_exceptions=True)
         finally:
             lane.prefilling = False
-        lane.active.extend(joining)  # failed ones sit out the round and are released at the next boundary
         if isinstance(results[0], Exception):
             target_call_failed(self.target, joining, results[0], "prefill")
             return
@@ -228,6 +216,15 @@ class Scheduler:
                 target_refused(request, first.error)
             else:
                 request.add_tokens([first.token_id])
+
+    async def _target_prefill(self, request, allowance_s: float):
+        """A target Prefill; while it runs, the other lane's Verify may queue behind it, so Verify deadlines
+        grow by its allowance (else a long prompt would time out the other lane and mark the target down)."""
+        self._prefill_allowance_s += allowance_s
+        try:
+            return await self.target.stub.Prefill(request, timeout=self.target_timeout_s + allowance_s)
+        finally:
+            self._prefill_allowance_s -= allowance_s
 
     async def _round(self, lane: Lane) -> None:
         requests = [r for r in lane.active if not r.done]  # one that failed at prefill never reaches a Verify
@@ -280,7 +277,7 @@ class Scheduler:
         try:
             response = await self.target.stub.Verify(messages.verify(
                 [(r.seq_id, drafts.get(r.seq_id, [])) for r in requests], self.threads_for(shared)),
-                timeout=self.target_timeout_s)
+                timeout=self.target_timeout_s + self._prefill_allowance_s)
         except grpc.aio.AioRpcError as error:
             target_call_failed(self.target, requests, error, "verify")
             return None

@@ -52,7 +52,7 @@ class TargetEngine:
                 token = next_token(row, state.sampling, state.generator)
             except RuntimeError as error:  # a sampler fault is this sequence's alone
                 self.runner.drop(state)
-                results[i] = InvalidArgument(f"sampling failed: {error}")
+                results[i] = ServiceError(f"sampling failed: {error}")  # INTERNAL: the server's fault
                 continue
             state.tokens.append(token)
             self.table.put(seqs[i][0], state)
@@ -92,7 +92,7 @@ class TargetEngine:
                 results[i] = self._judge(rows, drafts, state)
             except RuntimeError as error:
                 state.truncate(committed[i])
-                results[i] = InvalidArgument(f"sampling failed: {error}")
+                results[i] = ServiceError(f"sampling failed: {error}")
                 continue
             accepted, token = results[i]
             state.truncate(committed[i] + accepted)

@@ -6,6 +6,7 @@ HTTP status. The Authorization header is passed on, so the router's API key guar
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -59,7 +60,10 @@ def create_app(router: str, model_name: str, tls_ca: str | None = None, tls_cert
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        length = request.headers.get("content-length") or "0"
+        if not length.isdigit():
+            return error(400, "Content-Length must be a number of bytes")
+        if int(length) > MAX_BODY_BYTES:
             async for _ in request.stream():  # drained, never held, so the client reads the answer
                 pass
             return error(413, f"the request body is over {MAX_BODY_BYTES} bytes")
@@ -114,6 +118,7 @@ def create_app(router: str, model_name: str, tls_ca: str | None = None, tls_cert
         reply = replies.Reply(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", model_name,
                               int(time.time()))
         if not body.stream:
+            watch = asyncio.create_task(cancel_when_gone(request, call))
             try:
                 reply.absorb(first)
                 async for response in responses:
@@ -121,12 +126,20 @@ def create_app(router: str, model_name: str, tls_ca: str | None = None, tls_cert
             except grpc.aio.AioRpcError as failure:
                 return rpc_error(failure)
             finally:
-                call.cancel()  # a no-op once it finished; frees the sequence if the client went away
+                watch.cancel()
+                call.cancel()  # a no-op once it finished
             return reply.whole()
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(events(call, first, responses, reply, usage), media_type="text/event-stream")
 
     return app
+
+
+async def cancel_when_gone(request: Request, call, poll_s: float = 0.5) -> None:
+    """A whole (non-streamed) reply: its client may leave before it is ready; then the generation stops."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(poll_s)
+    call.cancel()
 
 
 async def events(call, first: generate_pb2.GenerateResponse, responses: AsyncIterator, reply: replies.Reply,
