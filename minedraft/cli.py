@@ -22,8 +22,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from minedraft.app.client import Generation, absorb, api_key_metadata, make_request, open_channel, stream
 
-    request = make_request(prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                           top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+    messages = None
+    if args.chat or args.system:  # the prompt is the user's turn of a chat, in the model's chat template
+        messages = [*([{"role": "system", "content": args.system}] if args.system else []),
+                    {"role": "user", "content": args.prompt}]
+    request = make_request(prompt=None if messages else args.prompt, messages=messages, max_tokens=args.max_tokens,
+                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                           stop=args.stop, speculation=args.speculation)
     result = Generation()
     with open_channel(args.addr, args.tls_ca, args.tls_cert, args.tls_key) as channel:
         try:
@@ -123,6 +128,10 @@ def build_parser(light_only: bool = False) -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[])
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as the user's message of a chat")
+    gen.add_argument("--system", default=None, help="a system message (implies --chat)")
+    gen.add_argument("--speculation", default="", choices=["", "auto", "off"],
+                     help="off: decode this request with the target alone (same output, no drafts)")
     add_connection_args(gen)
     gen.set_defaults(func=cmd_generate)
 

@@ -138,3 +138,20 @@ def test_settings_that_would_fail_open_are_refused(tmp_path) -> None:
         read_token(argparse.Namespace(api_key_file=str(tmp_path / "empty")), "api")
     with pytest.raises(SystemExit, match="need --backend-ca"):
         backend_credentials(argparse.Namespace(backend_ca=None, backend_cert="c.pem", backend_key="c.key"))
+
+
+def test_generate_sends_chats_and_can_turn_speculation_off(tiny_clusters) -> None:
+    """`minedraft generate --chat/--system/--speculation`: the same tokens as the client library's request."""
+    import json as json_lib
+
+    from tests.conftest import channel_to
+
+    cluster = tiny_clusters["psd"]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Hello"}]
+    with channel_to(cluster) as channel:
+        expected = collect(stream(channel, make_request(messages=messages, max_tokens=12))).token_ids
+    out = subprocess.run([sys.executable, "-m", "minedraft.cli", "generate", "--addr", cluster.address, "--json",
+                          "--system", "be brief", "--speculation", "off", "--max-tokens", "12", "Hello"],
+                         check=True, capture_output=True, text=True, timeout=60)
+    result = json_lib.loads(out.stdout)
+    assert result["token_ids"] == expected and int(result["stats"]["drafted_tokens"]) == 0
