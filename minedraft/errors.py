@@ -33,10 +33,15 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def grpc_status(code: int | grpc.StatusCode) -> grpc.StatusCode:
+    """A gRPC status from its number (as SeqError carries it) or itself."""
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return next((s for s in grpc.StatusCode if s.value[0] == code), grpc.StatusCode.UNKNOWN)
+
+
 def error_for(code: int | grpc.StatusCode, message: str) -> ServiceError:
     """The ServiceError a client should see for a status a service reported (by number or enum)."""
-    status = code if isinstance(code, grpc.StatusCode) else next(
-        (s for s in grpc.StatusCode if s.value[0] == code), grpc.StatusCode.UNKNOWN)
     error = ServiceError(message)
-    error.code = status
+    error.code = grpc_status(code)
     return error

@@ -12,6 +12,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from minedraft.protos import common_pb2, generate_pb2, generate_pb2_grpc
+from minedraft.serving.security import bearer, channel_credentials
 
 
 @dataclass
@@ -54,13 +55,12 @@ def open_channel(address: str, tls_ca: str | None = None, tls_cert: str | None =
     """A plaintext channel, or TLS when given the server's CA (and, for mutual TLS, a client certificate)."""
     if not tls_ca:
         return grpc.insecure_channel(address)
-    read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert)))
+    return grpc.secure_channel(address, channel_credentials(tls_ca, tls_cert, tls_key))
 
 
 def api_key_metadata(api_key_file: str | None = None) -> list[tuple[str, str]]:
     key = Path(api_key_file).read_text().strip() if api_key_file else os.environ.get("MINEDRAFT_API_KEY", "")
-    return [("authorization", f"Bearer {key}")] if key else []
+    return [bearer(key)] if key else []
 
 
 def stream(channel: grpc.Channel, request: generate_pb2.GenerateRequest, timeout: float | None = None,

@@ -69,25 +69,36 @@ def server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | Non
                                        require_client_auth=client_ca is not None)
 
 
+def channel_credentials(ca: str, cert: str | None = None, key: str | None = None) -> grpc.ChannelCredentials:
+    """TLS for a client channel: the server's CA, and for mutual TLS a client certificate and its key."""
+    return grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key),
+                                        certificate_chain=_read(cert))
+
+
 def backend_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     if not args.backend_ca:
         if args.backend_cert or args.backend_key:  # else the token would travel in plaintext
             raise SystemExit("--backend-cert and --backend-key need --backend-ca")
         return None
-    return grpc.ssl_channel_credentials(root_certificates=_read(args.backend_ca),
-                                        private_key=_read(args.backend_key),
-                                        certificate_chain=_read(args.backend_cert))
+    return channel_credentials(args.backend_ca, args.backend_cert, args.backend_key)
 
 
 def bearer(token: str) -> tuple[str, str]:
     return "authorization", f"Bearer {token}"
 
 
+def metadata_value(metadata, key: str) -> str:
+    """The value of `key` in a call's metadata ("" when absent)."""
+    return next((value for k, value in metadata or () if k == key), "")
+
+
+def bearer_token(metadata) -> str:
+    value = metadata_value(metadata, "authorization")
+    return value[len("Bearer "):] if value.startswith("Bearer ") else ""
+
+
 def presented_token(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and value.startswith("Bearer "):
-            return value[len("Bearer "):]
-    return ""
+    return bearer_token(context.invocation_metadata())
 
 
 def token_matches(presented: str, tokens: list[str]) -> bool:
@@ -104,9 +115,8 @@ class TokenCheck(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_SERVICES):
             return handler
-        metadata = dict(details.invocation_metadata or ())
-        value = metadata.get("authorization", "")
-        if value.startswith("Bearer ") and token_matches(value[len("Bearer "):], self.tokens):
+        presented = bearer_token(details.invocation_metadata)
+        if presented and token_matches(presented, self.tokens):
             return handler
         return _refusing(handler)
 

@@ -15,6 +15,7 @@ from minedraft import metrics
 from minedraft.engine.device_worker import DeviceWorker
 from minedraft.errors import ServiceError
 from minedraft.protos import common_pb2
+from minedraft.serving.security import metadata_value
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -23,10 +24,7 @@ OWNER_KEY = "minedraft-owner"  # call metadata: the router instance a sequence b
 
 def owner_of(context: grpc.aio.ServicerContext) -> str:
     """The calling router's instance id ("" for a caller that sends none)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == OWNER_KEY:
-            return value[:128]
-    return ""
+    return metadata_value(context.invocation_metadata(), OWNER_KEY)[:128]
 
 
 def seq_errors(seq_ids: list[str], results: list) -> dict[str, common_pb2.SeqError]:

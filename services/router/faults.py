@@ -12,7 +12,7 @@ import logging
 
 import grpc
 
-from minedraft.errors import Unavailable, error_for
+from minedraft.errors import Unavailable, error_for, grpc_status
 from minedraft.protos import common_pb2
 from services.router.backends import Backend
 from services.router.request import Request
@@ -25,7 +25,7 @@ SERVER_SIDE = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMIS
 
 
 def client_error(code: int | grpc.StatusCode, message: str) -> Exception:
-    status = error_for(code, message).code
+    status = grpc_status(code)
     return error_for(grpc.StatusCode.INTERNAL if status in SERVER_SIDE else status, message)
 
 

@@ -54,7 +54,7 @@ class Scheduler:
             raise ValueError(f"mode {mode} needs a draft service")
         self.target, self.draft = target, draft
         self.mode, self.k, self.max_batch = mode, k, max_batch
-        self.draft_timeout_s, self.target_timeout_s = draft_timeout_s, target_timeout_s
+        self.target_timeout_s = target_timeout_s
         self.max_lane_tokens = max_lane_tokens
         self._prefill_allowance_s = 0.0  # of the target prefills in flight (see _target_prefill)
         self.releaser = Releaser(target, draft)
@@ -74,7 +74,7 @@ class Scheduler:
 
     @property
     def in_flight(self) -> int:
-        return len(self.waiting) + sum(len(lane.active) + len(lane.incoming) for lane in self.lanes)
+        return len(self.waiting) + sum(lane.size for lane in self.lanes)
 
     def live(self) -> list[Request]:
         """Requests whose sequences the services hold for us (the leases to renew)."""

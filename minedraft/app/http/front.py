@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import grpc
 from fastapi import FastAPI, Request
@@ -22,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from minedraft.app.http import replies
 from minedraft.app.http.schema import ChatRequest, CompletionRequest, Sampled, Unsupported
 from minedraft.protos import generate_pb2, generate_pb2_grpc
+from minedraft.serving.security import channel_credentials
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # the router's own request limit
 HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
@@ -48,9 +48,7 @@ def create_app(router: str, model_name: str, tls_ca: str | None = None, tls_cert
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if tls_ca:
-            read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
-            credentials = grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
-            state["channel"] = grpc.aio.secure_channel(router, credentials)
+            state["channel"] = grpc.aio.secure_channel(router, channel_credentials(tls_ca, tls_cert, tls_key))
         else:
             state["channel"] = grpc.aio.insecure_channel(router)
         yield
