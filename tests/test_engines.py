@@ -6,11 +6,13 @@ from minedraft.engine.model_runner import ModelRunner
 from minedraft.engine.sampling import Sampling
 from minedraft.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from services.draft.engine import DraftEngine
-from services.target.engine import TargetEngine
+from services.target.engine import TargetEngine, Verdict
 
-PROMPTS = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [20, 21], "c": [30, 31, 32, 33, 34]}
+PROMPTS = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [20, 21], "c": [30, 31, 32, 33, 34], "d": [40, 41, 40, 42]}
 SAMPLINGS = {"a": Sampling(), "b": Sampling(temperature=0.8, top_k=20, seed=3),
-             "c": Sampling(temperature=1.1, top_p=0.9, seed=4)}
+             "c": Sampling(temperature=1.1, top_p=0.9, seed=4),
+             "d": Sampling(temperature=0.9, min_p=0.05, repetition_penalty=1.3, frequency_penalty=0.4,
+                           presence_penalty=0.2, min_tokens=4, held_tokens=(1, 2, 3), prompt_len=4, seed=5)}
 
 
 def speculate(target: TargetEngine, draft: DraftEngine, seq_ids: list[str], rounds: int,
@@ -24,7 +26,7 @@ def speculate(target: TargetEngine, draft: DraftEngine, seq_ids: list[str], roun
     for group in groups:
         draft.prefill([*bad, *((s, PROMPTS[s], SAMPLINGS[s]) for s in group)])
         firsts = target.prefill([*((s, PROMPTS[s], SAMPLINGS[s]) for s in group), *bad])[:len(group)]
-        tokens = {s: [*PROMPTS[s], t] for s, t in zip(group, firsts, strict=True)}
+        tokens = {s: [*PROMPTS[s], t.next_token] for s, t in zip(group, firsts, strict=True)}
         draft_len = {s: len(PROMPTS[s]) for s in group}
         for _ in range(rounds):
             bad_propose = [("bad", 0, [1], 3)] if poison else []
@@ -32,9 +34,9 @@ def speculate(target: TargetEngine, draft: DraftEngine, seq_ids: list[str], roun
             drafts = [[(p.token_id, p.support, p.probs) for p in props] for props in proposals[:len(group)]]
             bad_verify = [("held", [(1, [2], [1.0])]), ("bad", [])] if poison else []  # malformed; unknown
             verdicts = target.verify([*bad_verify, *zip(group, drafts, strict=True)])[len(bad_verify):]
-            for s, d, (accepted, nxt) in zip(group, drafts, verdicts, strict=True):
-                draft_len[s] = len(tokens[s]) + accepted
-                tokens[s] += [t for t, _, _ in d[:accepted]] + [nxt]
+            for s, d, verdict in zip(group, drafts, verdicts, strict=True):
+                draft_len[s] = len(tokens[s]) + verdict.accepted
+                tokens[s] += [t for t, _, _ in d[:verdict.accepted]] + [verdict.next_token]
         out.update(tokens)
         target.release([*group, "held"])
         draft.release([*group, "held"])
@@ -59,8 +61,8 @@ def test_batched_rounds_equal_one_sequence_at_a_time(engines) -> None:
 def test_verify_without_drafts_is_plain_decoding(engines) -> None:
     target, _ = engines
     first = target.prefill([("x", PROMPTS["a"], Sampling())])[0]
-    assert target.verify([("x", [])]) == [(0, target.table.get("x").tokens[-1])]
-    assert target.table.get("x").tokens[len(PROMPTS["a"])] == first
+    assert target.verify([("x", [])]) == [Verdict(0, target.table.get("x").tokens[-1])]
+    assert target.table.get("x").tokens[len(PROMPTS["a"])] == first.next_token
 
 
 def test_bad_calls_fail_alone_and_change_nothing(engines) -> None:
@@ -68,7 +70,7 @@ def test_bad_calls_fail_alone_and_change_nothing(engines) -> None:
     (missing,) = target.verify([("missing", [])])
     assert isinstance(missing, NotFound)
     bad, good = target.prefill([("x", [10**9], Sampling()), ("z", [1, 2], Sampling())])
-    assert isinstance(bad, InvalidArgument) and isinstance(good, int) and "x" not in target.table
+    assert isinstance(bad, InvalidArgument) and isinstance(good, Verdict) and "x" not in target.table
     with pytest.raises(InvalidArgument):  # an id twice: no result could be told apart
         target.prefill([("x", [1], Sampling()), ("x", [2], Sampling())])
     assert isinstance(target.prefill([("z", [3], Sampling())])[0], AlreadyExists)  # never silently replaced
@@ -112,6 +114,6 @@ def test_bad_batch_mates_change_no_token(engines) -> None:
 def test_past_the_sequence_cap_a_newcomer_is_refused(tiny_pair) -> None:
     target = TargetEngine(ModelRunner.load(str(tiny_pair[0]), dtype="float64"), max_sequences=2)
     results = target.prefill([(s, [1, 2], Sampling()) for s in "abc"])
-    assert isinstance(results[2], ResourceExhausted) and all(isinstance(r, int) for r in results[:2])
+    assert isinstance(results[2], ResourceExhausted) and all(isinstance(r, Verdict) for r in results[:2])
     target.release(["a"])
-    assert isinstance(target.prefill([("c", [1, 2], Sampling())])[0], int)
+    assert isinstance(target.prefill([("c", [1, 2], Sampling())])[0], Verdict)

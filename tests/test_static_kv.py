@@ -8,7 +8,7 @@ from minedraft.engine.sampling import Sampling
 from minedraft.engine.static_kv import bucket
 from minedraft.errors import ResourceExhausted
 from services.draft.engine import DraftEngine
-from services.target.engine import TargetEngine
+from services.target.engine import TargetEngine, Verdict
 from tests.test_engines import PROMPTS as ENGINE_PROMPTS
 from tests.test_engines import speculate
 from tests.test_model_runner import PROMPTS, reference_greedy
@@ -83,12 +83,12 @@ def test_static_cache_full_is_resource_exhausted_and_frees_on_release(tiny_pair)
                                            max_context=32))
     _, second, third = target.prefill([("a", [1, 2], Sampling()), ("b", [3, 4], Sampling()),
                                        ("c", [5, 6], Sampling())])
-    assert isinstance(third, ResourceExhausted) and isinstance(second, int)  # the newcomer alone is refused
+    assert isinstance(third, ResourceExhausted) and isinstance(second, Verdict)  # the newcomer alone is refused
     assert target.runner.static.slots_free == 0
     (too_long,) = target.prefill([("c", list(range(40)), Sampling())])
     assert "exceeds" in str(too_long) and "c" not in target.table
     target.release(["a"])
-    assert isinstance(target.prefill([("c", [5, 6], Sampling())])[0], int)
+    assert isinstance(target.prefill([("c", [5, 6], Sampling())])[0], Verdict)
     assert target.runner.static.slots_free == 0 and len(target.table) == 2
     target.release(["b", "c"])
     assert target.runner.static.slots_free == 2

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from minedraft.protos import common_pb2
+
 # Distinct streams for the draft and the target: a shared stream would correlate the draft's
 # sample with the target's acceptance test and bias the output.
 DRAFT_STREAM, TARGET_STREAM = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9
@@ -25,15 +27,44 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    min_tokens: int = 0
+    held_tokens: tuple[int, ...] = ()  # kept out until min_tokens tokens are out (EOS, stop token ids)
+    prompt_len: int = 0  # where the output begins (penalties and min_tokens count the tokens after it)
+    logprobs: int = -1  # -1: none; else the token's log-probability and this many top alternatives
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the logits depend on the tokens so far (penalties, min_tokens): logits_processing.adjust."""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+                or (self.min_tokens > 0 and bool(self.held_tokens)))
+
     @classmethod
     def from_proto(cls, msg) -> Sampling:
-        top_p = msg.top_p if msg.HasField("top_p") else 1.0
-        return cls(temperature=msg.temperature, top_p=top_p, top_k=msg.top_k, seed=msg.seed)
+        def optional(name: str, absent: float) -> float:
+            return getattr(msg, name) if msg.HasField(name) else absent
+        return cls(temperature=msg.temperature, top_p=optional("top_p", 1.0), top_k=msg.top_k, seed=msg.seed,
+                   min_p=optional("min_p", 0.0), repetition_penalty=optional("repetition_penalty", 1.0),
+                   frequency_penalty=msg.frequency_penalty, presence_penalty=msg.presence_penalty,
+                   min_tokens=msg.min_tokens, held_tokens=tuple(msg.held_tokens), prompt_len=msg.prompt_len,
+                   logprobs=int(optional("logprobs", -1)))
+
+    def to_proto(self) -> common_pb2.SamplingParams:
+        msg = common_pb2.SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+            min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+            min_tokens=self.min_tokens, held_tokens=self.held_tokens, prompt_len=self.prompt_len)
+        if self.logprobs >= 0:
+            msg.logprobs = self.logprobs
+        return msg
 
 
 def make_generator(seed: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -43,7 +74,7 @@ def make_generator(seed: int, stream: int, device: torch.device | str = "cpu") -
 
 
 def warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Probabilities [rows, vocab] after temperature, top-k and top-p (nucleus) filtering."""
+    """Probabilities [rows, vocab] after temperature, top-k, top-p (nucleus) and min-p filtering."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     logits = logits / sampling.temperature
@@ -57,6 +88,9 @@ def warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= sampling.top_p
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    if sampling.min_p > 0.0:  # scale-free: the same tokens go before or after renormalising
+        probs = probs.masked_fill(probs < sampling.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
 

@@ -19,6 +19,8 @@ from minedraft.engine.sampling import MIN_TEMPERATURE, Sampling, make_generator
 from minedraft.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 
 MAX_SEQ_ID_BYTES = 128
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit)
+MAX_REPETITION_PENALTY = 10.0
 DEFAULT_LEASE_S = 60.0
 
 
@@ -133,3 +135,11 @@ def check_sampling(sampling: Sampling) -> None:
         raise InvalidArgument("top_p must be in (0, 1]")
     if sampling.top_k < 0:
         raise InvalidArgument("top_k must be 0 (off) or positive")
+    if not 0 <= sampling.min_p <= 1:  # a NaN fails this too
+        raise InvalidArgument("min_p must be in [0, 1]")
+    if not 0 < sampling.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise InvalidArgument(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}]")
+    if not (-2 <= sampling.frequency_penalty <= 2 and -2 <= sampling.presence_penalty <= 2):
+        raise InvalidArgument("frequency_penalty and presence_penalty must be in [-2, 2]")
+    if sampling.logprobs > MAX_LOGPROBS:
+        raise InvalidArgument(f"logprobs: at most {MAX_LOGPROBS} top alternatives")

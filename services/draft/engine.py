@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from minedraft.engine.forking import copy_prompt_cache, split_shared
+from minedraft.engine.logits_processing import adjust
 from minedraft.engine.model_runner import ModelRunner, SequenceState
 from minedraft.engine.sampling import DRAFT_STREAM, Sampling, sample_truncated
 from minedraft.engine.sequence_table import SequenceTable
@@ -32,10 +34,12 @@ class DraftEngine:
                                    max_sequences=max_sequences, lease_s=lease_s)
 
     def prefill(self, seqs: list[tuple[str, list[int], Sampling]], owner: str = "",
-                replace: frozenset[str] = frozenset()) -> list[ServiceError | None]:
+                replace: frozenset[str] = frozenset(),
+                same_prompt_as: dict[str, str] | None = None) -> list[ServiceError | None]:
         """Caches each prompt in one batched forward; returns each sequence's error (None: held now).
 
-        Ids in `replace` may be held by the owner already, and are replaced (a re-sync after a timeout)."""
+        Ids in `replace` may be held by the owner already, and are replaced (a re-sync after a timeout).
+        `same_prompt_as`: as on the target, a sequence copies an earlier one's cache (n samples of one prompt)."""
         self.table.check_batch([seq_id for seq_id, *_ in seqs])
         errors: list[ServiceError | None] = [None] * len(seqs)
         checked: list[tuple[str, SequenceState]] = []
@@ -50,7 +54,10 @@ class DraftEngine:
                 errors[i] = error
         self.table.release([seq_id for seq_id, _ in checked], owner)  # replaced ones: their space first
         if checked:
-            self.runner.forward([state for _, state in checked], logits_to_keep=1)
+            ran, copies = split_shared(checked, same_prompt_as or {})
+            self.runner.forward(ran, logits_to_keep=1)
+            for parent, child in copies:
+                copy_prompt_cache(self.runner, parent, child)
         for seq_id, state in checked:
             self.table.put(seq_id, state)
         return errors
@@ -99,8 +106,8 @@ class DraftEngine:
             logits = self.runner.forward([state for _, state in active], logits_to_keep=1)[:, -1]
             for row, (i, state) in enumerate(active):
                 try:
-                    token, support, probs = sample_truncated(logits[row], state.sampling, self.top_m,
-                                                             state.generator)
+                    adjusted = adjust(logits[row][None], state.sampling, state.tokens, len(state.tokens))[0]
+                    token, support, probs = sample_truncated(adjusted, state.sampling, self.top_m, state.generator)
                 except RuntimeError as error:  # a sampler fault is this sequence's alone: it keeps its commit
                     state.truncate(len(state.tokens) - len(results[i]))
                     results[i] = ServiceError(f"draft sampling failed: {error}")

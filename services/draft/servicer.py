@@ -18,7 +18,8 @@ class DraftServicer(EngineServicer, draft_pb2_grpc.DraftServicer):
         engine = await self.ready_engine(context)
         seqs = [(s.seq_id, list(s.tokens), Sampling.from_proto(s.sampling)) for s in request.seqs]
         replace = frozenset(s.seq_id for s in request.seqs if s.replace)
-        errors, stats = await self.call(context, len(seqs), engine.prefill, seqs, owner_of(context), replace,
+        same = {s.seq_id: s.same_prompt_as for s in request.seqs if s.same_prompt_as}
+        errors, stats = await self.call(context, len(seqs), engine.prefill, seqs, owner_of(context), replace, same,
                                         threads=request.threads)
         failed = seq_errors([seq_id for seq_id, *_ in seqs], errors)
         return draft_pb2.DraftPrefillResponse(stats=stats, errors=list(failed.values()))

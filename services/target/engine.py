@@ -6,21 +6,26 @@ no cache room, a sampler fault) gets its own error in the results and leaves the
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
+import torch
+
+from minedraft.engine.forking import copy_prompt_cache, split_shared
+from minedraft.engine.logits_processing import Logprob, adjust, log_distribution, token_logprobs
 from minedraft.engine.model_runner import ModelRunner, SequenceState
-from minedraft.engine.sampling import (
-    TARGET_STREAM,
-    Sampling,
-    next_token,
-    verify_greedy,
-    verify_sampled,
-    warp,
-)
+from minedraft.engine.sampling import TARGET_STREAM, Sampling, verify_greedy, verify_sampled, warp
 from minedraft.engine.sequence_table import SequenceTable
 from minedraft.errors import InvalidArgument, ServiceError
 
 Drafts = list[tuple[int, list[int], list[float]]]  # (token, q support ids, q probs) per position
 DEFAULT_MAX_DRAFTS = 32
+
+
+class Verdict(NamedTuple):
+    accepted: int  # leading drafts kept
+    next_token: int  # the target's own token after them (a prefill's first token)
+    logprobs: Sequence[Logprob] = ()  # one per token put out (accepted drafts, then next_token), when asked
 
 
 class TargetEngine:
@@ -31,10 +36,14 @@ class TargetEngine:
         self.table = SequenceTable(runner.max_context, runner.vocab_size, on_drop=runner.drop,
                                    max_sequences=max_sequences, lease_s=lease_s)
 
-    def prefill(self, seqs: list[tuple[str, list[int], Sampling]], owner: str = "") -> list[int | ServiceError]:
-        """Runs each prompt (one batched forward); returns each sequence's first token, or its error."""
+    def prefill(self, seqs: list[tuple[str, list[int], Sampling]], owner: str = "",
+                same_prompt_as: dict[str, str] | None = None) -> list[Verdict | ServiceError]:
+        """Runs each prompt (one batched forward); returns each sequence's first token, or its error.
+
+        `same_prompt_as` maps a sequence to an earlier one of this call with the same tokens: it copies that one's
+        cache rather than running the prompt again, and samples its own first token (n samples of one prompt)."""
         self.table.check_batch([seq_id for seq_id, _, _ in seqs])
-        results: list[int | ServiceError] = [0] * len(seqs)
+        results: list[Verdict | ServiceError] = [Verdict(0, 0)] * len(seqs)
         checked: list[tuple[int, SequenceState]] = []
         for i, (seq_id, tokens, sampling) in enumerate(seqs):
             try:
@@ -46,26 +55,31 @@ class TargetEngine:
                 results[i] = error
         if not checked:
             return results
-        logits = self.runner.forward([state for _, state in checked], logits_to_keep=1)[:, -1]
-        for (i, state), row in zip(checked, logits, strict=True):
+        ran, copies = split_shared([(seqs[i][0], state) for i, state in checked], same_prompt_as or {})
+        logits = self.runner.forward(ran, logits_to_keep=1)[:, -1]
+        row_of = {id(state): row for state, row in zip(ran, logits, strict=True)}
+        for parent, child in copies:
+            copy_prompt_cache(self.runner, parent, child)
+            row_of[id(child)] = row_of[id(parent)]
+        for i, state in checked:
             try:
-                token = next_token(row, state.sampling, state.generator)
+                row = adjust(row_of[id(state)][None], state.sampling, state.tokens, len(state.tokens))
+                results[i] = self._judge(row, [], state)
             except RuntimeError as error:  # a sampler fault is this sequence's alone
                 self.runner.drop(state)
                 results[i] = ServiceError(f"sampling failed: {error}")  # INTERNAL: the server's fault
                 continue
-            state.tokens.append(token)
+            state.tokens.append(results[i].next_token)
             self.table.put(seqs[i][0], state)
-            results[i] = token
         return results
 
-    def verify(self, seqs: list[tuple[str, Drafts]], owner: str = "") -> list[tuple[int, int] | ServiceError]:
-        """Scores all drafts in one batched forward; returns (accepted, next token) per sequence, or its error.
+    def verify(self, seqs: list[tuple[str, Drafts]], owner: str = "") -> list[Verdict | ServiceError]:
+        """Scores all drafts in one batched forward; returns each sequence's verdict, or its error.
 
         Each sequence's state afterwards holds its accepted drafts and the next token; a failed one is as
         before the call."""
         self.table.check_batch([seq_id for seq_id, _ in seqs])
-        results: list[tuple[int, int] | ServiceError] = [(0, 0)] * len(seqs)
+        results: list[Verdict | ServiceError] = [Verdict(0, 0)] * len(seqs)
         checked: list[tuple[int, SequenceState, Drafts]] = []
         for i, (seq_id, drafts) in enumerate(seqs):
             try:
@@ -87,16 +101,16 @@ class TargetEngine:
                 state.truncate(committed[i])
             raise
         for row, (i, state, drafts) in enumerate(checked):
-            rows = logits[row, keep - len(drafts) - 1:]
             try:
-                results[i] = self._judge(rows, drafts, state)
+                rows = adjust(logits[row, keep - len(drafts) - 1:], state.sampling, state.tokens, committed[i])
+                verdict = self._judge(rows, drafts, state)
             except RuntimeError as error:
                 state.truncate(committed[i])
                 results[i] = ServiceError(f"sampling failed: {error}")
                 continue
-            accepted, token = results[i]
-            state.truncate(committed[i] + accepted)
-            state.tokens.append(token)
+            results[i] = verdict
+            state.truncate(committed[i] + verdict.accepted)
+            state.tokens.append(verdict.next_token)
         return results
 
     def _check_drafts(self, seq_id: str, state: SequenceState, drafts: Drafts) -> None:
@@ -111,11 +125,20 @@ class TargetEngine:
                 raise InvalidArgument(f"{seq_id}: draft probabilities must be in [0, 1]")
 
     @staticmethod
-    def _judge(rows, drafts: Drafts, state: SequenceState) -> tuple[int, int]:
-        tokens = [d[0] for d in drafts]
-        if state.sampling.greedy:
-            return verify_greedy(rows, tokens)
-        return verify_sampled(warp(rows, state.sampling), tokens, [d[1:] for d in drafts], state.generator)
+    def _judge(rows: torch.Tensor, drafts: Drafts, state: SequenceState) -> Verdict:
+        """The accepted drafts and the next token from the adjusted logits of each position, and (when asked)
+        the log-probabilities of every token it puts out."""
+        tokens, sampling = [d[0] for d in drafts], state.sampling
+        probs = None
+        if sampling.greedy:
+            accepted, token = verify_greedy(rows, tokens)
+        else:
+            probs = warp(rows, sampling)
+            accepted, token = verify_sampled(probs, tokens, [d[1:] for d in drafts], state.generator)
+        if sampling.logprobs < 0:
+            return Verdict(accepted, token)
+        log_dist = log_distribution(rows[:accepted + 1], sampling, None if probs is None else probs[:accepted + 1])
+        return Verdict(accepted, token, token_logprobs(log_dist, [*tokens[:accepted], token], sampling.logprobs))
 
     def warm_up(self) -> None:
         """A prompt and a decode step of a throwaway sequence, so the first request pays no first-call costs."""
