@@ -26,23 +26,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat or args.system:  # the prompt is the user's turn of a chat, in the model's chat template
         messages = [*([{"role": "system", "content": args.system}] if args.system else []),
                     {"role": "user", "content": args.prompt}]
-    request = make_request(prompt=None if messages else args.prompt, messages=messages, max_tokens=args.max_tokens,
-                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                           stop=args.stop, speculation=args.speculation)
-    result = Generation()
+    request = make_request(
+        prompt=None if messages else args.prompt, messages=messages, max_tokens=args.max_tokens, stop=args.stop,
+        speculation=args.speculation, n=args.n, ignore_eos=args.ignore_eos, stop_token_ids=args.stop_token_id,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty, min_tokens=args.min_tokens, logprobs=args.logprobs)
+    results: dict[int, Generation] = {}
     with open_channel(args.addr, args.tls_ca, args.tls_cert, args.tls_key) as channel:
         try:
             for response in stream(channel, request, timeout=args.timeout,
                                    metadata=api_key_metadata(args.api_key_file)):
-                absorb(result, response)
-                if response.HasField("chunk") and not args.json:
+                index = response.chunk.index if response.HasField("chunk") else response.final.index
+                absorb(results.setdefault(index, Generation()), response)
+                if response.HasField("chunk") and not args.json and args.n == 1:  # n > 1: printed whole below
                     print(response.chunk.text, end="", flush=True)
         except grpc.RpcError as error:
             print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
+    samples = [results[i] for i in sorted(results)]
     if args.json:
-        print(json.dumps(result.as_json()))
-    else:
+        print(json.dumps(samples[0].as_json() if args.n == 1 else {"samples": [r.as_json() for r in samples]}))
+        return 0
+    for index, result in enumerate(samples):
+        if args.n > 1:
+            print(f"--- sample {index}\n{result.text}")
+        for entry in result.logprobs:
+            alternatives = ", ".join(f"{t}:{v:.3f}" for t, v in zip(entry.get("top_ids", []),
+                                                                      entry.get("top_logprobs", []), strict=True))
+            print(f"{entry.get('token_id', 0)}\t{entry.get('logprob', 0.0):.4f}\t{alternatives}", file=sys.stderr)
         stats = result.stats
         drafted = int(stats.get("drafted_tokens", 0))
         alpha = int(stats.get("accepted_tokens", 0)) / drafted if drafted else 0.0
@@ -126,6 +138,16 @@ def build_parser(light_only: bool = False) -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument("--stop-token-id", type=int, action="append", default=[], help="end at this token id")
+    gen.add_argument("--n", type=int, default=1, help="samples of the prompt (printed one after another)")
+    gen.add_argument("--logprobs", type=int, default=None, metavar="TOP",
+                     help="print each token's log-probability and its TOP alternatives (0: none)")
+    gen.add_argument("--min-p", type=float, default=None)
+    gen.add_argument("--repetition-penalty", type=float, default=None)
+    gen.add_argument("--frequency-penalty", type=float, default=None)
+    gen.add_argument("--presence-penalty", type=float, default=None)
+    gen.add_argument("--min-tokens", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true", help="go on past EOS until --max-tokens")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
     gen.add_argument("--chat", action="store_true", help="send the prompt as the user's message of a chat")

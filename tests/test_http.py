@@ -9,8 +9,10 @@ import urllib.request
 import openai
 import pytest
 
-from minedraft.app.client import collect, make_request, stream
+from minedraft.app.client import Generation, collect, make_request, stream
 from minedraft.app.launcher import Cluster, free_port
+from minedraft.protos.generate_pb2 import TokenizeRequest
+from minedraft.protos.generate_pb2_grpc import GenerationStub
 from tests.conftest import channel_to, cluster_args
 from tests.test_end_to_end import PROMPTS, held_sequences
 from tests.test_faults import wait_until
@@ -40,8 +42,47 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
 
 
 def grpc_text(cluster: Cluster, **request) -> str:
+    return grpc_generation(cluster, **request).text
+
+
+def grpc_generation(cluster: Cluster, **request) -> Generation:
     with channel_to(cluster) as channel:
-        return collect(stream(channel, make_request(**request))).text
+        return collect(stream(channel, make_request(**request)))
+
+
+def test_n_samples_logprobs_and_penalties_match_the_grpc_path(front) -> None:
+    api = client(front)
+    whole = api.completions.create(model="target", prompt=PROMPT, max_tokens=16, temperature=0.9, seed=5, n=2,
+                                   logprobs=2)
+    streamed = api.completions.create(model="target", prompt=PROMPT, max_tokens=16, temperature=0.9, seed=5, n=2,
+                                      logprobs=2, stream=True)
+    texts = ["", ""]
+    for chunk in streamed:
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    for index in range(2):
+        expected = grpc_generation(front, prompt=PROMPT, max_tokens=16, temperature=0.9, seed=5 + index, logprobs=2)
+        choice = whole.choices[index]
+        assert choice.index == index and choice.text == expected.text == texts[index]
+        assert choice.logprobs.token_logprobs == pytest.approx([e["logprob"] for e in expected.logprobs], abs=1e-5)
+        # A dict by token text, as OpenAI's completions format has it: two ids with one text (say, byte pieces) merge.
+        assert all(0 < len(top) <= 2 for top in choice.logprobs.top_logprobs)
+    assert whole.usage.completion_tokens == sum(len(grpc_generation(
+        front, prompt=PROMPT, max_tokens=16, temperature=0.9, seed=5 + i).token_ids) for i in range(2))
+    messages = [{"role": "user", "content": "Hello"}]
+    chat = api.chat.completions.create(model="target", messages=messages, max_tokens=12, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    alone = grpc_generation(front, messages=messages, max_tokens=12, logprobs=3, speculation="off")
+    content = chat.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([e["logprob"] for e in alone.logprobs], abs=1e-5)
+    assert len(content) == len(alone.token_ids) and all(len(c.top_logprobs) == 3 for c in content)
+    penalties = {"frequency_penalty": 0.8, "presence_penalty": 0.4, "max_tokens": 16, "temperature": 0}
+    extra = {"repetition_penalty": 1.3, "min_p": 0.1, "top_k": 8}
+    penalised = api.completions.create(model="target", prompt=PROMPT, extra_body=extra, **penalties)
+    assert penalised.choices[0].text == grpc_text(front, prompt=PROMPT, speculation="off", **extra, **penalties)
+    with channel_to(front) as channel:
+        ids = list(GenerationStub(channel).Tokenize(TokenizeRequest(prompt=PROMPT)).token_ids)
+    by_ids = api.completions.create(model="target", prompt=ids, max_tokens=16, temperature=0)
+    assert by_ids.choices[0].text == grpc_text(front, prompt=PROMPT, max_tokens=16)
 
 
 def test_completions_match_the_grpc_path_streamed_or_not(front) -> None:
@@ -80,10 +121,15 @@ def test_chat_streams_with_usage_and_stops(front) -> None:
     ("{not json", 400, None),
     ({"model": "target", "prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens"),
     ({"model": "gpt-4", "prompt": PROMPT}, 404, "model"),
-    ({"model": "target", "prompt": PROMPT, "n": 2}, 400, "n"),
-    ({"model": "target", "prompt": PROMPT, "logprobs": 3}, 400, "logprobs"),
-    ({"model": "target", "prompt": PROMPT, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"model": "target", "prompt": PROMPT, "n": 17}, 400, "n"),
+    ({"model": "target", "prompt": PROMPT, "logprobs": 21}, 400, "logprobs"),
+    ({"model": "target", "prompt": PROMPT, "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"model": "target", "prompt": PROMPT, "tools": []}, 400, "tools"),
+    ({"model": "target", "prompt": PROMPT, "best_of": 2}, 400, "best_of"),
+    ({"model": "target", "prompt": PROMPT, "echo": True}, 400, "echo"),
+    ({"model": "target", "prompt": ["a", "b"]}, 400, "prompt"),
+    ({"model": "target", "prompt": [10**8]}, 400, None),  # a token id outside the vocabulary (the router's check)
+    ({"model": "target", "prompt": PROMPT, "min_tokens": 30, "max_tokens": 5}, 400, None),
     ({"model": "target", "prompt": PROMPT, "temperature": 0.0001}, 400, None),  # the router's own check
     ({"model": "target", "prompt": "x" * (9 << 20)}, 413, None),
 ])

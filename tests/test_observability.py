@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -96,6 +97,31 @@ def test_one_request_is_one_trace_across_router_draft_and_target(otlp_receiver, 
     assert find("target", "/minedraft.protos.Target/Prefill")[0].trace_id == generate.trace_id
     attributes = {a.key: a.value for a in generate.attributes}
     assert attributes["minedraft.completion_tokens"].int_value == len(result.token_ids)
+
+
+def test_an_http_request_continues_its_callers_trace(otlp_receiver, tiny_pair) -> None:
+    """A traceparent sent to the HTTP front is the trace of the front's span and of every router span."""
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    with Cluster(cluster_args("psd", *tiny_pair, http_port=free_port())) as cluster:
+        cluster.wait_ready(timeout_s=120)
+        request = urllib.request.Request(
+            f"http://{cluster.http_address}/v1/completions", method="POST",
+            data=json.dumps({"model": "target", "prompt": "def add(a, b):", "max_tokens": 8}).encode(),
+            headers={"content-type": "application/json", "traceparent": f"00-{trace_id}-{parent}-01"})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            assert reply.status == 200
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with otlp_receiver.lock:
+                names = {(service, span.name) for service, span in otlp_receiver.spans}
+            if {("http", "POST /v1/completions"), ("router", "generate")} <= names:
+                break
+            time.sleep(0.2)
+    spans = list(otlp_receiver.spans)
+    (front,) = [span for service, span in spans if service == "http" and span.name == "POST /v1/completions"]
+    (generate,) = [span for service, span in spans if service == "router" and span.name == "generate"]
+    assert front.trace_id.hex() == generate.trace_id.hex() == trace_id
+    assert front.parent_span_id.hex() == parent
 
 
 def scrape(port: int) -> dict[str, float]:

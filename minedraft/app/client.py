@@ -21,23 +21,29 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""
     stats: dict = field(default_factory=dict)
+    logprobs: list[dict] = field(default_factory=list)  # per token, when asked for
 
     def as_json(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
-                "stats": self.stats}
+                "stats": self.stats, **({"logprobs": self.logprobs} if self.logprobs else {})}
 
 
 def make_request(prompt: str | None = None, messages: list[dict] | None = None, max_tokens: int | None = None,
-                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stop: list[str] | None = None, speculation: str = "") -> generate_pb2.GenerateRequest:
-    sampling = common_pb2.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-    if seed is not None:
-        sampling.seed = seed
-    request = generate_pb2.GenerateRequest(sampling=sampling, stop=stop or [], speculation=speculation)
+                 *, prompt_ids: list[int] | None = None, stop: list[str] | None = None, speculation: str = "",
+                 n: int = 1, ignore_eos: bool = False, stop_token_ids: list[int] | None = None,
+                 **sampling: float | int | None) -> generate_pb2.GenerateRequest:
+    """`sampling`: SamplingParams fields (temperature, top_p, top_k, seed, min_p, the penalties, min_tokens,
+    logprobs); None leaves one unset."""
+    params = common_pb2.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+    request = generate_pb2.GenerateRequest(sampling=params, stop=stop or [], speculation=speculation, n=n,
+                                           ignore_eos=ignore_eos, stop_token_ids=stop_token_ids or [])
     if max_tokens is not None:
         request.max_tokens = max_tokens
     if messages is not None:
         request.chat.CopyFrom(generate_pb2.Chat(messages=[generate_pb2.ChatMessage(**m) for m in messages]))
+    elif prompt_ids is not None:
+        request.prompt_ids.SetInParent()  # set even when empty (the server says what is wrong)
+        request.prompt_ids.ids[:] = prompt_ids
     else:
         request.prompt = prompt or ""
     return request
@@ -70,17 +76,24 @@ def stream(channel: grpc.Channel, request: generate_pb2.GenerateRequest, timeout
 
 
 def collect(responses) -> Generation:
-    """Folds a response stream (sync iterator) into one Generation."""
-    result = Generation()
+    """Folds a response stream (sync iterator) into one Generation (the first sample's, with n > 1)."""
+    return collect_all(responses)[0]
+
+
+def collect_all(responses) -> list[Generation]:
+    """Folds a response stream into one Generation per sample, by index."""
+    results: dict[int, Generation] = {}
     for response in responses:
-        absorb(result, response)
-    return result
+        index = response.chunk.index if response.HasField("chunk") else response.final.index
+        absorb(results.setdefault(index, Generation()), response)
+    return [results[i] for i in sorted(results)] or [Generation()]
 
 
 def absorb(result: Generation, response: generate_pb2.GenerateResponse) -> None:
     if response.HasField("chunk"):
         result.text += response.chunk.text
         result.token_ids.extend(response.chunk.token_ids)
+        result.logprobs.extend(MessageToDict(lp, preserving_proto_field_name=True) for lp in response.chunk.logprobs)
     else:
         result.finish_reason = response.final.finish_reason
         result.stats = MessageToDict(response.final.stats, preserving_proto_field_name=True,

@@ -19,9 +19,9 @@ class Admission:
         self.max_sequences = max_sequences
         self._throttler = Throttler(rate_limit=max(1, round(rate_per_s)), period=1.0) if rate_per_s else None
 
-    async def admit(self, in_flight: int) -> None:
-        """Returns if the request may enter; raises ResourceExhausted otherwise."""
-        if in_flight >= self.max_sequences:
+    async def admit(self, in_flight: int, sequences: int = 1) -> None:
+        """Returns if the request (of `sequences` samples) may enter; raises ResourceExhausted otherwise."""
+        if in_flight + sequences > self.max_sequences:
             metrics.REFUSED.labels("capacity").inc()
             raise ResourceExhausted(f"the server holds {in_flight} sequences, its limit; retry later")
         if self._throttler is not None:

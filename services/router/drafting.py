@@ -48,8 +48,8 @@ class Drafter:
                 request.draft_sent = True
             try:
                 response = await self.draft.stub.Prefill(messages.draft_prefill(
-                    [(r.seq_id, r.tokens, r.sampling_proto()) for r in chunk], threads, replace=catching_up),
-                    timeout=self.timeout_s)
+                    [(r.seq_id, r.tokens, r.sampling_proto()) for r in chunk], threads, replace=catching_up,
+                    same_prompt_as=messages.shared_prompts(chunk)), timeout=self.timeout_s)
             except grpc.aio.AioRpcError as error:
                 draft_call_failed(self.draft, chunk, error, "prefill")
                 return

@@ -68,12 +68,15 @@ def take_waiting(lanes: list[Lane], open_lanes: int, lane: Lane, waiting: deque[
                  max_lane_tokens: int = 0) -> list[Request]:
     """Moves waiting requests into this lane while it is (one of) the smallest, not full, and (with
     `max_lane_tokens`) holds room for the next one's prompt and completion. The first in line waits its turn
-    rather than be overtaken, and one alone always fits."""
+    rather than be overtaken, and one alone always fits. The samples of one request stay together while there
+    is room, so they share one prefill."""
     joining: list[Request] = []
     reserved = lane.tokens_reserved()
     while waiting and len(lane.active) + len(joining) < max_batch:
         others = min((o.size for o in lanes if o is not lane and o.index < open_lanes), default=max_batch)
-        if len(lane.active) + len(joining) > others:
+        first_sample = waiting[0].same_prompt_as
+        sibling = bool(joining and first_sample) and first_sample in (joining[-1].seq_id, joining[-1].same_prompt_as)
+        if len(lane.active) + len(joining) > others and not sibling:
             break
         if waiting[0].cancelled:
             waiting.popleft()

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoTokenizer
 from minedraft.metrics import serve_metrics
 from minedraft.models.compat import check_same_tokenizer
 from minedraft.models.store import resolve_model
-from minedraft.protos import common_pb2, draft_pb2_grpc, monitor_pb2_grpc, target_pb2_grpc
+from minedraft.protos import common_pb2, draft_pb2_grpc, generate_pb2, monitor_pb2_grpc, target_pb2_grpc
 from minedraft.serving.grpc_server import CHANNEL_OPTIONS, ServiceHost
 from minedraft.serving.security import (
     add_backend_tls_args,
@@ -125,7 +125,10 @@ async def serve(args: argparse.Namespace) -> None:
                           target_timeout_s=args.target_timeout, max_lane_tokens=args.max_lane_tokens)
     lanes = len(scheduler.lanes)
     admission = Admission(max_sequences=lanes * args.max_batch + args.max_queue, rate_per_s=args.rate_limit)
-    servicer = GenerationServicer(scheduler, tokenizer, eos_ids_of(tokenizer, config),
+    info = generate_pb2.ModelInfo(target_model=args.tokenizer, draft_model=args.draft_tokenizer or "",
+                                  tokenizer=args.tokenizer, vocab_size=config.vocab_size,
+                                  eos_token_ids=sorted(eos_ids_of(tokenizer, config)))
+    servicer = GenerationServicer(scheduler, tokenizer, info,
                                   max_context=min(getattr(config, "max_position_embeddings", 4096),
                                                   args.max_context or 1 << 30),
                                   admission=admission, default_max_tokens=args.default_max_tokens,

@@ -9,16 +9,29 @@ from minedraft.protos import common_pb2, draft_pb2, target_pb2
 PromptSeq = tuple[str, list[int], common_pb2.SamplingParams]  # (seq_id, tokens, sampling)
 
 
-def target_prefill(seqs: Iterable[PromptSeq], threads: int) -> target_pb2.TargetPrefillRequest:
+def target_prefill(seqs: Iterable[PromptSeq], threads: int,
+                   same_prompt_as: dict[str, str] | None = None) -> target_pb2.TargetPrefillRequest:
+    """`same_prompt_as`: a sequence → an earlier one of this call with the same prompt (its cache is copied)."""
+    same = same_prompt_as or {}
     return target_pb2.TargetPrefillRequest(seqs=[
-        target_pb2.TargetPrefillSeq(seq_id=seq_id, tokens=tokens, sampling=sampling)
+        target_pb2.TargetPrefillSeq(seq_id=seq_id, tokens=tokens, sampling=sampling,
+                                    same_prompt_as=same.get(seq_id, ""))
         for seq_id, tokens, sampling in seqs], threads=threads)
 
 
-def draft_prefill(seqs: Iterable[PromptSeq], threads: int, replace: bool = False) -> draft_pb2.DraftPrefillRequest:
+def draft_prefill(seqs: Iterable[PromptSeq], threads: int, replace: bool = False,
+                  same_prompt_as: dict[str, str] | None = None) -> draft_pb2.DraftPrefillRequest:
+    same = same_prompt_as or {}
     return draft_pb2.DraftPrefillRequest(seqs=[
-        draft_pb2.DraftPrefillSeq(seq_id=seq_id, tokens=tokens, sampling=sampling, replace=replace)
+        draft_pb2.DraftPrefillSeq(seq_id=seq_id, tokens=tokens, sampling=sampling, replace=replace,
+                                  same_prompt_as=same.get(seq_id, ""))
         for seq_id, tokens, sampling in seqs], threads=threads)
+
+
+def shared_prompts(requests: list) -> dict[str, str]:
+    """Samples of one request in one call: each later one copies the first one's prompt cache."""
+    present = {r.seq_id for r in requests}
+    return {r.seq_id: r.same_prompt_as for r in requests if r.same_prompt_as in present}
 
 
 def propose(seqs: Iterable[tuple[str, int, list[int], int]], threads: int) -> draft_pb2.ProposeRequest:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry.trace import INVALID_SPAN, Span
@@ -20,8 +21,12 @@ class Request:
     sampling: Sampling
     max_tokens: int
     text: TextStream
-    eos_ids: frozenset[int]
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    eos_ids: frozenset[int]  # end the output (finish reason eos), unless ignore_eos
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # shared by the n samples of one request
+    index: int = 0  # which of the request's samples
+    same_prompt_as: str = ""  # the first sample's seq_id: prefilled in one call, this one copies its cache
+    stop_ids: frozenset[int] = frozenset()  # end the output (finish reason stop)
+    ignore_eos: bool = False
     generated: list[int] = field(default_factory=list)
     speculate: bool = True  # False: decoded by the target alone
     draft_len: int = 0  # tokens of prompt + generated that the draft service holds, verified
@@ -53,13 +58,17 @@ class Request:
     def done(self) -> bool:
         return self.finish_reason is not None or self.cancelled
 
-    def add_tokens(self, new: list[int]) -> None:
-        """Takes a round's tokens in order, stopping at EOS, max_tokens or a stop string; streams a chunk."""
+    def add_tokens(self, new: list[int], logprobs: Sequence[common_pb2.TokenLogprob] = ()) -> None:
+        """Takes a round's tokens (and their logprobs, when asked for) in order, stopping at EOS, a stop token,
+        max_tokens or a stop string; streams a chunk."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         consumed = []
         for token in new:
-            if token in self.eos_ids:
+            if token in self.stop_ids:
+                self.finish_reason = "stop"
+                break
+            if token in self.eos_ids and not self.ignore_eos:
                 self.finish_reason = "eos"
                 break
             consumed.append(token)
@@ -72,16 +81,19 @@ class Request:
                 self.finish_reason = "length"
                 break
         delta = self.text.take(final=self.finish_reason is not None)
+        logprobs = logprobs[:len(consumed)]
+        for entry in logprobs:
+            entry.token = self.text.token_text(entry.token_id)
+            entry.top_tokens[:] = [self.text.token_text(t) for t in entry.top_ids]
         if consumed or delta:
-            self.events.put_nowait(generate_pb2.GenerateResponse(
-                chunk=generate_pb2.Chunk(text=delta, token_ids=consumed)))
+            self.events.put_nowait(generate_pb2.GenerateResponse(chunk=generate_pb2.Chunk(
+                text=delta, token_ids=consumed, logprobs=logprobs, index=self.index)))
         if self.finish_reason is not None:
             self.events.put_nowait(generate_pb2.GenerateResponse(final=generate_pb2.Final(
-                finish_reason=self.finish_reason, stats=self.stats())))
+                finish_reason=self.finish_reason, stats=self.stats(), index=self.index)))
 
     def sampling_proto(self) -> common_pb2.SamplingParams:
-        s = self.sampling
-        return common_pb2.SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
+        return self.sampling.to_proto()
 
     def fail(self, error: BaseException) -> None:
         """Ends the request with an error the servicer turns into a gRPC status."""

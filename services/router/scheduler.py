@@ -199,7 +199,8 @@ class Scheduler:
         threads = self.threads_for(shared=bool(with_draft) or overlapped(self.lanes, self.plan.lanes, lane))
         prompts = [(r.seq_id, r.prompt_ids, r.sampling_proto()) for r in joining]
         allowance = tokens * PREFILL_S_PER_TOKEN
-        calls = [self._target_prefill(messages.target_prefill(prompts, threads), allowance)]
+        shared_prompts = messages.shared_prompts(joining)
+        calls = [self._target_prefill(messages.target_prefill(prompts, threads, shared_prompts), allowance)]
         if with_draft:
             calls.append(self.drafter.prefill(with_draft, lane, threads))
         lane.prefilling = True
@@ -215,7 +216,7 @@ class Scheduler:
             if first.HasField("error"):
                 target_refused(request, first.error)
             else:
-                request.add_tokens([first.token_id])
+                request.add_tokens([first.token_id], [first.logprob] if first.HasField("logprob") else [])
 
     async def _target_prefill(self, request, allowance_s: float):
         """A target Prefill; while it runs, the other lane's Verify may queue behind it, so Verify deadlines
@@ -259,7 +260,7 @@ class Scheduler:
             self.recorder.verdict(lane, request, len(proposed), verdict.accepted)
             accepted_total += verdict.accepted
             if not request.done:
-                request.add_tokens([*proposed[:verdict.accepted], verdict.next_token])
+                request.add_tokens([*proposed[:verdict.accepted], verdict.next_token], verdict.logprobs)
         drafted_total = sum(len(d) for d in drafts.values())
         self.stages.observe_acceptance(drafted_total, accepted_total)
         if self.mode == "auto":

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 from transformers import PreTrainedTokenizerBase
 
 from minedraft import metrics
-from minedraft.engine.sampling import Sampling
+from minedraft.engine.sequence_table import MAX_LOGPROBS
 from minedraft.errors import InvalidArgument, ServiceError, Unavailable
 from minedraft.protos import generate_pb2
 from minedraft.serving.telemetry import tracer
@@ -20,19 +22,21 @@ from services.router.prompts import PromptEncoder
 from services.router.request import Request
 from services.router.scheduler import Scheduler
 from services.router.text_stream import TextStream
-from services.router.validation import Malformed, check_request, parse_request
+from services.router.validation import MAX_N, MAX_SEED, Malformed, check_request, parse_request
 
 log = logging.getLogger(__name__)
 
 
 class GenerationServicer:
-    def __init__(self, scheduler: Scheduler, tokenizer: PreTrainedTokenizerBase, eos_ids: frozenset[int],
+    def __init__(self, scheduler: Scheduler, tokenizer: PreTrainedTokenizerBase, info: generate_pb2.ModelInfo,
                  max_context: int, admission: Admission, default_max_tokens: int = 256,
                  control_tokens: bool = False) -> None:
+        """`info`: the models, tokenizer, vocabulary and EOS ids (the rest is filled in when asked)."""
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.prompts = PromptEncoder(tokenizer, control_tokens)
-        self.eos_ids = eos_ids
+        self.info = info
+        self.eos_ids = frozenset(info.eos_token_ids)
         self.max_context = max_context
         self.admission = admission
         self.default_max_tokens = default_max_tokens
@@ -40,35 +44,44 @@ class GenerationServicer:
     async def Generate(self, request: generate_pb2.GenerateRequest | Malformed,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[generate_pb2.GenerateResponse]:
         try:
-            job = await self._build(request)
+            jobs = await self._build(request)
             if not self.scheduler.target_up:
                 raise Unavailable("the target service is down; the router is waiting for it to come back")
-            await self.admission.admit(self.scheduler.in_flight)
+            await self.admission.admit(self.scheduler.in_flight, len(jobs))
         except ServiceError as error:
             await context.abort(error.code, str(error))
-        job.span = tracer().start_span("generate", attributes={
-            "minedraft.prompt_tokens": len(job.prompt_ids), "minedraft.max_tokens": job.max_tokens,
-            "minedraft.temperature": job.sampling.temperature, "minedraft.speculate": job.speculate})
-        await self.scheduler.submit(job)
+        for job in jobs:
+            job.span = tracer().start_span("generate", attributes={
+                "minedraft.prompt_tokens": len(job.prompt_ids), "minedraft.max_tokens": job.max_tokens,
+                "minedraft.temperature": job.sampling.temperature, "minedraft.speculate": job.speculate,
+                "minedraft.sample": job.index})
+            await self.scheduler.submit(job)
+        events, finals = jobs[0].events, 0
         try:
-            while True:
-                event = await job.events.get()
+            while finals < len(jobs):
+                event = await events.get()
                 if isinstance(event, ServiceError):
                     await context.abort(event.code, str(event))
                 yield event
-                if event.HasField("final"):
-                    return
+                finals += event.HasField("final")
         finally:
-            if job.finish_reason is None:  # the client went away or its deadline passed: free it next round
-                job.cancelled = True
-                self.scheduler.poke()
-            job.end_span()
-            metrics.REQUESTS.labels(job.finish_reason or "cancelled").inc()
-            metrics.GENERATED_TOKENS.inc(len(job.generated))
+            for job in jobs:
+                if job.finish_reason is None:  # the client went away or its deadline passed: free it next round
+                    job.cancelled = True
+                    self.scheduler.poke()
+                job.end_span()
+                metrics.REQUESTS.labels(job.finish_reason or "cancelled").inc()
+                metrics.GENERATED_TOKENS.inc(len(job.generated))
 
-    async def _build(self, request: generate_pb2.GenerateRequest | Malformed) -> Request:
+    async def _build(self, request: generate_pb2.GenerateRequest | Malformed) -> list[Request]:
+        """The request's n samples: one Request each, sharing one event queue and the first one's prefill."""
         checked = check_request(request)  # sizes first: only then is the text worth tokenising
-        prompt_ids = await self.prompts.encode(checked.prompt, checked.chat)
+        if checked.prompt_ids is not None:
+            prompt_ids = checked.prompt_ids
+            if not all(0 <= t < self.info.vocab_size for t in prompt_ids):
+                raise InvalidArgument(f"prompt_ids: token ids must be in [0, {self.info.vocab_size})")
+        else:
+            prompt_ids = await self.prompts.encode(checked.prompt, checked.chat)
         if not prompt_ids:
             raise InvalidArgument("the prompt is empty")
         room = self.max_context - len(prompt_ids)
@@ -78,17 +91,62 @@ class GenerationServicer:
         if max_tokens > room:
             raise InvalidArgument(f"max_tokens must be at most {room} for this prompt of {len(prompt_ids)} tokens "
                                   f"(context {self.max_context})")
+        if checked.sampling.min_tokens > max_tokens:
+            raise InvalidArgument(f"min_tokens must be at most max_tokens ({max_tokens})")
         seed = checked.seed if checked.seed is not None else secrets.randbits(63)
-        sampling = Sampling(temperature=checked.temperature, top_p=checked.top_p, top_k=checked.top_k, seed=seed)
-        return Request(seq_id=uuid.uuid4().hex, prompt_ids=prompt_ids, sampling=sampling, max_tokens=max_tokens,
-                       text=TextStream(self.tokenizer, checked.stops), eos_ids=self.eos_ids,
-                       speculate=checked.speculate)
+        held = checked.stop_token_ids | (frozenset() if checked.ignore_eos else self.eos_ids)
+        sampling = replace(checked.sampling, held_tokens=tuple(sorted(held)), prompt_len=len(prompt_ids))
+        events: asyncio.Queue = asyncio.Queue()
+        jobs: list[Request] = []
+        for index in range(checked.n):
+            jobs.append(Request(
+                seq_id=uuid.uuid4().hex, prompt_ids=prompt_ids, max_tokens=max_tokens, eos_ids=self.eos_ids,
+                sampling=replace(sampling, seed=(seed + index) % (MAX_SEED + 1)),
+                text=TextStream(self.tokenizer, checked.stops), speculate=checked.speculate, events=events,
+                index=index, same_prompt_as=jobs[0].seq_id if jobs else "", stop_ids=checked.stop_token_ids,
+                ignore_eos=checked.ignore_eos))
+        return jobs
+
+
+    async def GetModelInfo(self, request: generate_pb2.ModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> generate_pb2.ModelInfo:
+        info = generate_pb2.ModelInfo()
+        info.CopyFrom(self.info)
+        info.max_context, info.mode, info.k = self.max_context, self.scheduler.mode, self.scheduler.round_k
+        info.modes[:] = ["auto", "off"] if self.scheduler.draft is not None else ["off"]
+        info.max_n, info.max_logprobs = MAX_N, MAX_LOGPROBS
+        return info
+
+    async def Tokenize(self, request: generate_pb2.TokenizeRequest,
+                       context: grpc.aio.ServicerContext) -> generate_pb2.TokenizeResponse:
+        try:
+            checked = check_request(generate_pb2.GenerateRequest(prompt=request.prompt) if request.HasField("prompt")
+                                    else generate_pb2.GenerateRequest(chat=request.chat))
+        except ServiceError as error:
+            await context.abort(error.code, str(error))
+        return generate_pb2.TokenizeResponse(token_ids=await self.prompts.encode(checked.prompt, checked.chat))
+
+    async def Detokenize(self, request: generate_pb2.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext) -> generate_pb2.DetokenizeResponse:
+        if len(request.token_ids) > self.max_context or \
+                not all(0 <= t < self.info.vocab_size for t in request.token_ids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {self.max_context} token ids, each in "
+                                f"[0, {self.info.vocab_size})")
+        text = self.tokenizer.decode(list(request.token_ids), skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+        return generate_pb2.DetokenizeResponse(text=text)
 
 
 def add_generation_servicer(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
-    """Like the generated add_…_to_server, but bad request bytes reach the servicer as Malformed."""
+    """Like the generated add_…_to_server, but bad Generate bytes reach the servicer as Malformed."""
+    def unary(method, request_type, response_type):
+        return grpc.unary_unary_rpc_method_handler(method, request_deserializer=request_type.FromString,
+                                                   response_serializer=response_type.SerializeToString)
     handler = grpc.method_handlers_generic_handler("minedraft.protos.Generation", {
         "Generate": grpc.unary_stream_rpc_method_handler(
             servicer.Generate, request_deserializer=parse_request,
-            response_serializer=generate_pb2.GenerateResponse.SerializeToString)})
+            response_serializer=generate_pb2.GenerateResponse.SerializeToString),
+        "GetModelInfo": unary(servicer.GetModelInfo, generate_pb2.ModelInfoRequest, generate_pb2.ModelInfo),
+        "Tokenize": unary(servicer.Tokenize, generate_pb2.TokenizeRequest, generate_pb2.TokenizeResponse),
+        "Detokenize": unary(servicer.Detokenize, generate_pb2.DetokenizeRequest, generate_pb2.DetokenizeResponse)})
     server.add_generic_rpc_handlers((handler,))

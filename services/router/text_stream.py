@@ -20,6 +20,10 @@ class TextStream:
         self._read = 0
         self.stopped = False
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text, decoded alone (special tokens included: a logprob names the token it is for)."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from minedraft.engine.sampling import MIN_TEMPERATURE
+from minedraft.engine.sampling import MIN_TEMPERATURE, Sampling
+from minedraft.engine.sequence_table import MAX_LOGPROBS, MAX_REPETITION_PENALTY
 from minedraft.errors import InvalidArgument
-from minedraft.protos import generate_pb2
+from minedraft.protos import common_pb2, generate_pb2
 
 MAX_PROMPT_CHARS = 1_000_000
 MAX_STOPS = 16
@@ -20,6 +21,8 @@ MAX_TEMPERATURE = 100.0
 MAX_SEED = (1 << 63) - 1
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
 SPECULATION = frozenset({"", "auto", "off"})
+MAX_N = 16
+MAX_STOP_TOKEN_IDS = 64
 
 
 class Malformed:
@@ -41,12 +44,14 @@ def parse_request(data: bytes) -> generate_pb2.GenerateRequest | Malformed:
 class Checked:
     chat: list[dict] | None
     prompt: str | None
-    temperature: float
-    top_p: float
-    top_k: int
+    prompt_ids: list[int] | None  # checked against the vocabulary by the servicer
+    sampling: Sampling  # its seed is the router's to pick when `seed` is None
     seed: int | None
     stops: list[str]
+    stop_token_ids: frozenset[int]
     speculate: bool
+    n: int
+    ignore_eos: bool
 
 
 def check_request(request: generate_pb2.GenerateRequest | Malformed) -> Checked:
@@ -59,21 +64,15 @@ def check_request(request: generate_pb2.GenerateRequest | Malformed) -> Checked:
         raise InvalidArgument("give a prompt or chat messages")
     chat = _check_chat(request.chat) if which == "chat" else None
     prompt = request.prompt if which == "prompt" else None
+    prompt_ids = list(request.prompt_ids.ids) if which == "prompt_ids" else None
+    if prompt_ids is not None and not prompt_ids:
+        raise InvalidArgument("prompt_ids holds no token ids")
     if prompt is not None and not prompt.strip():
         raise InvalidArgument("the prompt is empty")
     if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
         raise InvalidArgument(f"the prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are taken")
-    sampling = request.sampling
-    temperature = sampling.temperature
-    if not math.isfinite(temperature) or temperature < 0 or temperature > MAX_TEMPERATURE or \
-            0 < temperature < MIN_TEMPERATURE:
-        raise InvalidArgument(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
-    top_p = sampling.top_p if sampling.HasField("top_p") else 1.0
-    if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
-        raise InvalidArgument("top_p must be in (0, 1]")
-    if sampling.top_k < 0:
-        raise InvalidArgument("top_k must be 0 (off) or positive")
-    seed = sampling.seed if sampling.HasField("seed") else None
+    sampling = _check_sampling(request.sampling)
+    seed = request.sampling.seed if request.sampling.HasField("seed") else None
     if seed is not None and seed > MAX_SEED:
         raise InvalidArgument(f"seed must be at most 2^63-1 = {MAX_SEED}")
     stops = list(request.stop)
@@ -84,12 +83,47 @@ def check_request(request: generate_pb2.GenerateRequest | Malformed) -> Checked:
             raise InvalidArgument("a stop string is empty")
         if len(stop) > MAX_STOP_CHARS:
             raise InvalidArgument(f"a stop string has {len(stop)} characters; at most {MAX_STOP_CHARS}")
+    if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidArgument(f"{len(request.stop_token_ids)} stop_token_ids; at most {MAX_STOP_TOKEN_IDS}")
     if request.speculation not in SPECULATION:
         raise InvalidArgument(f"speculation must be one of {sorted(SPECULATION)}, not {request.speculation!r}")
     if request.HasField("max_tokens") and request.max_tokens == 0:
         raise InvalidArgument("max_tokens must be at least 1")
-    return Checked(chat=chat, prompt=prompt, temperature=temperature, top_p=top_p, top_k=sampling.top_k,
-                   seed=seed, stops=stops, speculate=request.speculation != "off")
+    if request.HasField("max_tokens") and sampling.min_tokens > request.max_tokens:
+        raise InvalidArgument("min_tokens must be at most max_tokens")
+    if request.n > MAX_N:
+        raise InvalidArgument(f"n must be in [1, {MAX_N}]")
+    return Checked(chat=chat, prompt=prompt, prompt_ids=prompt_ids, sampling=sampling, seed=seed, stops=stops,
+                   stop_token_ids=frozenset(request.stop_token_ids), speculate=request.speculation != "off",
+                   n=max(1, request.n), ignore_eos=request.ignore_eos)
+
+
+def _check_sampling(sampling: common_pb2.SamplingParams) -> Sampling:
+    """The request's sampling settings (seed 0: set by the servicer), each checked."""
+    temperature = sampling.temperature
+    if not math.isfinite(temperature) or temperature < 0 or temperature > MAX_TEMPERATURE or \
+            0 < temperature < MIN_TEMPERATURE:
+        raise InvalidArgument(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
+    top_p = sampling.top_p if sampling.HasField("top_p") else 1.0
+    if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
+        raise InvalidArgument("top_p must be in (0, 1]")
+    if sampling.top_k < 0:
+        raise InvalidArgument("top_k must be 0 (off) or positive")
+    min_p = sampling.min_p if sampling.HasField("min_p") else 0.0
+    if not 0.0 <= min_p <= 1.0:
+        raise InvalidArgument("min_p must be in [0, 1]")
+    repetition = sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0
+    if not 0.0 < repetition <= MAX_REPETITION_PENALTY:
+        raise InvalidArgument(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}]")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if not -2.0 <= getattr(sampling, name) <= 2.0:
+            raise InvalidArgument(f"{name} must be in [-2, 2]")
+    logprobs = sampling.logprobs if sampling.HasField("logprobs") else -1
+    if logprobs > MAX_LOGPROBS:
+        raise InvalidArgument(f"logprobs: at most {MAX_LOGPROBS} top alternatives")
+    return Sampling(temperature=temperature, top_p=top_p, top_k=sampling.top_k, min_p=min_p,
+                    repetition_penalty=repetition, frequency_penalty=sampling.frequency_penalty,
+                    presence_penalty=sampling.presence_penalty, min_tokens=sampling.min_tokens, logprobs=logprobs)
 
 
 def _check_chat(chat: generate_pb2.Chat) -> list[dict]:

@@ -19,9 +19,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from minedraft.app.http import replies
-from minedraft.app.http.schema import ChatRequest, CompletionRequest, Sampled, Unsupported
+from minedraft.app.http.schema import ChatRequest, CompletionRequest, Unsupported
 from minedraft.protos import generate_pb2, generate_pb2_grpc
 from minedraft.serving.security import channel_credentials
+from minedraft.serving.telemetry import client_interceptors, setup_tracing
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # the router's own request limit
 HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
@@ -47,14 +48,20 @@ def create_app(router: str, model_name: str, tls_ca: str | None = None, tls_cert
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        interceptors = client_interceptors()  # the HTTP request's trace context goes on in the gRPC metadata
         if tls_ca:
-            state["channel"] = grpc.aio.secure_channel(router, channel_credentials(tls_ca, tls_cert, tls_key))
+            state["channel"] = grpc.aio.secure_channel(router, channel_credentials(tls_ca, tls_cert, tls_key),
+                                                       interceptors=interceptors)
         else:
-            state["channel"] = grpc.aio.insecure_channel(router)
+            state["channel"] = grpc.aio.insecure_channel(router, interceptors=interceptors)
         yield
         await state["channel"].close()
 
     app = FastAPI(title="minedraft", lifespan=lifespan)
+    if setup_tracing("http"):  # a span per HTTP request, child of the caller's traceparent when it sends one
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(app, excluded_urls="health")
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -94,17 +101,18 @@ def create_app(router: str, model_name: str, tls_ca: str | None = None, tls_cert
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await generate(body, body.request(prompt=body.prompt), request, chat=False)
+        return await generate(body, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        return await generate(body, body.request(messages=body.chat()), request, chat=True)
+        return await generate(body, request, chat=True)
 
-    async def generate(body: Sampled, grpc_request: generate_pb2.GenerateRequest, request: Request, chat: bool):
+    async def generate(body: CompletionRequest | ChatRequest, request: Request, chat: bool):
         if body.model != model_name:
             return error(404, f"the model {body.model!r} does not exist here; this server has {model_name!r}",
                          "model", "model_not_found")
         body.check_supported()
+        grpc_request = body.to_grpc()
         authorization = request.headers.get("authorization")
         call = generate_pb2_grpc.GenerationStub(state["channel"]).Generate(
             grpc_request, metadata=[("authorization", authorization)] if authorization else None)
@@ -114,7 +122,7 @@ def create_app(router: str, model_name: str, tls_ca: str | None = None, tls_cert
         except grpc.aio.AioRpcError as failure:
             return rpc_error(failure)
         reply = replies.Reply(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", model_name,
-                              int(time.time()))
+                              int(time.time()), n=body.n, logprobs=body.top_logprobs_wanted() is not None)
         if not body.stream:
             watch = asyncio.create_task(cancel_when_gone(request, call))
             try:
