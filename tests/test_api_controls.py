@@ -4,6 +4,10 @@ Each must come out the same with speculation on as with the target alone."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import grpc
 import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
@@ -88,3 +92,19 @@ def test_reflection_lists_the_new_methods(tiny_clusters) -> None:
         pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
         service = pool.FindServiceByName("minedraft.protos.Generation")
         assert {"Generate", "GetModelInfo", "Tokenize", "Detokenize"} <= {m.name for m in service.methods}
+
+
+def test_generate_command_prints_every_sample_with_logprobs(tiny_clusters) -> None:
+    """`minedraft generate --n 2 --logprobs 1 --json`: the samples and logprobs of the client library's request."""
+    cluster = tiny_clusters["psd"]
+    expected = generate(cluster, n=2, temperature=0.9, seed=3, logprobs=1, max_tokens=10, repetition_penalty=1.2)
+    out = subprocess.run([sys.executable, "-m", "minedraft.cli", "generate", "--addr", cluster.address, "--json",
+                          "--n", "2", "--temperature", "0.9", "--seed", "3", "--logprobs", "1", "--max-tokens", "10",
+                          "--repetition-penalty", "1.2", PROMPT], check=True, capture_output=True, text=True,
+                         timeout=60)
+    samples = json.loads(out.stdout)["samples"]
+    assert [s["token_ids"] for s in samples] == [e.token_ids for e in expected]
+    for sample, reference in zip(samples, expected, strict=True):
+        assert [lp["logprob"] for lp in sample["logprobs"]] == pytest.approx(
+            [lp["logprob"] for lp in reference.logprobs], abs=1e-5)
+        assert all(len(lp["top_ids"]) == 1 for lp in sample["logprobs"])
