@@ -52,9 +52,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.n > 1:
             print(f"--- sample {index}\n{result.text}")
         for entry in result.logprobs:
-            alternatives = ", ".join(f"{t}:{v:.3f}" for t, v in zip(entry.get("top_ids", []),
-                                                                      entry.get("top_logprobs", []), strict=True))
-            print(f"{entry.get('token_id', 0)}\t{entry.get('logprob', 0.0):.4f}\t{alternatives}", file=sys.stderr)
+            tops = zip(entry.get("top_ids", []), entry.get("top_logprobs", []), strict=True)
+            alternatives = ", ".join(f"{t}:{float(v):.3f}" for t, v in tops)  # -inf arrives as "-Infinity"
+            print(f"{entry.get('token_id', 0)}\t{float(entry.get('logprob', 0.0)):.4f}\t{alternatives}",
+                  file=sys.stderr)
         stats = result.stats
         drafted = int(stats.get("drafted_tokens", 0))
         alpha = int(stats.get("accepted_tokens", 0)) / drafted if drafted else 0.0

@@ -77,7 +77,7 @@ def test_token_controls(tiny_clusters) -> None:
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"n": 17}, "n must be"), ({"logprobs": 21}, "logprobs"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"n": 17}, "n must be"), ({"logprobs": 21}, "logprobs"), ({"repetition_penalty": 1e-30}, "repetition_penalty"),
     ({"frequency_penalty": 2.5}, "frequency_penalty"), ({"min_p": 1.5}, "min_p"),
     ({"min_tokens": 30, "max_tokens": 10}, "min_tokens"), ({"prompt_ids": [10**7]}, "prompt_ids"),
     ({"prompt_ids": []}, "no token ids"), ({"stop_token_ids": list(range(65))}, "stop_token_ids")])
@@ -108,3 +108,8 @@ def test_generate_command_prints_every_sample_with_logprobs(tiny_clusters) -> No
         assert [lp["logprob"] for lp in sample["logprobs"]] == pytest.approx(
             [lp["logprob"] for lp in reference.logprobs], abs=1e-5)
         assert all(len(lp["top_ids"]) == 1 for lp in sample["logprobs"])
+    # As text, with alternatives outside top-k (log-probability -inf).
+    text = subprocess.run([sys.executable, "-m", "minedraft.cli", "generate", "--addr", cluster.address,
+                           "--temperature", "0.9", "--top-k", "2", "--logprobs", "4", "--max-tokens", "4", PROMPT],
+                          check=True, capture_output=True, text=True, timeout=60)
+    assert "-inf" in text.stderr

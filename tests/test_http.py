@@ -75,6 +75,9 @@ def test_n_samples_logprobs_and_penalties_match_the_grpc_path(front) -> None:
     content = chat.choices[0].logprobs.content
     assert [c.logprob for c in content] == pytest.approx([e["logprob"] for e in alone.logprobs], abs=1e-5)
     assert len(content) == len(alone.token_ids) and all(len(c.top_logprobs) == 3 for c in content)
+    code, reply = post(f"http://{front.http_address}/v1/chat/completions", json.dumps(
+        {"model": "target", "messages": messages, "max_tokens": 4, "logprobs": None}).encode())
+    assert code == 200 and reply["choices"][0]["logprobs"] is None  # null is OpenAI's "no logprobs"
     penalties = {"frequency_penalty": 0.8, "presence_penalty": 0.4, "max_tokens": 16, "temperature": 0}
     extra = {"repetition_penalty": 1.3, "min_p": 0.1, "top_k": 8}
     penalised = api.completions.create(model="target", prompt=PROMPT, extra_body=extra, **penalties)
@@ -126,6 +129,8 @@ def test_chat_streams_with_usage_and_stops(front) -> None:
     ({"model": "target", "prompt": PROMPT, "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"model": "target", "prompt": PROMPT, "tools": []}, 400, "tools"),
     ({"model": "target", "prompt": PROMPT, "best_of": 2}, 400, "best_of"),
+    ({"model": "target", "prompt": PROMPT, "top_k": 2**40}, 400, "top_k"),  # more than the wire carries
+    ({"model": "target", "prompt": PROMPT, "repetition_penalty": 1e-40}, 400, "repetition_penalty"),
     ({"model": "target", "prompt": PROMPT, "echo": True}, 400, "echo"),
     ({"model": "target", "prompt": ["a", "b"]}, 400, "prompt"),
     ({"model": "target", "prompt": [10**8]}, 400, None),  # a token id outside the vocabulary (the router's check)

@@ -44,9 +44,11 @@ def test_penalised_speculation_follows_penalised_target_distribution() -> None:
         probs = warp(adjust(target_logits, PENALISED, tokens, len(PROMPT)), PENALISED)
         accepted, nxt = verify_sampled(probs, [d[0] for d in drafted], [(d[1], d[2]) for d in drafted], target_gen)
         emitted = [*[d[0] for d in drafted[:accepted]], nxt]
+        if len(emitted) == 1:  # the next round's first token: the target's own step after the correction
+            row = target_row(target_logits[1], [*PROMPT, nxt], PENALISED)
+            emitted.append(int(torch.multinomial(row, 1, generator=target_gen)))
         first[emitted[0]] += 1
-        if len(emitted) > 1:
-            second[emitted[1]] += 1
+        second[emitted[1]] += 1
     p0 = target_row(target_logits[0], PROMPT, PENALISED)
     # The second token's marginal: the penalties after each possible first token.
     p1 = sum(p0[x] * target_row(target_logits[1], [*PROMPT, x], PENALISED) for x in range(VOCAB))

@@ -137,8 +137,9 @@ def check_sampling(sampling: Sampling) -> None:
         raise InvalidArgument("top_k must be 0 (off) or positive")
     if not 0 <= sampling.min_p <= 1:  # a NaN fails this too
         raise InvalidArgument("min_p must be in [0, 1]")
-    if not 0 < sampling.repetition_penalty <= MAX_REPETITION_PENALTY:
-        raise InvalidArgument(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}]")
+    if not 1 / MAX_REPETITION_PENALTY <= sampling.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise InvalidArgument(f"repetition_penalty must be in [{1 / MAX_REPETITION_PENALTY:g}, "
+                              f"{MAX_REPETITION_PENALTY:g}]")
     if not (-2 <= sampling.frequency_penalty <= 2 and -2 <= sampling.presence_penalty <= 2):
         raise InvalidArgument("frequency_penalty and presence_penalty must be in [-2, 2]")
     if sampling.logprobs > MAX_LOGPROBS:

@@ -87,12 +87,15 @@ class GenerationServicer:
         room = self.max_context - len(prompt_ids)
         if room <= 0:
             raise InvalidArgument(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_context}")
-        max_tokens = request.max_tokens if request.HasField("max_tokens") else min(self.default_max_tokens, room)
+        max_tokens = request.max_tokens if request.HasField("max_tokens") else \
+            min(max(self.default_max_tokens, checked.sampling.min_tokens), room)
         if max_tokens > room:
             raise InvalidArgument(f"max_tokens must be at most {room} for this prompt of {len(prompt_ids)} tokens "
                                   f"(context {self.max_context})")
         if checked.sampling.min_tokens > max_tokens:
             raise InvalidArgument(f"min_tokens must be at most max_tokens ({max_tokens})")
+        if checked.n > self.admission.max_sequences:  # never admissible: no use retrying
+            raise InvalidArgument(f"n must be at most {self.admission.max_sequences} on this server")
         seed = checked.seed if checked.seed is not None else secrets.randbits(63)
         held = checked.stop_token_ids | (frozenset() if checked.ignore_eos else self.eos_ids)
         sampling = replace(checked.sampling, held_tokens=tuple(sorted(held)), prompt_len=len(prompt_ids))
@@ -114,7 +117,7 @@ class GenerationServicer:
         info.CopyFrom(self.info)
         info.max_context, info.mode, info.k = self.max_context, self.scheduler.mode, self.scheduler.round_k
         info.modes[:] = ["auto", "off"] if self.scheduler.draft is not None else ["off"]
-        info.max_n, info.max_logprobs = MAX_N, MAX_LOGPROBS
+        info.max_n, info.max_logprobs = min(MAX_N, self.admission.max_sequences), MAX_LOGPROBS
         return info
 
     async def Tokenize(self, request: generate_pb2.TokenizeRequest,

@@ -113,8 +113,9 @@ def _check_sampling(sampling: common_pb2.SamplingParams) -> Sampling:
     if not 0.0 <= min_p <= 1.0:
         raise InvalidArgument("min_p must be in [0, 1]")
     repetition = sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0
-    if not 0.0 < repetition <= MAX_REPETITION_PENALTY:
-        raise InvalidArgument(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}]")
+    if not 1 / MAX_REPETITION_PENALTY <= repetition <= MAX_REPETITION_PENALTY:
+        raise InvalidArgument(f"repetition_penalty must be in [{1 / MAX_REPETITION_PENALTY:g}, "
+                              f"{MAX_REPETITION_PENALTY:g}]")
     for name in ("frequency_penalty", "presence_penalty"):
         if not -2.0 <= getattr(sampling, name) <= 2.0:
             raise InvalidArgument(f"{name} must be in [-2, 2]")

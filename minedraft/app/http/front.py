@@ -51,9 +51,9 @@ def create_app(router: str, model_name: str, tls_ca: str | None = None, tls_cert
         interceptors = client_interceptors()  # the HTTP request's trace context goes on in the gRPC metadata
         if tls_ca:
             state["channel"] = grpc.aio.secure_channel(router, channel_credentials(tls_ca, tls_cert, tls_key),
-                                                       interceptors=interceptors)
+                                                       interceptors=interceptors or None)
         else:
-            state["channel"] = grpc.aio.insecure_channel(router, interceptors=interceptors)
+            state["channel"] = grpc.aio.insecure_channel(router, interceptors=interceptors or None)
         yield
         await state["channel"].close()
 
@@ -112,7 +112,10 @@ def create_app(router: str, model_name: str, tls_ca: str | None = None, tls_cert
             return error(404, f"the model {body.model!r} does not exist here; this server has {model_name!r}",
                          "model", "model_not_found")
         body.check_supported()
-        grpc_request = body.to_grpc()
+        try:
+            grpc_request = body.to_grpc()
+        except ValueError as failure:  # a value the wire cannot carry
+            return error(400, str(failure))
         authorization = request.headers.get("authorization")
         call = generate_pb2_grpc.GenerationStub(state["channel"]).Generate(
             grpc_request, metadata=[("authorization", authorization)] if authorization else None)

@@ -15,7 +15,7 @@ def sse(payload: dict) -> str:
 
 
 def finite(value: float) -> float:
-    return max(value, FLOOR)
+    return value if value >= FLOOR else FLOOR  # -inf and NaN alike
 
 
 def chat_logprobs(entries: list[common_pb2.TokenLogprob]) -> dict:

@@ -7,7 +7,7 @@ control would make the output differ from what the client asked for."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,6 +16,8 @@ from minedraft.protos import generate_pb2
 
 MAX_N = 16  # the router's limit (validation.MAX_N)
 MAX_TOP_LOGPROBS = 20
+INT32 = 2**31 - 1
+TokenId = Annotated[int, Field(ge=0, le=INT32)]
 
 
 class Unsupported(ValueError):
@@ -34,8 +36,8 @@ class Sampled(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown fields are checked below, to name them in the error
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
@@ -47,12 +49,12 @@ class Sampled(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     # vLLM's extensions
-    top_k: int = Field(default=0, ge=-1)  # -1 or 0: off
+    top_k: int = Field(default=0, ge=-1, le=INT32)  # -1 or 0: off
     min_p: float = Field(default=0.0, ge=0, le=1)
-    repetition_penalty: float = Field(default=1.0, gt=0, le=10)
-    min_tokens: int = Field(default=0, ge=0)
+    repetition_penalty: float = Field(default=1.0, ge=0.1, le=10)
+    min_tokens: int = Field(default=0, ge=0, le=INT32)
     ignore_eos: bool = False
-    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=64)
 
     def check_supported(self) -> None:
         extra = sorted(self.model_extra or {})
@@ -78,7 +80,7 @@ class Sampled(BaseModel):
 
 
 class CompletionRequest(Sampled):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
@@ -107,7 +109,7 @@ class Message(BaseModel):
 
 class ChatRequest(Sampled):
     messages: list[Message] = Field(min_length=1)
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def check_supported(self) -> None:
