@@ -72,6 +72,7 @@ def test_n_samples_logprobs_and_penalties_match_the_grpc_path(front) -> None:
     chat = api.chat.completions.create(model="target", messages=messages, max_tokens=12, temperature=0,
                                        logprobs=True, top_logprobs=3)
     alone = grpc_generation(front, messages=messages, max_tokens=12, logprobs=3, speculation="off")
+    assert chat.choices[0].message.content == alone.text  # speculation on (HTTP) and off (gRPC)
     content = chat.choices[0].logprobs.content
     assert [c.logprob for c in content] == pytest.approx([e["logprob"] for e in alone.logprobs], abs=1e-5)
     assert len(content) == len(alone.token_ids) and all(len(c.top_logprobs) == 3 for c in content)
