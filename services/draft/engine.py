@@ -5,7 +5,10 @@ beside the others' results."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import torch
 
 from minedraft.engine.forking import copy_prompt_cache, split_shared
 from minedraft.engine.logits_processing import adjust
@@ -22,6 +25,7 @@ class ProposedToken:
     token_id: int
     support: list[int]  # q's token ids
     probs: list[float]  # q's probabilities on them
+    logprob: float = 0.0  # the draft's log-probability of the token, when asked for (see common.proto)
 
 
 class DraftEngine:
@@ -65,8 +69,8 @@ class DraftEngine:
     def _replaced(self, checked: list[tuple[str, SequenceState]]) -> int:
         return sum(1 for seq_id, _ in checked if seq_id in self.table)
 
-    def propose(self, seqs: list[tuple[str, int, list[int], int]],
-                owner: str = "") -> list[list[ProposedToken] | ServiceError]:
+    def propose(self, seqs: list[tuple[str, int, list[int], int]], owner: str = "",
+                with_logprobs: bool = False) -> list[list[ProposedToken] | ServiceError]:
         """For each (seq_id, keep, append, k): apply the commit, then draft k tokens (or report its error).
 
         One batched forward per draft position; sequences asking for fewer tokens drop out early. A failed
@@ -89,7 +93,7 @@ class DraftEngine:
             state.truncate(keep)
             state.tokens.extend(append)
         try:
-            self._draft(checked, results)
+            self._draft(checked, results, with_logprobs)
         except BaseException:
             for _, state, keep, append, _ in checked:
                 state.truncate(keep + len(append))
@@ -97,7 +101,7 @@ class DraftEngine:
         return results
 
     def _draft(self, checked: list[tuple[int, SequenceState, int, list[int], int]],
-               results: list[list[ProposedToken] | ServiceError]) -> None:
+               results: list[list[ProposedToken] | ServiceError], with_logprobs: bool) -> None:
         failed: set[int] = set()
         for step in range(max((k for *_, k in checked), default=0)):
             active = [(i, state) for i, state, *_, k in checked if k > step and i not in failed]
@@ -114,7 +118,8 @@ class DraftEngine:
                     failed.add(i)
                     continue
                 state.tokens.append(token)
-                results[i].append(ProposedToken(token, support, probs))
+                logprob = draft_logprob(adjusted, token, state.sampling, support, probs) if with_logprobs else 0.0
+                results[i].append(ProposedToken(token, support, probs, logprob))
 
     def warm_up(self) -> None:
         """A prompt and a proposal of a throwaway sequence, so the first request pays no first-call costs."""
@@ -124,3 +129,11 @@ class DraftEngine:
 
     def release(self, seq_ids: list[str], owner: str | None = None) -> int:
         return self.table.release(seq_ids, owner)
+
+
+def draft_logprob(logits: torch.Tensor, token: int, sampling: Sampling, support: list[int],
+                  probs: list[float]) -> float:
+    """log q(token) when sampling; when greedy (q is a point mass), the logits' softmax at temperature 1."""
+    if sampling.greedy:
+        return float(logits[token].float() - torch.logsumexp(logits.float(), dim=-1))
+    return math.log(probs[support.index(token)])

@@ -29,14 +29,14 @@ class DraftServicer(EngineServicer, draft_pb2_grpc.DraftServicer):
         engine = await self.ready_engine(context)
         seqs = [(s.seq_id, s.commit.keep, list(s.commit.append), s.k) for s in request.seqs]
         proposals, stats = await self.call(context, len(seqs), engine.propose, seqs, owner_of(context),
-                                           threads=request.threads)
+                                           request.with_logprobs, threads=request.threads)
         ids = [seq_id for seq_id, *_ in seqs]
         errors = seq_errors(ids, proposals)
         return draft_pb2.ProposeResponse(
             proposals=[
                 draft_pb2.Proposal(seq_id=seq_id, error=errors[seq_id]) if seq_id in errors else
                 draft_pb2.Proposal(seq_id=seq_id, tokens=[
-                    common_pb2.DraftToken(token_id=t.token_id,
+                    common_pb2.DraftToken(token_id=t.token_id, logprob=t.logprob,
                                           q=common_pb2.SparseDist(token_ids=t.support, probs=t.probs))
                     for t in tokens])
                 for seq_id, tokens in zip(ids, proposals, strict=True)],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import grpc
 
 from minedraft.protos import common_pb2
-from services.router import messages
+from services.router import messages, tetris
 from services.router.backends import Backend
 from services.router.faults import draft_call_failed, draft_refused
 from services.router.policy import StageModel
@@ -63,9 +63,11 @@ class Drafter:
                 else:
                     request.draft_len, request.draft_epoch = length, epoch
 
-    async def propose(self, lane: Lane, requests: list[Request], k: int, shared: bool,
-                      threads: int) -> dict[str, list[common_pb2.DraftToken]]:
-        """Drafts up to k tokens per request; a request that can take only one more token gets none."""
+    async def propose(self, lane: Lane, requests: list[Request], k: int, shared: bool, threads: int,
+                      extra: int = 0) -> dict[str, list[common_pb2.DraftToken]]:
+        """Drafts up to k tokens per request; a request that can take only one more token gets none.
+
+        `extra` > 0 (TETRIS): drafts k + extra each, and keeps the lane's k × size best positions (tetris.py)."""
         wanted = [r for r in requests if r.speculate and not r.done and r.remaining > 1] if k > 0 else []
         stale = [r for r in wanted if r.draft_epoch != self.draft.epoch]
         if stale:  # new to the draft, or the draft restarted or lost them since: send their tokens first
@@ -73,9 +75,10 @@ class Drafter:
         ready = [r for r in wanted if r.speculate and r.draft_epoch == self.draft.epoch]
         if not ready or not self.draft.up:
             return {}
-        seqs = [(r.seq_id, r.draft_len, r.tokens[r.draft_len:], min(k, r.remaining - 1)) for r in ready]
+        seqs = [(r.seq_id, r.draft_len, r.tokens[r.draft_len:], min(k + extra, r.remaining - 1)) for r in ready]
         try:
-            response = await self.draft.stub.Propose(messages.propose(seqs, threads), timeout=self.timeout_s)
+            response = await self.draft.stub.Propose(messages.propose(seqs, threads, with_logprobs=extra > 0),
+                                                     timeout=self.timeout_s)
         except grpc.aio.AioRpcError as error:  # verify without drafts: same output, just slower
             draft_call_failed(self.draft, ready, error, "propose")
             return {}
@@ -88,4 +91,8 @@ class Drafter:
                 draft_refused(request, proposal.error)
             else:
                 drafts[request.seq_id] = list(proposal.tokens)
-        return drafts
+        if not extra:
+            return drafts
+        greedy = {r.seq_id: r.sampling.greedy for r in ready}
+        scores = {seq_id: tetris.position_scores(tokens, greedy[seq_id]) for seq_id, tokens in drafts.items()}
+        return tetris.select(drafts, scores, k * len(ready))

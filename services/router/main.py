@@ -49,6 +49,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-tokenizer", default=None, help="the draft model, to check the tokenizers match")
     parser.add_argument("--k", type=int, default=4, help="draft tokens per round (auto: the calibration's k)")
     parser.add_argument("--k-max", type=int, default=8, help="auto: the largest k the policy may choose")
+    parser.add_argument("--tetris-extra", type=int, default=0,
+                        help="TETRIS: draft k + this many tokens per sequence and verify only the lane's k x size "
+                             "most likely draft positions (0: off)")
     parser.add_argument("--max-batch", type=int, default=16, help="most sequences in one lane")
     parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a lane")
     parser.add_argument("--rate-limit", type=float, default=None, help="most new requests per second")
@@ -122,7 +125,8 @@ async def serve(args: argparse.Namespace) -> None:
     scheduler = Scheduler(target, draft, mode=args.mode, k=args.k, max_batch=args.max_batch,
                           draft_timeout_s=args.draft_timeout, k_max=args.k_max,
                           draft_prefill_tokens=args.draft_prefill_tokens, share_cores=args.share_cores,
-                          target_timeout_s=args.target_timeout, max_lane_tokens=args.max_lane_tokens)
+                          target_timeout_s=args.target_timeout, max_lane_tokens=args.max_lane_tokens,
+                          tetris_extra=args.tetris_extra)
     lanes = len(scheduler.lanes)
     admission = Admission(max_sequences=lanes * args.max_batch + args.max_queue, rate_per_s=args.rate_limit)
     info = generate_pb2.ModelInfo(target_model=args.tokenizer, draft_model=args.draft_tokenizer or "",

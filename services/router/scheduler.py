@@ -42,12 +42,13 @@ class Scheduler:
     def __init__(self, target: Backend, draft: Backend | None, mode: str = "auto", k: int = 4,
                  max_batch: int = 16, draft_timeout_s: float = 10.0, k_max: int | None = None,
                  draft_prefill_tokens: int = 512, share_cores: int = 0, target_timeout_s: float = 30.0,
-                 max_lane_tokens: int = 0) -> None:
+                 max_lane_tokens: int = 0, tetris_extra: int = 0) -> None:
         """`share_cores`: draft and target share this many CPU cores of one host; each call then asks for all
         of them when it runs alone and half when the other service runs beside it (0: no hints).
         `target_timeout_s`: the deadline of a Verify (a Prefill's grows with its tokens); past it the target
         counts as down and its requests fail, rather than hang. `max_lane_tokens`: most prompt + completion
-        tokens the sequences of one lane may come to hold (0: only max_batch and the services' caches bound it)."""
+        tokens the sequences of one lane may come to hold (0: only max_batch and the services' caches bound it).
+        `tetris_extra`: draft k + this many per sequence and keep the lane's best k × size (tetris.py; 0: off)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if mode != "ar" and draft is None:
@@ -55,7 +56,7 @@ class Scheduler:
         self.target, self.draft = target, draft
         self.mode, self.k, self.max_batch = mode, k, max_batch
         self.target_timeout_s = target_timeout_s
-        self.max_lane_tokens = max_lane_tokens
+        self.max_lane_tokens, self.tetris_extra = max_lane_tokens, tetris_extra
         self._prefill_allowance_s = 0.0  # of the target prefills in flight (see _target_prefill)
         self.releaser = Releaser(target, draft)
         self.share_cores = share_cores
@@ -243,8 +244,8 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         started, k, draft_ms_before = loop.time(), self.round_k, lane.counters.draft_ms
         shared = bool(self.share_cores) and overlapped(self.lanes, self.plan.lanes, lane)
-        drafts = await self.drafter.propose(lane, requests, self.round_k, shared, self.threads_for(shared)) \
-            if self.speculating else {}
+        drafts = await self.drafter.propose(lane, requests, self.round_k, shared, self.threads_for(shared),
+                                            self.tetris_extra) if self.speculating else {}
         response = await self._verify(lane, requests, drafts, shared)
         if response is None:
             return 0, 0
