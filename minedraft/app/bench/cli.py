@@ -8,7 +8,7 @@ import platform
 import time
 from pathlib import Path
 
-from minedraft.app.bench.driver import cluster_args, run_mode
+from minedraft.app.bench.driver import MODE_SPECS, cluster_args, run_mode
 from minedraft.app.bench.metrics import compare_modes, summarise_runs
 from minedraft.app.bench.peer import parse_peers, run_peer
 from minedraft.app.bench.report import write_all
@@ -16,13 +16,23 @@ from minedraft.app.bench.workloads import load_prompts
 from minedraft.app.launcher import cpu_layout, free_port
 from minedraft.engine.precision import native_bf16_cpu, resolve_dtype, resolve_quant
 
-MODES = ("ar", "sd", "psd", "psd2c", "auto")
+MODES = tuple(MODE_SPECS)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default="ar,sd,psd,psd2c",
-                        help="comma list of ar, sd, psd, auto and psd2c (psd with 2C in flight: the seed's convention)")
-    parser.add_argument("--workload", default="humaneval", help="humaneval, chat or a JSONL file")
+                        help="comma list of ar, sd, psd, auto, psd2c (psd with 2C in flight: the seed's convention), "
+                             "tetris and tetris2c (psd and psd2c with TETRIS selection, --tetris-extra)")
+    parser.add_argument("--workload", default="humaneval", help="humaneval, chat, sharegpt or a JSONL file")
+    parser.add_argument("--seed", type=int, default=0, help="which ShareGPT conversations are drawn")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="every request generates exactly --max-tokens tokens (the seed paper's fixed lengths)")
+    parser.add_argument("--tetris-extra", type=int, default=3, help="extra drafts per sequence in the tetris modes")
+    parser.add_argument("--paper-table", action="store_true",
+                        help="the seed paper's table: sd, psd, tetris, psd2c, tetris2c and auto over k in {2, 4} "
+                             "and lane sizes {4, 8, 16}, ShareGPT, fixed output length (paper_table.py)")
+    parser.add_argument("--paper-k", default="2,4", help="--paper-table: the k values")
+    parser.add_argument("--paper-lanes", default="4,8,16", help="--paper-table: the concurrencies (sd's lane size)")
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--prompts-per-concurrency", type=int, default=0,
                         help="sweeps: run at least this many prompts per unit of concurrency, so every level is "
@@ -71,7 +81,7 @@ def engine_record(args: argparse.Namespace) -> dict:
 
 def layout_of(args: argparse.Namespace, mode: str) -> str:
     """Which cores each service of this mode's cluster ran on (README: CPU layouts)."""
-    layout = cpu_layout(cluster_args(args, "psd" if mode == "psd2c" else mode, max_batch=1))
+    layout = cpu_layout(cluster_args(args, mode, max_batch=1))
     cores = len(os.sched_getaffinity(0))
     return {"split": f"split: draft {cores // 2} core(s), target {cores - cores // 2}, pinned",
             "shared": f"shared: {cores} cores, all to a stage running alone, half each while both run",
@@ -84,7 +94,25 @@ def run_order(modes: list[str], repeats: int) -> list[str]:
     return [mode for repeat in range(repeats) for mode in (modes if repeat % 2 == 0 else modes[::-1])]
 
 
+def load(args: argparse.Namespace, count: int) -> list[dict]:
+    """The workload's first `count` prompts; ShareGPT's drawn with --seed, among those that fit the context."""
+    fits = None
+    if args.workload == "sharegpt":
+        from transformers import AutoTokenizer
+
+        from minedraft.models.store import resolve_model
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.tokenizer or args.target_model))
+        room = args.max_context - args.max_tokens
+        fits = lambda text: 4 <= len(tokenizer.encode(text)) <= room  # noqa: E731
+    return load_prompts(args.workload, count, seed=args.seed, fits=fits)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.paper_table:
+        from minedraft.app.bench.paper_table import run_paper_table
+
+        return run_paper_table(args, run)
     os.environ.setdefault("MINEDRAFT_LOG_LEVEL", "WARNING")
     modes = [m for m in args.modes.split(",") if m]
     peers = parse_peers(args.peer)
@@ -99,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
                      "k": args.k, "rate": args.rate, "dtype": args.dtype, "device": args.device,
                      "concurrency": args.concurrency, "repeats": args.repeats,
                      "draft_quant": args.draft_quant, "target_quant": args.target_quant,
-                     "cpu_layout": args.cpu_layout, "peers": args.peer},
+                     "cpu_layout": args.cpu_layout, "peers": args.peer, "ignore_eos": args.ignore_eos,
+                     "tetris_extra": args.tetris_extra, "seed": args.seed},
         "models": {"draft": args.draft_model, "target": args.target_model},
         "machine": machine(),
         "engine": engine_record(args),
@@ -110,9 +139,9 @@ def run(args: argparse.Namespace) -> int:
     for concurrency in concurrencies:
         prompts = max(args.num_prompts, args.prompts_per_concurrency * concurrency)
         # psd2c holds twice the requests (the seed paper's convention); every other mode runs at `concurrency`.
-        scaled = {mode: 2 if mode == "psd2c" else 1 for mode in modes}
-        items = {mode: load_prompts(args.workload, prompts * scaled[mode]) for mode in modes}
-        items.update({name: load_prompts(args.workload, prompts) for name in peers})
+        scaled = {mode: MODE_SPECS[mode][1] for mode in modes}
+        items = {mode: load(args, prompts * scaled[mode]) for mode in modes}
+        items.update({name: load(args, prompts) for name in peers})
         raws: dict[str, list[dict]] = {mode: [] for mode in [*modes, *peers]}
         for mode in run_order([*modes, *peers], args.repeats):
             if mode in peers:

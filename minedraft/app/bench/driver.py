@@ -17,9 +17,16 @@ from minedraft.app.cluster_config import ClusterConfig
 from minedraft.app.launcher import Cluster, free_port
 from minedraft.protos import generate_pb2_grpc, monitor_pb2, monitor_pb2_grpc
 
+# A bench mode: the cluster's router mode, how many times the concurrency it holds (the seed paper's psd at 2C),
+# and whether TETRIS selection is on.
+MODE_SPECS = {"ar": ("ar", 1, False), "sd": ("sd", 1, False), "psd": ("psd", 1, False), "auto": ("auto", 1, False),
+              "psd2c": ("psd", 2, False), "tetris": ("psd", 1, True), "tetris2c": ("psd", 2, True)}
 
-async def _one(stub: generate_pb2_grpc.GenerationStub, item: dict, max_tokens: int) -> RequestRecord:
-    request = make_request(prompt=item.get("prompt"), messages=item.get("messages"), max_tokens=max_tokens)
+
+async def _one(stub: generate_pb2_grpc.GenerationStub, item: dict, max_tokens: int,
+               ignore_eos: bool = False) -> RequestRecord:
+    request = make_request(prompt=item.get("prompt"), messages=item.get("messages"), max_tokens=max_tokens,
+                           ignore_eos=ignore_eos)
     submitted, first, tokens = time.time(), None, 0
     try:
         async for response in stub.Generate(request):
@@ -36,7 +43,7 @@ async def _one(stub: generate_pb2_grpc.GenerationStub, item: dict, max_tokens: i
 
 
 async def drive(address: str, items: list[dict], concurrency: int, max_tokens: int, rate: float | None,
-                label: str, seed: int = 0) -> list[RequestRecord]:
+                label: str, seed: int = 0, ignore_eos: bool = False) -> list[RequestRecord]:
     """Closed loop (C streams, each starting the next prompt when one ends) or open loop (Poisson, rate/s)."""
     records: list[RequestRecord] = []
     bar = tqdm(total=len(items), desc=label, unit="req", leave=False)
@@ -44,7 +51,7 @@ async def drive(address: str, items: list[dict], concurrency: int, max_tokens: i
         stub = generate_pb2_grpc.GenerationStub(channel)
 
         async def run(item: dict) -> None:
-            records.append(await _one(stub, item, max_tokens))
+            records.append(await _one(stub, item, max_tokens, ignore_eos))
             bar.update(1)
 
         if rate:
@@ -72,8 +79,11 @@ async def router_stats(address: str, clear: bool) -> monitor_pb2.RouterStats:
 
 
 def cluster_args(args: argparse.Namespace, mode: str, max_batch: int) -> ClusterConfig:
+    """The cluster of a bench mode (MODE_SPECS)."""
+    cluster_mode, _, tetris = MODE_SPECS[mode]
     return ClusterConfig.of(
-        mode=mode, port=free_port(), k=args.k, max_batch=max_batch, draft_model=args.draft_model,
+        mode=cluster_mode, port=free_port(), tetris_extra=args.tetris_extra if tetris else 0, k=args.k,
+        max_batch=max_batch, draft_model=args.draft_model,
         target_model=args.target_model, dtype=args.dtype, draft_quant=args.draft_quant, target_quant=args.target_quant,
         cpu_layout=args.cpu_layout, device=args.device, draft_device=args.draft_device, tokenizer=args.tokenizer,
         kv=args.kv, max_context=args.max_context)
@@ -81,15 +91,14 @@ def cluster_args(args: argparse.Namespace, mode: str, max_batch: int) -> Cluster
 
 def run_mode(args: argparse.Namespace, mode: str, items: list[dict], concurrency: int) -> dict:
     """Returns the raw material of one mode's summary: records, lane counters and device events."""
-    cluster_mode = "psd" if mode == "psd2c" else mode
     # Lanes are capped at the concurrency, so one lane (sd) can hold all C and two lanes (psd) C/2 each.
-    with Cluster(cluster_args(args, cluster_mode, max_batch=concurrency)) as cluster:
+    with Cluster(cluster_args(args, mode, max_batch=concurrency)) as cluster:
         cluster.wait_ready()
         warmup = items[:max(1, min(args.warmup_requests, len(items)))]
         asyncio.run(drive(cluster.address, warmup, len(warmup), 4, None, f"{mode} warm-up"))
         asyncio.run(router_stats(cluster.address, clear=True))
         records = asyncio.run(drive(cluster.address, items, concurrency, args.max_tokens, args.rate,
-                                    f"{mode} C={concurrency}"))
+                                    f"{mode} C={concurrency}", ignore_eos=args.ignore_eos))
         stats = asyncio.run(router_stats(cluster.address, clear=False))
     lanes = [MessageToDict(lane, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
              for lane in stats.lanes]
