@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-SERVER_NAMES = ("localhost", "127.0.0.1", "::1", "router", "draft", "target", "minedraft-router",
+SERVER_NAMES = ("localhost", "127.0.0.1", "::1", "router", "router-headless", "draft", "target", "minedraft-router",
                 "minedraft-draft", "minedraft-target")
 
 
