@@ -36,14 +36,18 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def target_call_failed(target: Backend, requests: list[Request], error: BaseException, what: str) -> None:
-    """A whole Prefill or Verify failed: its requests fail; the target is down only if it did not answer."""
+    """A whole Prefill or Verify failed: the target is down only if it did not answer, and then its requests move
+    to another cell if there is one; otherwise they fail."""
     code, details = status_of(error)
     message = f"target {what} failed ({code.name}: {details})"
-    for request in requests:
-        if not request.done:
-            request.fail(Unavailable(message) if code in DOWN_CODES else client_error(code, message))
     if code in DOWN_CODES:
-        target.mark_down(f"{what}: {code.name} {details}")
+        target.mark_down(f"{what}: {code.name} {details}")  # first: a rescue must not pick this cell again
+    for request in requests:
+        if request.done:
+            continue
+        if code in DOWN_CODES and request.rescue is not None and request.rescue(request):
+            continue  # it goes on in another cell
+        request.fail(Unavailable(message) if code in DOWN_CODES else client_error(code, message))
 
 
 def target_refused(request: Request, error: common_pb2.SeqError) -> None:

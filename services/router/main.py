@@ -26,6 +26,7 @@ from minedraft.serving.security import (
 from minedraft.serving.telemetry import client_interceptors, setup_tracing
 from services.router.admission import Admission
 from services.router.backends import Backend
+from services.router.cells import Cells
 from services.router.leases import CallMetadata, keep_leases, new_owner_id, owner_metadata
 from services.router.modes import MODES
 from services.router.monitor import MonitorServicer
@@ -45,6 +46,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="auto", choices=MODES)
     parser.add_argument("--target-addr", default="127.0.0.1:50062")
     parser.add_argument("--draft-addr", default="127.0.0.1:50061")
+    parser.add_argument("--cell", action="append", default=[], metavar="DRAFT_ADDR,TARGET_ADDR",
+                        help="a draft/target pair (repeat for several; ',TARGET_ADDR' for one without a draft); "
+                             "new requests go to the cell they would wait least in, and move to another cell if "
+                             "theirs loses its target (default: one cell, --draft-addr and --target-addr)")
     parser.add_argument("--tokenizer", required=True, help="the target model (preset, .gguf or folder)")
     parser.add_argument("--draft-tokenizer", default=None, help="the draft model, to check the tokenizers match")
     parser.add_argument("--k", type=int, default=4, help="draft tokens per round (auto: the calibration's k)")
@@ -107,8 +112,8 @@ async def serve(args: argparse.Namespace) -> None:
                        credentials=server_credentials(args),
                        tokens=[key for key in (api_key, admin_key) if key] if api_key else None)
 
-    def on_target_change(up: bool) -> None:  # the router is only as healthy as its target
-        asyncio.get_running_loop().create_task(host.set_serving(up))
+    def on_target_change(up: bool) -> None:  # the router serves while one of its cells' targets does
+        asyncio.get_running_loop().create_task(host.set_serving(cells.target_up))
 
     owner, credentials = new_owner_id(), backend_credentials(args)
     metadata = [owner_metadata(owner), *([bearer(internal_token)] if internal_token else [])]
@@ -120,37 +125,56 @@ async def serve(args: argparse.Namespace) -> None:
                                            interceptors=interceptors)
         return grpc.aio.insecure_channel(address, options=BACKEND_CHANNEL_OPTIONS, interceptors=interceptors)
 
-    target = Backend("target", channel(args.target_addr), target_pb2_grpc.TargetStub, on_change=on_target_change)
-    draft = Backend("draft", channel(args.draft_addr), draft_pb2_grpc.DraftStub) if args.mode != "ar" else None
-    scheduler = Scheduler(target, draft, mode=args.mode, k=args.k, max_batch=args.max_batch,
-                          draft_timeout_s=args.draft_timeout, k_max=args.k_max,
-                          draft_prefill_tokens=args.draft_prefill_tokens, share_cores=args.share_cores,
-                          target_timeout_s=args.target_timeout, max_lane_tokens=args.max_lane_tokens,
-                          tetris_extra=args.tetris_extra)
+    def cell(index: int, draft_addr: str, target_addr: str) -> Scheduler:
+        suffix = f"-{index}" if index else ""  # cell 0 keeps the plain names (metrics, logs)
+        target = Backend(f"target{suffix}", channel(target_addr), target_pb2_grpc.TargetStub,
+                         on_change=on_target_change)
+        mode = args.mode if draft_addr else "ar"  # a cell without a draft decodes target-only
+        draft = Backend(f"draft{suffix}", channel(draft_addr), draft_pb2_grpc.DraftStub) if mode != "ar" else None
+        return Scheduler(target, draft, mode=mode, k=args.k, max_batch=args.max_batch,
+                         draft_timeout_s=args.draft_timeout, k_max=args.k_max,
+                         draft_prefill_tokens=args.draft_prefill_tokens, share_cores=args.share_cores,
+                         target_timeout_s=args.target_timeout, max_lane_tokens=args.max_lane_tokens,
+                         tetris_extra=args.tetris_extra)
+
+    pairs = [parse_cell(spec) for spec in args.cell] or [(args.draft_addr, args.target_addr)]
+    cells = Cells([cell(i, draft_addr, target_addr) for i, (draft_addr, target_addr) in enumerate(pairs)])
+    scheduler = cells.first
     lanes = len(scheduler.lanes)
-    admission = Admission(max_sequences=lanes * args.max_batch + args.max_queue, rate_per_s=args.rate_limit)
+    admission = Admission(max_sequences=len(cells) * lanes * args.max_batch + args.max_queue,
+                          rate_per_s=args.rate_limit)
     info = generate_pb2.ModelInfo(target_model=args.tokenizer, draft_model=args.draft_tokenizer or "",
                                   tokenizer=args.tokenizer, vocab_size=config.vocab_size,
                                   eos_token_ids=sorted(eos_ids_of(tokenizer, config)))
-    servicer = GenerationServicer(scheduler, tokenizer, info,
+    servicer = GenerationServicer(cells, tokenizer, info,
                                   max_context=min(getattr(config, "max_position_embeddings", 4096),
                                                   args.max_context or 1 << 30),
                                   admission=admission, default_max_tokens=args.default_max_tokens,
                                   control_tokens=args.control_tokens == "allow")
     add_generation_servicer(servicer, host.server)
-    monitor = MonitorServicer(scheduler, admin_key=admin_key, open_clear=not (api_key or admin_key))
+    monitor = MonitorServicer(cells, admin_key=admin_key, open_clear=not (api_key or admin_key))
     monitor_pb2_grpc.add_RouterMonitorServicer_to_server(monitor, host.server)
 
     async def ready() -> None:
-        await asyncio.gather(*(b.wait_serving() for b in (target, draft) if b is not None))
-        held = await target.stub.Renew(common_pb2.RenewRequest(), timeout=10)
-        if held.max_context and held.max_context < servicer.max_context:  # what the target's cache holds
-            servicer.max_context = held.max_context
-        await scheduler.calibrate()
-        scheduler.start()
-        host.background.append(asyncio.create_task(keep_leases(scheduler), name="keep-leases"))
-        log.info("router %s ready: mode %s, k %d, %d lane(s) of up to %d, context %d", owner, args.mode, args.k,
-                 lanes, args.max_batch, servicer.max_context)
+        for each in cells.schedulers:
+            await asyncio.gather(*(b.wait_serving() for b in (each.target, each.draft) if b is not None))
+            held = await each.target.stub.Renew(common_pb2.RenewRequest(), timeout=10)
+            if held.max_context and held.max_context < servicer.max_context:  # what the target's cache holds
+                servicer.max_context = held.max_context
+            await each.calibrate()
+            each.start()
+            host.background.append(asyncio.create_task(keep_leases(each), name=f"keep-leases-{each.target.name}"))
+        log.info("router %s ready: mode %s, k %d, %d cell(s) of %d lane(s) of up to %d, context %d", owner,
+                 args.mode, args.k, len(cells), lanes, args.max_batch, servicer.max_context)
 
     await host.run(ready, grace_s=args.drain_timeout)
-    await scheduler.stop()
+    for each in cells.schedulers:
+        await each.stop()
+
+
+def parse_cell(spec: str) -> tuple[str, str]:
+    """`DRAFT_ADDR,TARGET_ADDR`, or `,TARGET_ADDR` for a cell without a draft."""
+    draft_addr, comma, target_addr = spec.partition(",")
+    if not comma or not target_addr:
+        raise SystemExit(f"--cell {spec!r}: give DRAFT_ADDR,TARGET_ADDR (or ,TARGET_ADDR without a draft)")
+    return draft_addr, target_addr

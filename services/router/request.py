@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry.trace import INVALID_SPAN, Span
@@ -27,6 +27,9 @@ class Request:
     same_prompt_as: str = ""  # the first sample's seq_id: prefilled in one call, this one copies its cache
     stop_ids: frozenset[int] = frozenset()  # end the output (finish reason stop)
     ignore_eos: bool = False
+    cell: int = 0  # which draft/target pair serves it (cells.py)
+    moves: int = 0  # how often it moved to another cell after losing its target
+    rescue: Callable[[Request], bool] | None = None  # takes it to another cell when its target is lost
     generated: list[int] = field(default_factory=list)
     speculate: bool = True  # False: decoded by the target alone
     draft_len: int = 0  # tokens of prompt + generated that the draft service holds, verified

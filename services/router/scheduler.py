@@ -191,14 +191,14 @@ class Scheduler:
             await self._prefill_batch(lane, joining)
 
     async def _prefill_batch(self, lane: Lane, joining: list[Request]) -> None:
-        tokens = sum(len(r.prompt_ids) for r in joining)
+        tokens = sum(len(r.tokens) for r in joining)  # a request moved from another cell brings its output
         # On separate devices the draft caches the prompts while the target runs them. On cores the two share,
         # the target runs them alone, with every core (prefill is compute-bound: half the cores, twice the wait
         # for the first token), and the draft catches up at the lane's next propose (stale, below).
         at_once = self.speculating and self.round_k and not self.share_cores
         with_draft = [r for r in joining if r.speculate] if at_once else []
         threads = self.threads_for(shared=bool(with_draft) or overlapped(self.lanes, self.plan.lanes, lane))
-        prompts = [(r.seq_id, r.prompt_ids, r.sampling_proto()) for r in joining]
+        prompts = [(r.seq_id, r.tokens, r.sampling_proto()) for r in joining]
         allowance = tokens * PREFILL_S_PER_TOKEN
         shared_prompts = messages.shared_prompts(joining)
         calls = [self._target_prefill(messages.target_prefill(prompts, threads, shared_prompts), allowance)]

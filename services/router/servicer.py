@@ -18,9 +18,9 @@ from minedraft.errors import InvalidArgument, ServiceError, Unavailable
 from minedraft.protos import generate_pb2
 from minedraft.serving.telemetry import tracer
 from services.router.admission import Admission
+from services.router.cells import Cells
 from services.router.prompts import PromptEncoder
 from services.router.request import Request
-from services.router.scheduler import Scheduler
 from services.router.text_stream import TextStream
 from services.router.validation import MAX_N, MAX_SEED, Malformed, check_request, parse_request
 
@@ -28,11 +28,11 @@ log = logging.getLogger(__name__)
 
 
 class GenerationServicer:
-    def __init__(self, scheduler: Scheduler, tokenizer: PreTrainedTokenizerBase, info: generate_pb2.ModelInfo,
+    def __init__(self, cells: Cells, tokenizer: PreTrainedTokenizerBase, info: generate_pb2.ModelInfo,
                  max_context: int, admission: Admission, default_max_tokens: int = 256,
                  control_tokens: bool = False) -> None:
         """`info`: the models, tokenizer, vocabulary and EOS ids (the rest is filled in when asked)."""
-        self.scheduler = scheduler
+        self.cells = cells
         self.tokenizer = tokenizer
         self.prompts = PromptEncoder(tokenizer, control_tokens)
         self.info = info
@@ -45,9 +45,9 @@ class GenerationServicer:
                        context: grpc.aio.ServicerContext) -> AsyncIterator[generate_pb2.GenerateResponse]:
         try:
             jobs = await self._build(request)
-            if not self.scheduler.target_up:
-                raise Unavailable("the target service is down; the router is waiting for it to come back")
-            await self.admission.admit(self.scheduler.in_flight, len(jobs))
+            if not self.cells.target_up:
+                raise Unavailable("every target service is down; the router is waiting for one to come back")
+            await self.admission.admit(self.cells.in_flight, len(jobs))
         except ServiceError as error:
             await context.abort(error.code, str(error))
         for job in jobs:
@@ -55,7 +55,7 @@ class GenerationServicer:
                 "minedraft.prompt_tokens": len(job.prompt_ids), "minedraft.max_tokens": job.max_tokens,
                 "minedraft.temperature": job.sampling.temperature, "minedraft.speculate": job.speculate,
                 "minedraft.sample": job.index})
-            await self.scheduler.submit(job)
+            await self.cells.submit(job)
         events, finals = jobs[0].events, 0
         try:
             while finals < len(jobs):
@@ -68,7 +68,7 @@ class GenerationServicer:
             for job in jobs:
                 if job.finish_reason is None:  # the client went away or its deadline passed: free it next round
                     job.cancelled = True
-                    self.scheduler.poke()
+                    self.cells.poke()
                 job.end_span()
                 metrics.REQUESTS.labels(job.finish_reason or "cancelled").inc()
                 metrics.GENERATED_TOKENS.inc(len(job.generated))
@@ -115,8 +115,8 @@ class GenerationServicer:
                            context: grpc.aio.ServicerContext) -> generate_pb2.ModelInfo:
         info = generate_pb2.ModelInfo()
         info.CopyFrom(self.info)
-        info.max_context, info.mode, info.k = self.max_context, self.scheduler.mode, self.scheduler.round_k
-        info.modes[:] = ["auto", "off"] if self.scheduler.draft is not None else ["off"]
+        info.max_context, info.mode, info.k = self.max_context, self.cells.first.mode, self.cells.first.round_k
+        info.modes[:] = ["auto", "off"] if self.cells.first.draft is not None else ["off"]
         info.max_n, info.max_logprobs = min(MAX_N, self.admission.max_sequences), MAX_LOGPROBS
         return info
 

@@ -1,0 +1,92 @@
+"""One router over two draft/target cells: load spreads, and requests outlive a cell's target (kill -9)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from minedraft.app.client import collect, make_request, stream
+from minedraft.app.launcher import Cluster, free_port
+from minedraft.protos import monitor_pb2, monitor_pb2_grpc
+from tests.conftest import cluster_args
+from tests.test_end_to_end import PROMPTS
+from tests.test_faults import wait_until
+
+LONG = 160  # tokens: long enough that kill -9 lands mid-stream
+
+
+def spawn(command: list[str], env: dict, port: int) -> subprocess.Popen:
+    """A copy of a cluster's service on another port (with the cluster's internal token, in env)."""
+    command = list(command)
+    command[command.index("--port") + 1] = str(port)
+    return subprocess.Popen(command, env=env)
+
+
+@pytest.fixture
+def two_cells(tiny_pair):
+    """Cluster A (draft, target, router), a second draft and target (cell B) with A's internal token, and a
+    router over both cells."""
+    with Cluster(cluster_args("psd", *tiny_pair, max_batch=4)) as cluster:
+        cluster.wait_ready(timeout_s=120)
+        env = cluster.env_for("router")
+        draft_b, target_b, router_port = free_port(), free_port(), free_port()
+        procs = {"draft_b": spawn(cluster.commands["draft"], env, draft_b),
+                 "target_b": spawn(cluster.commands["target"], env, target_b)}
+        router = list(cluster.commands["router"])
+        router[router.index("--port") + 1] = str(router_port)
+        router += ["--cell", f"{cluster.draft_address},{cluster.target_address}",
+                   "--cell", f"127.0.0.1:{draft_b},127.0.0.1:{target_b}"]
+        procs["router"] = subprocess.Popen(router, env=env)
+        address = f"127.0.0.1:{router_port}"
+        try:
+            wait_until(lambda: cell_rounds(address, 1) is not None, 120, "the two-cell router to serve")
+            yield cluster, address, procs
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+
+
+def cell_rounds(address: str, cell: int) -> int | None:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stats = monitor_pb2_grpc.RouterMonitorStub(channel).GetStats(monitor_pb2.StatsRequest(cell=cell),
+                                                                          timeout=5)
+    except grpc.RpcError:
+        return None
+    return sum(lane.rounds for lane in stats.lanes)
+
+
+def run(address: str, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    def one(prompt: str) -> list[int]:
+        with grpc.insecure_channel(address) as channel:
+            return collect(stream(channel, make_request(prompt=prompt, max_tokens=max_tokens), timeout=120)).token_ids
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
+
+
+def test_load_spreads_and_requests_survive_a_lost_target(two_cells) -> None:
+    cluster, address, procs = two_cells
+    expected = run(cluster.address, PROMPTS, 24)  # one cell: the reference
+    assert run(address, PROMPTS, 24) == expected
+    assert cell_rounds(address, 0) > 0 and cell_rounds(address, 1) > 0, "both cells must have served"
+
+    reference = run(cluster.address, PROMPTS[:6], LONG)
+    served = cell_rounds(address, 1)
+    with ThreadPoolExecutor(1) as pool:
+        survivors = pool.submit(run, address, PROMPTS[:6], LONG)
+        wait_until(lambda: (cell_rounds(address, 1) or 0) > served + 20, 60, "cell B to be mid-stream")
+        os.kill(procs["target_b"].pid, signal.SIGKILL)
+        assert survivors.result(timeout=300) == reference  # no error, and the same tokens
+    with grpc.insecure_channel(address) as channel:  # cell A alone serves new requests
+        assert collect(stream(channel, make_request(prompt=PROMPTS[0], max_tokens=24))).token_ids == expected[0]
+        os.kill(cluster.procs["target"].pid, signal.SIGKILL)  # no cell left: UNAVAILABLE, not a hang
+        with pytest.raises(grpc.RpcError) as failure:
+            collect(stream(channel, make_request(prompt=PROMPTS[1], max_tokens=24), timeout=60))
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
