@@ -89,9 +89,6 @@ class SequenceTable:
         if taken >= free_slots:
             raise ResourceExhausted("KV cache full; retry when others finish")
 
-    def release_expired(self) -> int:
-        return self.release(self.expired())
-
     @staticmethod
     def check_batch(seq_ids: list[str]) -> None:
         """What fails a whole call: an empty batch or an id twice (no sequence could be told apart)."""

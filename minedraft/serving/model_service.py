@@ -12,6 +12,7 @@ from collections.abc import Callable
 import grpc
 import torch
 
+from minedraft.engine import tensor_parallel
 from minedraft.engine.model_runner import DTYPES, ModelRunner
 from minedraft.engine.precision import QUANTS
 from minedraft.engine.sequence_table import DEFAULT_LEASE_S
@@ -74,6 +75,24 @@ def parse_cores(spec: str) -> set[int]:
     return cores
 
 
+def runner_loader(args: argparse.Namespace, model_path: str) -> Callable[[], ModelRunner]:
+    """Loads the model as the arguments say: whole, or (under torchrun) this rank's tensor-parallel shard."""
+    if tensor_parallel.world_size() > 1:
+        return functools.partial(tensor_parallel.load_sharded, model_path, args.device, args.dtype, args.kv)
+    return functools.partial(ModelRunner.load, model_path, args.device, args.dtype, cpu_linear=args.cpu_linear,
+                             quant=args.quant, kv=args.kv, max_seqs=args.max_seqs, max_context=args.max_context,
+                             cuda_graphs=args.cuda_graphs, kv_memory_fraction=args.kv_memory_fraction)
+
+
+def follow_rank_zero(args: argparse.Namespace, build_engine: Callable[[ModelRunner], object]) -> None:
+    """A tensor-parallel rank other than 0: its shard, and rank 0's engine calls, until rank 0 stops."""
+    if args.cpu_cores:
+        os.sched_setaffinity(0, parse_cores(args.cpu_cores))
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    engine = build_engine(runner_loader(args, str(resolve_model(args.model)))())
+    tensor_parallel.follow(engine)
+
+
 async def serve_model(args: argparse.Namespace, service_name: str, servicer: EngineServicer,
                       add_to_server: Callable[[object, grpc.aio.Server], None],
                       build_engine: Callable[[ModelRunner], object]) -> None:
@@ -91,11 +110,10 @@ async def serve_model(args: argparse.Namespace, service_name: str, servicer: Eng
 
     async def load_and_warm() -> None:
         model_path = args.model if is_random(args.model) else str(resolve_model(args.model))
-        load = functools.partial(ModelRunner.load, model_path, args.device, args.dtype, cpu_linear=args.cpu_linear,
-                                 quant=args.quant, kv=args.kv, max_seqs=args.max_seqs, max_context=args.max_context,
-                                 cuda_graphs=args.cuda_graphs, kv_memory_fraction=args.kv_memory_fraction)
+        load = runner_loader(args, model_path)
         runner, _, load_ms, _ = await servicer.worker.run(load)
-        engine = build_engine(runner)
+        engine = build_engine(runner) if tensor_parallel.world_size() == 1 else tensor_parallel.Mirror(
+            build_engine(runner))
         await servicer.worker.run(engine.warm_up)
         servicer.engine = engine
         reaper = asyncio.create_task(servicer.reap_expired(), name="reap-expired")

@@ -103,6 +103,7 @@ class EngineServicer:
         while True:
             await asyncio.sleep(max(0.1, self.engine.table.lease_s / 4))
             if self.engine.table.expired():  # dropped on the device thread, which owns the cache
-                released, *_ = await self.worker.run(self.engine.table.release_expired)
+                # Through the engine's release: a tensor-parallel engine sends it to every rank.
+                released, *_ = await self.worker.run(lambda: self.engine.release(self.engine.table.expired()))
                 log.warning("dropped %d sequences whose lease expired", released)
                 metrics.SEQUENCES_HELD.set(len(self.engine.table))
