@@ -25,8 +25,8 @@ def test_paper_table_runs_every_mode_at_fixed_length(tiny_pair, tmp_path) -> Non
                  "--draft-model", str(draft), "--out", str(out)]) == 0
     results = json.loads((out / "k2" / "results.json").read_text())
     modes = results["runs"]["2"]["modes"]
-    for mode, held in (("sd", 2), ("psd", 2), ("tetris", 2), ("psd2c", 4), ("tetris2c", 4), ("auto", 2)):
+    for mode, held in (("ar", 2), ("sd", 2), ("psd", 2), ("tetris", 2), ("psd2c", 4), ("tetris2c", 4), ("auto", 2)):
         assert modes[mode]["errors"] == 0 and modes[mode]["generated_tokens"] == 6 * held, mode  # --ignore-eos
     assert results["settings"]["workload"] == "sharegpt" and results["settings"]["ignore_eos"]
     table = (out / "paper-table.md").read_text()
-    assert "| 2 | 2 |" in table and "tetris2c" in table
+    assert "| 2 | 2 |" in table and "| ar | psd | tetris | psd2c | tetris2c | auto |" in table

@@ -29,7 +29,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="every request generates exactly --max-tokens tokens (the seed paper's fixed lengths)")
     parser.add_argument("--tetris-extra", type=int, default=3, help="extra drafts per sequence in the tetris modes")
     parser.add_argument("--paper-table", action="store_true",
-                        help="the seed paper's table: sd, psd, tetris, psd2c, tetris2c and auto over k in {2, 4} "
+                        help="the seed paper's table: ar, sd, psd, tetris, psd2c, tetris2c and auto over k in {2, 4} "
                              "and lane sizes {4, 8, 16}, ShareGPT, fixed output length (paper_table.py)")
     parser.add_argument("--paper-k", default="2,4", help="--paper-table: the k values")
     parser.add_argument("--paper-lanes", default="4,8,16", help="--paper-table: the concurrencies (sd's lane size)")

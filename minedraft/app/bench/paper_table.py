@@ -1,9 +1,9 @@
 """`minedraft bench --paper-table`: the MineDraft paper's table, in shape, on this machine.
 
-ShareGPT chats with fixed output lengths (--ignore-eos), sd, psd, tetris (psd with TETRIS selection), psd2c,
-tetris2c (the same holding 2C requests: the paper's convention) and auto, at each k and concurrency C (sd's
-lane size). Each k is one ordinary bench run (its own results.json and report.md under OUT/k<k>); the table
-puts every mode's throughput and end-to-end latency beside sd's at the same C."""
+ShareGPT chats with fixed output lengths (--ignore-eos): ar (target-only), sd, psd, tetris (psd with TETRIS
+selection), psd2c, tetris2c (the same holding 2C requests: the paper's convention) and auto, at each k and
+concurrency C (sd's lane size). Each k is one ordinary bench run (its own results.json and report.md under
+OUT/k<k>); the table puts every mode's throughput and end-to-end latency beside sd's at the same C."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-MODES = ("sd", "psd", "tetris", "psd2c", "tetris2c", "auto")
+MODES = ("ar", "sd", "psd", "tetris", "psd2c", "tetris2c", "auto")  # ar: target-only, the plain baseline
 COLUMNS = [m for m in MODES if m != "sd"]
 
 
