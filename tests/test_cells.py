@@ -71,19 +71,23 @@ def run(address: str, prompts: list[str], max_tokens: int) -> list[list[int]]:
         return list(pool.map(one, prompts))
 
 
-def test_load_spreads_and_requests_survive_a_lost_target(two_cells) -> None:
+def test_load_spreads_and_requests_survive_a_lost_draft_and_target(two_cells) -> None:
     cluster, address, procs = two_cells
     expected = run(cluster.address, PROMPTS, 24)  # one cell: the reference
     assert run(address, PROMPTS, 24) == expected
     assert cell_rounds(address, 0) > 0 and cell_rounds(address, 1) > 0, "both cells must have served"
 
-    reference = run(cluster.address, PROMPTS[:6], LONG)
+    os.kill(procs["draft_b"].pid, signal.SIGKILL)  # cell B decodes target-only from now on
+    assert run(address, PROMPTS, 24) == expected
+
+    streams = PROMPTS + PROMPTS[:6]  # 16 streams over the two cells
+    reference = run(cluster.address, streams, LONG)
     served = cell_rounds(address, 1)
     with ThreadPoolExecutor(1) as pool:
-        survivors = pool.submit(run, address, PROMPTS[:6], LONG)
+        survivors = pool.submit(run, address, streams, LONG)
         wait_until(lambda: (cell_rounds(address, 1) or 0) > served + 20, 60, "cell B to be mid-stream")
         os.kill(procs["target_b"].pid, signal.SIGKILL)
-        assert survivors.result(timeout=300) == reference  # no error, and the same tokens
+        assert survivors.result(timeout=300) == reference  # every stream completes, with the same tokens
     with grpc.insecure_channel(address) as channel:  # cell A alone serves new requests
         assert collect(stream(channel, make_request(prompt=PROMPTS[0], max_tokens=24))).token_ids == expected[0]
         os.kill(cluster.procs["target"].pid, signal.SIGKILL)  # no cell left: UNAVAILABLE, not a hang

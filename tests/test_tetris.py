@@ -7,16 +7,9 @@ import math
 import pytest
 import torch
 
+from minedraft.engine import sampling as sampler
 from minedraft.engine.model_runner import ModelRunner
-from minedraft.engine.sampling import (
-    DRAFT_STREAM,
-    TARGET_STREAM,
-    Sampling,
-    make_generator,
-    sample_truncated,
-    verify_sampled,
-    warp,
-)
+from minedraft.engine.sampling import Sampling
 from minedraft.protos import common_pb2
 from services.draft.engine import DraftEngine
 from services.router.tetris import position_scores, select
@@ -62,11 +55,12 @@ def first_token_distance(lossless: bool, trials: int = 12000) -> float:
     target = torch.randn(3, 8, dtype=torch.float64) * 1.5
     drafts = {"a": target[:2] + torch.randn(2, 8, dtype=torch.float64) * 1.5,
               "b": torch.randn(2, 8, dtype=torch.float64) * 3}
-    p = warp(target, sampling)
-    draft_gen, target_gen = make_generator(5, DRAFT_STREAM), make_generator(5, TARGET_STREAM)
+    p = sampler.warp(target, sampling)
+    draft_gen = sampler.make_generator(5, sampler.DRAFT_STREAM)
+    target_gen = sampler.make_generator(5, sampler.TARGET_STREAM)
     counts = torch.zeros(8)
     for _ in range(trials):
-        drawn = {s: [sample_truncated(logits[i], sampling, 8, draft_gen) for i in range(2)]
+        drawn = {s: [sampler.sample_truncated(logits[i], sampling, 8, draft_gen) for i in range(2)]
                  for s, logits in drafts.items()}
         proposals = {s: [common_pb2.DraftToken(token_id=t, logprob=math.log(q[ids.index(t)]),
                                                q=common_pb2.SparseDist(token_ids=ids, probs=q)) for t, ids, q in d]
@@ -77,7 +71,7 @@ def first_token_distance(lossless: bool, trials: int = 12000) -> float:
             scores = {s: list(torch.tensor([t.logprob for t in tokens]).cumsum(0).tolist())
                       for s, tokens in proposals.items()}
         kept = select(proposals, scores, capacity=2)["a"]
-        accepted, nxt = verify_sampled(p, [t.token_id for t in kept],
+        accepted, nxt = sampler.verify_sampled(p, [t.token_id for t in kept],
                                        [(list(t.q.token_ids), list(t.q.probs)) for t in kept], target_gen)
         counts[kept[0].token_id if accepted else nxt] += 1
     return total_variation(counts, p[0])

@@ -39,7 +39,8 @@ def load_sharded(path: str, device: str, dtype: str, kv: str) -> ModelRunner:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[resolve_dtype(dtype, device)],
                                                  tp_plan="auto").eval()
     log.info("rank %d of %d: %s sharded (%s)", dist.get_rank(), dist.get_world_size(), path, dist.get_backend())
-    return ModelRunner(model, torch.device(device))
+    local = os.environ.get("LOCAL_RANK", "0")
+    return ModelRunner(model, torch.device("cpu" if device == "cpu" else f"cuda:{local}"))  # each rank its own GPU
 
 
 class Mirror:
