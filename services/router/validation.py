@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from minedraft.engine.sampling import MIN_TEMPERATURE, Sampling
-from minedraft.engine.sequence_table import MAX_LOGPROBS, MAX_REPETITION_PENALTY
+from minedraft.engine.sequence_table import check_sampling
 from minedraft.errors import InvalidArgument
 from minedraft.protos import common_pb2, generate_pb2
 
@@ -104,27 +104,10 @@ def _check_sampling(sampling: common_pb2.SamplingParams) -> Sampling:
     if not math.isfinite(temperature) or temperature < 0 or temperature > MAX_TEMPERATURE or \
             0 < temperature < MIN_TEMPERATURE:
         raise InvalidArgument(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
-    top_p = sampling.top_p if sampling.HasField("top_p") else 1.0
-    if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
-        raise InvalidArgument("top_p must be in (0, 1]")
-    if sampling.top_k < 0:
-        raise InvalidArgument("top_k must be 0 (off) or positive")
-    min_p = sampling.min_p if sampling.HasField("min_p") else 0.0
-    if not 0.0 <= min_p <= 1.0:
-        raise InvalidArgument("min_p must be in [0, 1]")
-    repetition = sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0
-    if not 1 / MAX_REPETITION_PENALTY <= repetition <= MAX_REPETITION_PENALTY:
-        raise InvalidArgument(f"repetition_penalty must be in [{1 / MAX_REPETITION_PENALTY:g}, "
-                              f"{MAX_REPETITION_PENALTY:g}]")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if not -2.0 <= getattr(sampling, name) <= 2.0:
-            raise InvalidArgument(f"{name} must be in [-2, 2]")
-    logprobs = sampling.logprobs if sampling.HasField("logprobs") else -1
-    if logprobs > MAX_LOGPROBS:
-        raise InvalidArgument(f"logprobs: at most {MAX_LOGPROBS} top alternatives")
-    return Sampling(temperature=temperature, top_p=top_p, top_k=sampling.top_k, min_p=min_p,
-                    repetition_penalty=repetition, frequency_penalty=sampling.frequency_penalty,
-                    presence_penalty=sampling.presence_penalty, min_tokens=sampling.min_tokens, logprobs=logprobs)
+    # Every other bound is the services' own (sequence_table.check_sampling): one set of checks, one wording.
+    checked = Sampling.from_proto(sampling)
+    check_sampling(checked)
+    return replace(checked, seed=0, held_tokens=(), prompt_len=0)  # the router sets these itself
 
 
 def _check_chat(chat: generate_pb2.Chat) -> list[dict]:
