@@ -35,7 +35,7 @@ async def generate(cluster, tokenizer, mode: str, prompt_ids: list[list[int]], m
         requests = [Request(seq_id=f"{mode}-{i}", prompt_ids=ids, sampling=Sampling(), max_tokens=max_tokens,
                             text=TextStream(tokenizer, []), eos_ids=frozenset()) for i, ids in enumerate(prompt_ids)]
         for request in requests:  # staggered, so requests join lanes mid-flight
-            await scheduler.submit(request)
+            scheduler.submit(request)
             await asyncio.sleep(0.02)
         while not all(r.done for r in requests):
             await asyncio.sleep(0.02)

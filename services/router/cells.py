@@ -59,12 +59,12 @@ class Cells:
         up = [i for i, s in enumerate(self.schedulers) if s.target_up and i != avoid]
         return min(up, key=lambda i: (self.predicted_wait(self.schedulers[i]), i), default=None)
 
-    async def submit(self, request: Request) -> None:
+    def submit(self, request: Request) -> None:
         cell = self.pick()
         request.cell = cell if cell is not None else 0
         request.rescue = self.rescue
         request.span.set_attribute("minedraft.cell", request.cell)
-        await self.schedulers[request.cell].submit(request)
+        self.schedulers[request.cell].submit(request)
 
     def rescue(self, request: Request) -> bool:
         """Moves a request whose cell's target went down to another cell; False when no other is up."""
@@ -72,12 +72,7 @@ class Cells:
         if cell is None:
             return False
         old = self.schedulers[request.cell]
-        for lane in old.lanes:
-            for held in (lane.active, lane.incoming):
-                if request in held:
-                    held.remove(request)
-        if request in old.waiting:
-            old.waiting.remove(request)
+        old.withdraw(request)
         left_behind = dataclasses.replace(request)  # its old id, released there once that target is back
         task = asyncio.get_running_loop().create_task(old.releaser.release([left_behind]))
         self._releases.add(task)
@@ -89,6 +84,5 @@ class Cells:
         request.cell, request.moves = cell, request.moves + 1
         request.span.set_attribute("minedraft.cell", cell)
         request.span.add_event("moved", {"minedraft.cell": cell, "minedraft.tokens": len(request.generated)})
-        self.schedulers[cell].waiting.append(request)
-        self.schedulers[cell].poke()
+        self.schedulers[cell].submit(request)
         return True

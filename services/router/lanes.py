@@ -34,6 +34,11 @@ class Lane:
     def live(self) -> list[Request]:
         return [r for r in (*self.active, *self.incoming) if not r.done]
 
+    def discard(self, request: Request) -> None:
+        for held in (self.active, self.incoming):
+            if request in held:
+                held.remove(request)
+
     def tokens_reserved(self) -> int:
         return sum(r.reserved_tokens for r in self.active)
 

@@ -89,10 +89,17 @@ class Scheduler:
     def speculating(self) -> bool:
         return self.mode != "ar" and self.draft is not None and self.draft.up
 
-    async def submit(self, request: Request) -> None:
+    def submit(self, request: Request) -> None:
         """Queues a request; it joins the smaller lane at that lane's next round boundary."""
         self.waiting.append(request)
         self._work.set()
+
+    def withdraw(self, request: Request) -> None:
+        """Takes a request out of this cell, wherever it is (it goes on in another cell)."""
+        for lane in self.lanes:
+            lane.discard(request)
+        if request in self.waiting:
+            self.waiting.remove(request)
 
     def poke(self) -> None:
         self._work.set()

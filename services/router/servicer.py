@@ -55,7 +55,7 @@ class GenerationServicer:
                 "minedraft.prompt_tokens": len(job.prompt_ids), "minedraft.max_tokens": job.max_tokens,
                 "minedraft.temperature": job.sampling.temperature, "minedraft.speculate": job.speculate,
                 "minedraft.sample": job.index})
-            await self.cells.submit(job)
+            self.cells.submit(job)
         events, finals = jobs[0].events, 0
         try:
             while finals < len(jobs):
