@@ -192,4 +192,23 @@ def test_the_drafts_prefill_of_new_prompts_counts_against_speculating() -> None:
 
 def test_a_draft_back_before_acceptance_is_known_resumes_speculating() -> None:
     fresh = StageModel(alone=model(lambda b: 5.0, lambda b, k: 50.0, alpha=0.8).alone)
-    assert next_plan(fresh, Plan(1, 0, 0.0), sequences=4, k_max=8, resume_k=4) == Plan(1, 4, 0.0)
+    resumed = next_plan(fresh, Plan(1, 0, 0.0), sequences=4, k_max=8, resume_k=4)
+    assert (resumed.lanes, resumed.k) == (1, 4)
+
+
+def test_before_acceptance_is_measured_plain_decoding_starts_only_on_a_clear_predicted_gain() -> None:
+    """At high load auto must not spend its first rounds finding out that drafting does not pay, but on the prior
+    alone it drops only for a clear margin, and once dropped it does not bounce back at the same load."""
+    def fresh(draft_step, verify) -> StageModel:
+        costs = model(draft_step, verify, alpha=0.7, verified_k=(0, 4))
+        return StageModel(alone=costs.alone, shared=costs.shared)
+
+    cheap_decode = fresh(lambda b: 25.0 + 2 * b, lambda b, k: 50.0 + 2 * b + 12.0 * k * b)
+    assert cheap_decode.rounds == 0
+    assert next_plan(cheap_decode, Plan(2, 4, 0.0), sequences=16, k_max=8, resume_k=4) == Plan(1, 0, pytest.approx(
+        predicted_rate(cheap_decode, 16, 1, 0)))
+    assert next_plan(cheap_decode, Plan(1, 0, 0.0), sequences=16, k_max=8, resume_k=4).k == 0, "no bounce"
+    close = fresh(lambda b: 10.0 + b, lambda b, k: 50.0 + 4 * b + 2.0 * k * b)
+    rates = [predicted_rate(close, 16, 1, k) for k in (0, 4)]
+    assert rates[1] < rates[0] < 1.2 * rates[1], "premise: target-only ahead, but by less than the margin"
+    assert next_plan(close, Plan(1, 4, 0.0), sequences=16, k_max=8, resume_k=4).k == 4

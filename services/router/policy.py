@@ -16,9 +16,10 @@ MAX_POSITIONS = 32
 MIN_POSITION_SAMPLES = 8
 RESUME_GAIN = 1.25  # predicted gain that takes target-only decoding back to speculating
 MIN_ROUNDS_TO_REPLAN = 64  # sequence rounds of measured acceptance before the plan leaves its start
-# ... and before it may drop to target-only: whether drafting pays at all shows sooner than which k is best
-# (the draft's prefill of the first prompts, spread over these rounds, weighs against speculating early on)
+# ... and before a jump to or from target-only is judged on measured acceptance (jump_gain): whether drafting
+# pays at all shows sooner than which k is best
 MIN_ROUNDS_TO_JUMP = 16
+PRIOR_DROP_GAIN = 1.2  # predicted on the prior alone, target-only must beat speculating by this to start it
 
 
 @dataclass
@@ -239,7 +240,8 @@ def next_plan(model: StageModel, current: Plan, sequences: int, k_max: int, swit
 
     Two moves are too far for k steps and are judged like a layout switch: to target-only decoding (k = 0,
     one lane) when drafting no longer pays — with a cheap batched decode and a costly draft, plain decoding
-    wins at high load — and from it back to speculating at `resume_k`."""
+    wins at high load — and from it back to speculating at `resume_k`; jump_gain says by how much, before
+    acceptance is measured too (at C = 16 here, 16 rounds at the start plan cost auto a fifth of ar's rate)."""
     if sequences <= 0 or not model.known:
         return current
     kept = Plan(current.lanes, current.k, predicted_rate(model, sequences, current.lanes, current.k))
@@ -248,14 +250,10 @@ def next_plan(model: StageModel, current: Plan, sequences: int, k_max: int, swit
     steps = range(max(1, current.k - 1), min(k_max, current.k + 1) + 1) if measured and current.k \
         else range(current.k, current.k + 1)
     far = 0 if current.k else resume_k  # target-only, or back to speculating
-    if current.k == 0 and model.rounds < MIN_ROUNDS_TO_JUMP:  # the draft was down before acceptance was known
-        return Plan(current.lanes, resume_k, 0.0)
-    if far != current.k and model.rounds >= MIN_ROUNDS_TO_JUMP:
+    if far != current.k:
         jump = best_plan(model, sequences, k_max, layouts=(1,) if far == 0 else (1, 2), ks=range(far, far + 1))
         nearby = best_plan(model, sequences, k_max, ks=steps)
-        # Resuming first re-sends every sequence's tokens to the draft, a cost the rate leaves out: ask more.
-        gain = switch_gain if far == 0 else RESUME_GAIN
-        if jump.tokens_per_s >= gain * max(kept.tokens_per_s, nearby.tokens_per_s):
+        if jump.tokens_per_s >= jump_gain(model, far, switch_gain) * max(kept.tokens_per_s, nearby.tokens_per_s):
             return jump
     if not measured:  # acceptance not yet measured: only the layout, at the start k, may move
         best = best_plan(model, sequences, k_max, ks=steps)
@@ -267,6 +265,19 @@ def next_plan(model: StageModel, current: Plan, sequences: int, k_max: int, swit
             return best
     same_layout = best_plan(model, sequences, k_max, layouts=(current.lanes,), ks=steps)
     return same_layout if same_layout.tokens_per_s >= k_gain * kept.tokens_per_s else kept
+
+
+def jump_gain(model: StageModel, to_k: int, switch_gain: float) -> float:
+    """The predicted gain that moves the plan to target-only decoding (to_k = 0) or back to speculating.
+
+    Measured: a switch's gain to drop; more to resume, since resuming first re-sends every sequence's tokens
+    to the draft, a cost the rate leaves out. Before acceptance is measured the rates rest on the prior
+    (α = 0.7, geometric), which undervalues bursty acceptance: dropping then asks a clear margin (at high load
+    plain decoding wins by far more, and every round spent finding that out costs), and resuming asks none
+    (the draft came back before acceptance was known: speculate to measure it, unless predicted to lose)."""
+    if model.rounds >= MIN_ROUNDS_TO_JUMP:
+        return switch_gain if to_k == 0 else RESUME_GAIN
+    return PRIOR_DROP_GAIN if to_k == 0 else 1.0
 
 
 def rebalance(sizes: list[int]) -> int:
