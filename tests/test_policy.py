@@ -186,7 +186,7 @@ def test_the_drafts_prefill_of_new_prompts_counts_against_speculating() -> None:
     stages = model(lambda b: 5.0 + b, lambda b, k: 40.0 + 4 * b + 2 * k * b, alpha=0.8, verified_k=(0, 4))
     assert best_plan(stages, 8, k_max=8).k > 0
     stages.observe_draft_prefill(200.0 * stages.draft_prefill_rounds)  # 200 ms of draft prefill a sequence round
-    assert stages.draft_prefill_per_round == pytest.approx(200.0, rel=0.01)
+    assert stages.draft_prefill_per_round == pytest.approx(200.0, rel=0.05)
     assert best_plan(stages, 8, k_max=8).k == 0
 
 
@@ -212,3 +212,13 @@ def test_before_acceptance_is_measured_plain_decoding_starts_only_on_a_clear_pre
     rates = [predicted_rate(close, 16, 1, k) for k in (0, 4)]
     assert rates[1] < rates[0] < 1.2 * rates[1], "premise: target-only ahead, but by less than the margin"
     assert next_plan(close, Plan(1, 4, 0.0), sequences=16, k_max=8, resume_k=4).k == 4
+
+
+def test_one_prompt_over_its_first_rounds_does_not_outweigh_drafting() -> None:
+    """A lone request's draft prefill, paid once, must not make its first rounds look too costly to speculate."""
+    costs = model(lambda b: 28.0, lambda b, k: 150.0 + 5.0 * k, alpha=0.7, verified_k=(0, 4))
+    fresh = StageModel(alone=costs.alone, shared=costs.shared)
+    fresh.observe_draft_prefill(600.0)
+    fresh.observe_round(4, 3)
+    fresh.observe_round(4, 2)
+    assert next_plan(fresh, Plan(1, 4, 0.0), sequences=1, k_max=8, resume_k=4).k == 4

@@ -155,8 +155,11 @@ class StageModel:
 
     @property
     def draft_prefill_per_round(self) -> float:
-        """ms of draft prefill each sequence round carries (new prompts cached on the draft)."""
-        return self.draft_prefill_ms / self.draft_prefill_rounds if self.draft_prefill_rounds >= 1 else 0.0
+        """ms of draft prefill each sequence round carries (new prompts cached on the draft), spread over at least
+        MIN_ROUNDS_TO_JUMP rounds: a prompt's prefill is paid once for all of its request's rounds, so over the
+        first few rounds alone it would make speculating look several times its cost (a lone warm-up request
+        dropped auto to target-only at C = 1)."""
+        return self.draft_prefill_ms / (self.draft_prefill_rounds + MIN_ROUNDS_TO_JUMP)
 
     def tokens_per_round(self, k: int) -> float:
         """Expected tokens one sequence gains from a round of k drafts: 1 + Σ P(first i accepted).
