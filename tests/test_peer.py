@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from minedraft.app.bench.metrics import summarise_mode
-from minedraft.app.bench.peer import parse_peers, run_peer
+from minedraft.app.bench.peer import SCRIPT, parse_peers, run_peer
 from minedraft.app.launcher import free_port
 
 CACHE = Path(os.environ.get("MINEDRAFT_CACHE", Path.home() / ".cache" / "minedraft"))
@@ -20,6 +20,11 @@ def test_peer_specs() -> None:
     assert parse_peers(["llamacpp", "vllm=http://127.0.0.1:8000"]) == {"llamacpp": "", "vllm": "http://127.0.0.1:8000"}
     with pytest.raises(SystemExit, match="NAME=URL"):
         parse_peers(["nonsense"])
+
+
+def test_the_bench_finds_the_peer_script() -> None:
+    """Checked without a llama.cpp build, so CI sees a wrong path (the build-gated test below skips there)."""
+    assert SCRIPT.is_file() and os.access(SCRIPT, os.X_OK)
 
 
 @pytest.mark.slow

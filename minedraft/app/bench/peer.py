@@ -20,7 +20,7 @@ from openai import APIError, AsyncOpenAI
 
 from minedraft.app.bench.metrics import RequestRecord
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "peer-llamacpp"
+SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "peer-llamacpp"
 BUILT_IN = {"llamacpp": [], "llamacpp-spec": ["--spec"]}
 SLOT_CONTEXT = 2048  # tokens per llama.cpp slot: a HumanEval prompt and its answer fit
 
