@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -149,6 +150,26 @@ def test_bad_requests_get_openai_errors_and_the_server_serves_on(front, body, st
         assert failure["param"] == param
     with urllib.request.urlopen(f"http://{front.http_address}/health", timeout=10) as health:
         assert health.status == 200
+
+
+def post_chunked(address: str, pieces: list[bytes]) -> tuple[int, dict]:
+    """A body sent in chunks, with no Content-Length to check up front."""
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        connection.request("POST", "/v1/completions", body=iter(pieces), headers={"content-type": "application/json"})
+        reply = connection.getresponse()
+        return reply.status, json.load(reply)
+    finally:
+        connection.close()
+
+
+def test_a_chunked_body_is_capped_as_it_arrives(front) -> None:
+    start, end = b'{"model": "target", "max_tokens": 4, "temperature": 0, "prompt": "', b'"}'
+    status, reply = post_chunked(front.http_address, [start, *[b"x" * (1 << 20)] * 9, end])
+    assert status == 413 and "over" in reply["error"]["message"], reply
+    status, reply = post_chunked(front.http_address, [start, PROMPT.encode(), end])  # under the cap: served whole
+    assert status == 200 and reply["choices"][0]["text"], reply
 
 
 def test_a_client_that_goes_away_frees_its_sequence(front) -> None:

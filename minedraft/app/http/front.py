@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from minedraft.app.http import replies
+from minedraft.app.http.body_limit import BodyLimit
 from minedraft.app.http.schema import ChatRequest, CompletionRequest, Unsupported
 from minedraft.protos import generate_pb2, generate_pb2_grpc
 from minedraft.serving.security import channel_credentials
@@ -63,16 +64,7 @@ def create_app(router: str, model_name: str, tls_ca: str | None = None, tls_cert
 
         FastAPIInstrumentor.instrument_app(app, excluded_urls="health")
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length") or "0"
-        if not length.isdigit():
-            return error(400, "Content-Length must be a number of bytes")
-        if int(length) > MAX_BODY_BYTES:
-            async for _ in request.stream():  # drained, never held, so the client reads the answer
-                pass
-            return error(413, f"the request body is over {MAX_BODY_BYTES} bytes")
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)  # chunked bodies too, not only Content-Length
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, failure: RequestValidationError) -> JSONResponse:
