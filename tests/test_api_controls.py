@@ -63,6 +63,12 @@ def test_token_controls(tiny_clusters) -> None:
     assert stopped.token_ids == plain.token_ids[:cut] and stopped.finish_reason == "stop"
     (held,) = generate(psd, stop_token_ids=[plain.token_ids[0]], min_tokens=3)
     assert held.token_ids[0] != plain.token_ids[0] and len(held.token_ids) >= 3
+    first_text = next(t for t in (plain.text[:n] for n in range(1, 4)) if t.strip())
+    (cut_short,) = generate(psd, stop=[first_text])
+    (held_stop,) = generate(psd, stop=[first_text], min_tokens=6)  # no stop string ends in the first 6 tokens
+    assert len(plain.token_ids) > 6, "premise: the plain answer runs past min_tokens"
+    assert len(cut_short.token_ids) <= 6 and cut_short.finish_reason == "stop"
+    assert held_stop.token_ids[:6] == plain.token_ids[:6] and held_stop.text.startswith(first_text)
     (long,) = generate(psd, ignore_eos=True, max_tokens=30)
     assert len(long.token_ids) == 30 and long.finish_reason == "length"
     with channel_to(psd) as channel:

@@ -51,3 +51,24 @@ def test_text_that_may_start_a_stop_string_is_held_back() -> None:
         stream.add(token)
     assert stream.take() == "abc "
     assert stream.take(final=True) == "ST"
+
+
+def test_a_stop_string_waits_for_min_tokens() -> None:
+    """The first min_tokens tokens cannot end the output (vLLM's rule): a stop string counts only when it ends in
+    later text, wherever it begins."""
+    text, stop = "x = 1\nx = 2\nx = 3\n", "x ="
+    for _, tokenizer in tokenizers():
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        full = tokenizer.decode(ids)
+        for min_tokens in range(len(ids) + 2):
+            held_until = len(tokenizer.decode(ids[:min_tokens]))
+            cut = full.find(stop, max(0, held_until - len(stop) + 1))
+            stream, out = TextStream(tokenizer, [stop]), []
+            for count, token in enumerate(ids, 1):
+                stream.add(token, may_stop=count > min_tokens)
+                out.append(stream.take())
+                if stream.stopped:
+                    break
+            out.append(stream.take(final=True))
+            assert "".join(out) == (full[:cut] if cut >= 0 else full), (min_tokens, out)
+            assert stream.stopped == (cut >= 0)

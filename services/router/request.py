@@ -76,7 +76,7 @@ class Request:
                 break
             consumed.append(token)
             self.generated.append(token)
-            self.text.add(token)
+            self.text.add(token, may_stop=len(self.generated) > self.sampling.min_tokens)
             if self.text.stopped:
                 self.finish_reason = "stop"
                 break

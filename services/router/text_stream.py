@@ -18,6 +18,7 @@ class TextStream:
         self.sent = 0  # characters of self.text already streamed
         self._prefix = 0  # ids[_prefix:_read] decode to the tail of self.text (the context of the next token)
         self._read = 0
+        self._held_until = 0  # min_tokens: no stop string may end at or before this character
         self.stopped = False
 
     def token_text(self, token_id: int) -> str:
@@ -27,17 +28,22 @@ class TextStream:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def add(self, token_id: int) -> None:
-        """Adds one generated token; afterwards check `stopped`."""
+    def add(self, token_id: int, may_stop: bool = True) -> None:
+        """Adds one generated token; afterwards check `stopped`. `may_stop` False (min_tokens not yet passed, as
+        in vLLM): no stop string ends in the text up to here; one may still begin in it and end later."""
         self.ids.append(token_id)
         before = self._decode(self.ids[self._prefix:self._read])
         after = self._decode(self.ids[self._prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.text += after[len(before):]
             self._prefix, self._read = self._read, len(self.ids)
+        if not may_stop:
+            self._held_until = len(self.text)
+            return
         longest = max((len(s) for s in self.stops), default=0)
         window_start = max(0, self.sent - longest)
-        hits = [i for i in (self.text.find(s, window_start) for s in self.stops) if i >= 0]
+        hits = [i for i in (self.text.find(s, max(window_start, self._held_until - len(s) + 1)) for s in self.stops)
+                if i >= 0]
         if hits:
             self.text = self.text[:min(hits)]
             self.stopped = True
