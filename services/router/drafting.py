@@ -44,6 +44,7 @@ class Drafter:
         (every sequence at once) outlasted it again, over and over."""
         for chunk in token_chunks(requests, self.prefill_tokens):
             epoch, lengths = self.draft.epoch, [len(r.tokens) for r in chunk]
+            new_tokens = sum(length for r, length in zip(chunk, lengths, strict=True) if not r.draft_sent)
             for request in chunk:
                 request.draft_sent = True
             try:
@@ -54,8 +55,10 @@ class Drafter:
                 draft_call_failed(self.draft, chunk, error, "prefill")
                 return
             self.recorder.device_call("draft", "prefill", lane, response.stats, sum(lengths))
-            if catching_up:  # beside the target's prefill it costs no round any time
-                self.stages.observe_draft_prefill(response.stats.forward_ms)
+            if catching_up and new_tokens:  # beside the target's prefill it costs no round any time
+                # Only new prompts count as a per-round cost of speculating: re-sending sequences the draft lost
+                # (down, or a spell of target-only decoding) is paid once, when speculation resumes.
+                self.stages.observe_draft_prefill(response.stats.forward_ms * new_tokens / sum(lengths))
             refused = {e.seq_id: e for e in response.errors}
             for request, length in zip(chunk, lengths, strict=True):
                 if request.seq_id in refused:
