@@ -6,6 +6,7 @@ import random
 import pytest
 
 from services.router.policy import (
+    MIN_ROUNDS_TO_REPLAN,
     LinearCost,
     Plan,
     StageModel,
@@ -185,8 +186,9 @@ def test_plain_decoding_is_chosen_outright_when_drafting_stops_paying_and_left_w
 def test_the_drafts_prefill_of_new_prompts_counts_against_speculating() -> None:
     stages = model(lambda b: 5.0 + b, lambda b, k: 40.0 + 4 * b + 2 * k * b, alpha=0.8, verified_k=(0, 4))
     assert best_plan(stages, 8, k_max=8).k > 0
-    stages.observe_draft_prefill(200.0 * stages.draft_prefill_rounds)  # 200 ms of draft prefill a sequence round
-    assert stages.draft_prefill_per_round == pytest.approx(200.0, rel=0.05)
+    rounds = stages.draft_prefill_rounds  # spread over MIN_ROUNDS_TO_REPLAN rounds more than have run
+    stages.observe_draft_prefill(200.0 * (rounds + MIN_ROUNDS_TO_REPLAN))  # 200 ms of draft prefill a sequence round
+    assert stages.draft_prefill_per_round == pytest.approx(200.0)
     assert best_plan(stages, 8, k_max=8).k == 0
 
 

@@ -155,11 +155,12 @@ class StageModel:
 
     @property
     def draft_prefill_per_round(self) -> float:
-        """ms of draft prefill each sequence round carries (new prompts cached on the draft), spread over at least
-        MIN_ROUNDS_TO_JUMP rounds: a prompt's prefill is paid once for all of its request's rounds, so over the
-        first few rounds alone it would make speculating look several times its cost (a lone warm-up request
-        dropped auto to target-only at C = 1)."""
-        return self.draft_prefill_ms / (self.draft_prefill_rounds + MIN_ROUNDS_TO_JUMP)
+        """ms of draft prefill each sequence round carries (new prompts cached on the draft), spread over
+        MIN_ROUNDS_TO_REPLAN rounds more than have run: a prompt's prefill is paid once for all of its request's
+        rounds (64 tokens at τ ≈ 3.7 are 17 rounds, four requests 68), so charged to the first few rounds alone
+        it makes speculating look several times its cost (spread over 16, auto dropped to target-only at C = 4,
+        where sd was 1.14x ar)."""
+        return self.draft_prefill_ms / (self.draft_prefill_rounds + MIN_ROUNDS_TO_REPLAN)
 
     def tokens_per_round(self, k: int) -> float:
         """Expected tokens one sequence gains from a round of k drafts: 1 + Σ P(first i accepted).
