@@ -7,6 +7,7 @@ import pytest
 
 from services.router.policy import (
     MIN_ROUNDS_TO_REPLAN,
+    PRIOR_DROP_GAIN,
     LinearCost,
     Plan,
     StageModel,
@@ -212,7 +213,7 @@ def test_before_acceptance_is_measured_plain_decoding_starts_only_on_a_clear_pre
     assert next_plan(cheap_decode, Plan(1, 0, 0.0), sequences=16, k_max=8, resume_k=4).k == 0, "no bounce"
     close = fresh(lambda b: 10.0 + b, lambda b, k: 50.0 + 4 * b + 2.0 * k * b)
     rates = [predicted_rate(close, 16, 1, k) for k in (0, 4)]
-    assert rates[1] < rates[0] < 1.2 * rates[1], "premise: target-only ahead, but by less than the margin"
+    assert rates[1] < rates[0] < PRIOR_DROP_GAIN * rates[1], "premise: target-only ahead, but by less than the margin"
     assert next_plan(close, Plan(1, 4, 0.0), sequences=16, k_max=8, resume_k=4).k == 4
 
 
