@@ -22,23 +22,25 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
+        too_long = declared.isdigit() and int(declared) > self.max_bytes
         chunks: list[bytes] = []
         size, more = 0, True
-        while more:
+        while more and not too_long:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
-            size += len(message.get("body", b""))
-            more = message.get("more_body", False)
-            if size > self.max_bytes or (declared.isdigit() and int(declared) > self.max_bytes):
-                # Drained, never held, so the client gets to read the answer; an endless body only so far.
-                while more and size <= DRAIN_FACTOR * self.max_bytes:
-                    message = await receive()
-                    size += len(message.get("body", b""))
-                    more = message["type"] == "http.request" and message.get("more_body", False)
-                await self._refuse(send)
-                return
             chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            too_long = size > self.max_bytes
+        if too_long:
+            # Drained, never held, so the client gets to read the answer; an endless body only so far.
+            while more and size <= DRAIN_FACTOR * self.max_bytes:
+                message = await receive()
+                size += len(message.get("body", b""))
+                more = message["type"] == "http.request" and message.get("more_body", False)
+            await self._refuse(send)
+            return
         replayed = False
 
         async def replay() -> Message:
