@@ -43,10 +43,6 @@ class Cells:
     def in_flight(self) -> int:
         return sum(s.in_flight for s in self.schedulers)
 
-    def poke(self) -> None:
-        for scheduler in self.schedulers:
-            scheduler.poke()
-
     def predicted_wait(self, scheduler: Scheduler) -> float:
         """Sequences held over sequence-rounds served per second (unmeasured: one per second)."""
         rounds = sum(lane.counters.sequences_in_rounds for lane in scheduler.lanes)

@@ -68,7 +68,7 @@ class GenerationServicer:
             for job in jobs:
                 if job.finish_reason is None:  # the client went away or its deadline passed: free it next round
                     job.cancelled = True
-                    self.cells.poke()
+                    self.cells[job.cell].poke()  # only its cell holds it
                 job.end_span()
                 metrics.REQUESTS.labels(job.finish_reason or "cancelled").inc()
                 metrics.GENERATED_TOKENS.inc(len(job.generated))
