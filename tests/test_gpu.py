@@ -59,3 +59,57 @@ def test_cuda_cluster_psd_equals_target_only(clusters, tiny_pair) -> None:
             outputs[mode] = [collect(stream(channel, make_request(prompt=p, max_tokens=24), timeout=120)).token_ids
                              for p in prompts]
     assert outputs["psd"] == outputs["ar"]
+
+
+def test_sampling_and_verification_sync_only_to_copy_their_results(monkeypatch) -> None:
+    """The batched sampler and verifier under sync debug mode "error": the one copy of results is the only
+    host sync (a per-row int()/tolist()/multinomial would raise)."""
+    from minedraft.engine import sampling, verification
+    from minedraft.engine.sampling import DRAFT_STREAM, TARGET_STREAM, Sampling, draft_rows, make_generator
+
+    def copy_allowed(tensor: torch.Tensor) -> list:
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return tensor.cpu().tolist()
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+    monkeypatch.setattr(verification, "to_host", copy_allowed)
+    monkeypatch.setattr(sampling, "to_host", copy_allowed)
+    settings = [Sampling(), Sampling(temperature=0.8, top_k=20, seed=1), Sampling(temperature=1.0, top_p=0.9,
+                                                                                  seed=2)] * 11  # 33 rows
+    logits = torch.randn(len(settings), 5, 1000, device="cuda")
+    drafts = [[(int(t), [int(t)], [1.0]) for t in row] for row in logits[:, :-1].argmax(-1).cpu()]
+    draft_gens = [make_generator(s.seed, DRAFT_STREAM, "cuda") for s in settings]
+    target_gens = [make_generator(s.seed, TARGET_STREAM, "cuda") for s in settings]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        draft_rows(logits[:, 0], settings, 32, draft_gens)
+        verdict = verification.judge(logits, drafts, settings, target_gens)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert verdict.accepted[0] == 4 and all(verdict.ok)
+
+
+def test_bf16_graphs_replay_the_eager_static_tokens(tiny_pair) -> None:
+    """bf16 (the kernels the product runs, not float64's math path): graphs give eager-static's greedy tokens
+    exactly over 40 steps crossing batch buckets and rollbacks; the dynamic cache agrees on nearly all."""
+    runs = {}
+    for layout in ("dynamic", "static", "graphs"):
+        runner = ModelRunner.load(str(tiny_pair[0]), device="cuda", dtype="bfloat16", max_seqs=8, max_context=128,
+                                  kv="dynamic" if layout == "dynamic" else "static", cuda_graphs=layout == "graphs")
+        states = [SequenceState(list(p)) for p in PROMPTS]
+        for step in range(40):
+            if step == 15:
+                states.append(SequenceState([70, 71, 72]))  # a join changes the batch bucket
+            if step % 10 == 9:
+                for state in states:
+                    state.truncate(len(state.tokens) - 2)  # a rollback, as after rejected drafts
+            logits = runner.forward(states, logits_to_keep=1)
+            for i, state in enumerate(states):
+                state.tokens.append(int(logits[i, -1].argmax()))
+        runs[layout] = [s.tokens for s in states]
+    assert runs["graphs"] == runs["static"]
+    same = sum(a == b for x, y in zip(runs["dynamic"], runs["static"], strict=True) for a, b in zip(x, y, strict=True))
+    total = sum(len(x) for x in runs["static"])
+    assert same / total > 0.9, f"dynamic vs static agreement {same}/{total}"

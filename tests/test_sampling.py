@@ -9,10 +9,9 @@ from minedraft.engine.sampling import (
     Sampling,
     make_generator,
     sample_truncated,
-    verify_greedy,
-    verify_sampled,
     warp,
 )
+from minedraft.engine.verification import verify_greedy, verify_sampled
 
 VOCAB, K, TRIALS = 8, 2, 20000
 

@@ -11,9 +11,9 @@ from minedraft.engine.sampling import (
     Sampling,
     make_generator,
     sample_truncated,
-    verify_sampled,
     warp,
 )
+from minedraft.engine.verification import verify_sampled
 from services.draft.engine import DraftEngine
 from services.target.engine import TargetEngine
 from tests.test_sampling import total_variation

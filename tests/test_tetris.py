@@ -10,6 +10,7 @@ import torch
 from minedraft.engine import sampling as sampler
 from minedraft.engine.model_runner import ModelRunner
 from minedraft.engine.sampling import Sampling
+from minedraft.engine.verification import verify_sampled
 from minedraft.protos import common_pb2
 from services.draft.engine import DraftEngine
 from services.router.tetris import position_scores, select
@@ -71,7 +72,7 @@ def first_token_distance(lossless: bool, trials: int = 12000) -> float:
             scores = {s: list(torch.tensor([t.logprob for t in tokens]).cumsum(0).tolist())
                       for s, tokens in proposals.items()}
         kept = select(proposals, scores, capacity=2)["a"]
-        accepted, nxt = sampler.verify_sampled(p, [t.token_id for t in kept],
+        accepted, nxt = verify_sampled(p, [t.token_id for t in kept],
                                        [(list(t.q.token_ids), list(t.q.probs)) for t in kept], target_gen)
         counts[kept[0].token_id if accepted else nxt] += 1
     return total_variation(counts, p[0])

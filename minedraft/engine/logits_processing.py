@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from minedraft.engine.sampling import Sampling
+from minedraft.engine.sampling import Sampling, widened
 
 
 class Logprob(NamedTuple):
@@ -29,7 +29,7 @@ def adjust(logits: torch.Tensor, sampling: Sampling, tokens: list[int], first: i
     if not sampling.adjusts_logits:
         return logits
     rows, vocab = logits.shape
-    out = logits.float().clone()
+    out = logits.to(widened(logits.dtype), copy=True)
     history = torch.tensor(tokens[:first + rows - 1], dtype=torch.long, device=logits.device)
     for j in range(rows):
         end = first + j

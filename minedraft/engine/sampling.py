@@ -1,13 +1,16 @@
-"""Sampling and lossless verification (Leviathan et al. 2023; Chen et al. 2023).
+"""Sampling settings and batched, sync-free sampling: the draft's truncated q and the warped distributions.
 
-The draft samples from a truncated distribution q (its top-m tokens, renormalised) and ships only
-that support. Since q really is the distribution the token came from, accepting with probability
-min(1, p/q) and resampling rejections from normalize(max(p - q, 0)) keeps the output distributed
-exactly as the target's p.
+The draft samples from a truncated distribution q (its top-m tokens, renormalised) and ships only that
+support; the target's verification (`verification`) accepts against it. Every function here works on a whole
+batch at once, each row with its own settings and its own random stream, so a row's result never depends on
+the rest of its batch. Draws come from the row's generator on the device, never through the host: a token is
+drawn by an exponential race, argmax(w / E) with E ~ Exp(1), which picks i with probability w_i / sum(w)
+(gpt-fast's sync-free sampling). Results reach the host through `to_host`, once per call (or per draft step).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,84 +76,104 @@ def make_generator(seed: int, stream: int, device: torch.device | str = "cpu") -
     return generator
 
 
-def warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Probabilities [rows, vocab] after temperature, top-k, top-p (nucleus) and min-p filtering."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    logits = logits / sampling.temperature
-    if 0 < sampling.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+def to_host(tensor: torch.Tensor) -> list:
+    """The one device-to-host copy of a step's results (each call is a host sync on a GPU)."""
+    return tensor.cpu().tolist()
+
+
+def widened(dtype: torch.dtype) -> torch.dtype:
+    """The dtype logits are adjusted and warped in: float64 stays, anything narrower becomes float32 (exactly)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def column(values: Sequence[float | int], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-row settings as a [rows, 1, ...] tensor on `like`'s device, copied without waiting for the device."""
+    shape = (len(values),) + (1,) * (like.dim() - 1)
+    return torch.tensor(values, dtype=dtype or like.dtype).view(shape).to(like.device, non_blocking=True)
+
+
+def warp_rows(logits: torch.Tensor, samplings: Sequence[Sampling]) -> torch.Tensor:
+    """Probabilities [rows, ..., vocab] after each row's temperature, top-k, top-p (nucleus) and min-p filtering.
+
+    A greedy row is warped at temperature 1 (its probabilities are not sampled from)."""
+    logits = logits.to(widened(logits.dtype))
+    vocab = logits.shape[-1]
+    logits = logits / column([s.temperature if not s.greedy else 1.0 for s in samplings], logits)
+    top_k = [s.top_k if 0 < s.top_k < vocab else vocab for s in samplings]
+    top_p = [s.top_p if 0.0 < s.top_p < 1.0 else 2.0 for s in samplings]  # 2.0: never reached, keeps all
+    # Each row takes the same arithmetic whatever the rest of its batch asks for (batching never changes a row).
     probs = torch.softmax(logits, dim=-1)
-    if 0.0 < sampling.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    if min(top_k) < vocab or min(top_p) < 1.0:
+        ranked, order = torch.sort(logits, dim=-1, descending=True)
+        rank = torch.arange(vocab, device=logits.device)
+        ranked = ranked.masked_fill(rank >= column(top_k, ranked, torch.long), float("-inf"))
+        ranked = torch.softmax(ranked, dim=-1)
         # Drop a token once the tokens ranked above it already hold top_p of the mass.
-        drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= sampling.top_p
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    if sampling.min_p > 0.0:  # scale-free: the same tokens go before or after renormalising
-        probs = probs.masked_fill(probs < sampling.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
+        drop = (torch.cumsum(ranked, dim=-1) - ranked) >= column(top_p, ranked)
+        ranked = ranked.masked_fill(drop, 0.0)
+        filtered = torch.empty_like(ranked).scatter_(-1, order, ranked / ranked.sum(dim=-1, keepdim=True))
+        wants = column([k < vocab or p < 1.0 for k, p in zip(top_k, top_p, strict=True)], probs, torch.bool)
+        probs = torch.where(wants, filtered, probs)
+    min_p = [s.min_p for s in samplings]
+    if max(min_p) > 0.0:  # scale-free: the same tokens go before or after renormalising
+        kept = probs.masked_fill(probs < column(min_p, probs) * probs.amax(dim=-1, keepdim=True), 0.0)
+        probs = torch.where(column([p > 0.0 for p in min_p], probs, torch.bool),
+                            kept / kept.sum(dim=-1, keepdim=True), probs)
     return probs
 
 
-def sample_token(probs: torch.Tensor, generator: torch.Generator) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator))
+def warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """`warp_rows` with one setting for every row."""
+    return warp_rows(logits, [sampling] * logits.shape[0])
 
 
-def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
-    """One token from a single row of logits, as plain (target-only) decoding would pick it."""
-    if sampling.greedy:
-        return int(logits.argmax())
-    return sample_token(warp(logits[None], sampling)[0], generator)
+def race(weights: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One draw per row [rows], with probability proportional to that row's non-negative weights."""
+    noise = torch.stack([torch.empty(weights.shape[-1], dtype=weights.dtype, device=weights.device)
+                         .exponential_(generator=generator) for generator in generators])
+    # E = 0 (a float's rounding of a tiny draw) wins the race, as its limit would; 0/0 must not become NaN.
+    return (weights / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+
+def healthy(probs: torch.Tensor) -> torch.Tensor:
+    """Rows [rows] whose distribution can be sampled: finite, with some mass (a NaN logit is that row's fault)."""
+    return torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+
+
+def draft_rows(logits: torch.Tensor, samplings: Sequence[Sampling], top_m: int,
+               generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The draft's step for a batch: each row's token from q = the top-m of its warped distribution, renormalised.
+
+    Returns tokens [rows], q's support ids and probabilities [rows, m] (0 past a row's support; greedy: the
+    argmax with q = 1) and whether each row could be sampled [rows]."""
+    rows, vocab = logits.shape
+    m = min(top_m, vocab)
+    tokens = logits.argmax(dim=-1)
+    ids = torch.zeros((rows, m), dtype=torch.long, device=logits.device)
+    ids[:, 0] = tokens
+    q = torch.zeros((rows, m), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
+                    device=logits.device)
+    q[:, 0] = 1.0
+    ok = torch.ones(rows, dtype=torch.bool, device=logits.device)
+    sampled = [i for i, s in enumerate(samplings) if not s.greedy]
+    if sampled:
+        index = torch.tensor(sampled).to(logits.device, non_blocking=True)
+        probs = warp_rows(logits.index_select(0, index), [samplings[i] for i in sampled])
+        top, top_ids = torch.topk(probs, m, dim=-1)
+        top_q = top / top.sum(dim=-1, keepdim=True)
+        chosen = race(top_q, [generators[i] for i in sampled])
+        tokens = tokens.index_copy(0, index, top_ids.gather(-1, chosen[:, None])[:, 0])
+        ids = ids.index_copy(0, index, top_ids)
+        q = q.index_copy(0, index, top_q.to(q.dtype))
+        ok = ok.index_copy(0, index, healthy(top_q))
+    return tokens, ids, q, ok
 
 
 def sample_truncated(logits: torch.Tensor, sampling: Sampling, top_m: int,
                      generator: torch.Generator) -> tuple[int, list[int], list[float]]:
-    """Draft sampling: a token from q = the top-m of the warped distribution, renormalised.
-
-    Returns the token and q's support with its probabilities (greedy: the argmax with q = 1).
-    """
-    if sampling.greedy:
-        token = int(logits.argmax())
-        return token, [token], [1.0]
-    probs = warp(logits[None], sampling)[0]
-    values, ids = torch.topk(probs, min(top_m, probs.shape[-1]))
-    keep = values > 0
-    values, ids = values[keep], ids[keep]
-    q = values / values.sum()
-    token = int(ids[sample_token(q, generator)])
-    return token, ids.tolist(), q.tolist()
-
-
-def verify_greedy(logits: torch.Tensor, drafts: list[int]) -> tuple[int, int]:
-    """Accepts drafts while each equals the target's argmax; returns (accepted, next token)."""
-    best = logits.argmax(dim=-1).tolist()
-    accepted = 0
-    while accepted < len(drafts) and drafts[accepted] == best[accepted]:
-        accepted += 1
-    return accepted, best[accepted]
-
-
-def verify_sampled(probs: torch.Tensor, drafts: list[int], q_support: list[tuple[list[int], list[float]]],
-                   generator: torch.Generator) -> tuple[int, int]:
-    """Lossless rejection sampling.
-
-    probs: the target's warped distributions [k+1, vocab]; drafts[i] was sampled from the sparse
-    q_support[i] = (token ids, probabilities). Returns (accepted, next token).
-    """
-    for i, token in enumerate(drafts):
-        ids, q_probs = q_support[i]
-        q_row = torch.zeros_like(probs[i])
-        q_row[torch.tensor(ids, device=probs.device)] = torch.tensor(q_probs, dtype=probs.dtype,
-                                                                     device=probs.device)
-        p_x, q_x = float(probs[i, token]), float(q_row[token])
-        u = float(torch.rand((), generator=generator, device=generator.device))
-        if q_x > 0 and u * q_x < p_x:  # u < p/q, without dividing
-            continue
-        residual = (probs[i] - q_row).clamp_(min=0)
-        if float(residual.sum()) <= 0:  # p == q up to rounding: any rejection is a rounding artefact
-            residual = probs[i]
-        return i, sample_token(residual / residual.sum(), generator)
-    return len(drafts), sample_token(probs[len(drafts)], generator)
+    """One row of `draft_rows`: the token and q's support with its probabilities."""
+    tokens, ids, q, ok = draft_rows(logits[None], [sampling], top_m, [generator])
+    if not to_host(ok)[0]:
+        raise RuntimeError("the draft distribution holds no finite mass")
+    support = [(i, p) for i, p in zip(to_host(ids[0]), to_host(q[0]), strict=True) if p > 0]
+    return to_host(tokens)[0], [i for i, _ in support], [p for _, p in support]

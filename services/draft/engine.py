@@ -5,7 +5,6 @@ beside the others' results."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +12,7 @@ import torch
 from minedraft.engine.forking import copy_prompt_cache, split_shared
 from minedraft.engine.logits_processing import adjust
 from minedraft.engine.model_runner import ModelRunner, SequenceState
-from minedraft.engine.sampling import DRAFT_STREAM, Sampling, sample_truncated
+from minedraft.engine.sampling import DRAFT_STREAM, Sampling, draft_rows, to_host, widened
 from minedraft.engine.sequence_table import SequenceTable
 from minedraft.errors import InvalidArgument, ServiceError
 
@@ -102,24 +101,35 @@ class DraftEngine:
 
     def _draft(self, checked: list[tuple[int, SequenceState, int, list[int], int]],
                results: list[list[ProposedToken] | ServiceError], with_logprobs: bool) -> None:
+        """One batched forward and one batched draw per position; one host copy of each position's draws."""
         failed: set[int] = set()
         for step in range(max((k for *_, k in checked), default=0)):
             active = [(i, state) for i, state, *_, k in checked if k > step and i not in failed]
             if not active:
                 break
             logits = self.runner.forward([state for _, state in active], logits_to_keep=1)[:, -1]
-            for row, (i, state) in enumerate(active):
-                try:
-                    adjusted = adjust(logits[row][None], state.sampling, state.tokens, len(state.tokens))[0]
-                    token, support, probs = sample_truncated(adjusted, state.sampling, self.top_m, state.generator)
-                except RuntimeError as error:  # a sampler fault is this sequence's alone: it keeps its commit
+            if any(state.sampling.adjusts_logits for _, state in active):
+                wide = widened(logits.dtype)
+                logits = torch.stack([adjust(row[None], state.sampling, state.tokens, len(state.tokens))[0].to(wide)
+                                      for row, (_, state) in zip(logits, active, strict=True)])
+            samplings = [state.sampling for _, state in active]
+            tokens, ids, q, ok = draft_rows(logits, samplings, self.top_m, [state.generator for _, state in active])
+            columns = [tokens[:, None].double(), ok[:, None].double(), ids.double(), q.double()]
+            if with_logprobs:
+                columns.append(draft_logprobs(logits, tokens, ids, q, samplings)[:, None])
+            host = to_host(torch.cat(columns, dim=-1))  # ids are exact in float64 (below 2**53)
+            m = ids.shape[1]
+            for (i, state), values in zip(active, host, strict=True):
+                if not values[1]:  # a sampler fault is this sequence's alone: it keeps its commit
                     state.truncate(len(state.tokens) - len(results[i]))
-                    results[i] = ServiceError(f"draft sampling failed: {error}")
+                    results[i] = ServiceError("draft sampling failed: the draft distribution holds no finite mass")
                     failed.add(i)
                     continue
+                token = int(values[0])
+                support = [(int(t), p) for t, p in zip(values[2:2 + m], values[2 + m:2 + 2 * m], strict=True) if p > 0]
                 state.tokens.append(token)
-                logprob = draft_logprob(adjusted, token, state.sampling, support, probs) if with_logprobs else 0.0
-                results[i].append(ProposedToken(token, support, probs, logprob))
+                logprob = values[-1] if with_logprobs else 0.0
+                results[i].append(ProposedToken(token, [t for t, _ in support], [p for _, p in support], logprob))
 
     def warm_up(self) -> None:
         """A prompt and a proposal of a throwaway sequence, so the first request pays no first-call costs."""
@@ -131,9 +141,11 @@ class DraftEngine:
         return self.table.release(seq_ids, owner)
 
 
-def draft_logprob(logits: torch.Tensor, token: int, sampling: Sampling, support: list[int],
-                  probs: list[float]) -> float:
-    """log q(token) when sampling; when greedy (q is a point mass), the logits' softmax at temperature 1."""
-    if sampling.greedy:
-        return float(logits[token].float() - torch.logsumexp(logits.float(), dim=-1))
-    return math.log(probs[support.index(token)])
+def draft_logprobs(logits: torch.Tensor, tokens: torch.Tensor, ids: torch.Tensor, q: torch.Tensor,
+                   samplings: list[Sampling]) -> torch.Tensor:
+    """log q(token) per row [rows] when sampling; when greedy (q is a point mass), the logits' softmax at
+    temperature 1 (see common.proto)."""
+    greedy = torch.tensor([s.greedy for s in samplings]).to(logits.device, non_blocking=True)
+    plain = torch.log_softmax(logits.double(), dim=-1).gather(-1, tokens[:, None])[:, 0]
+    drawn = torch.log((q.double() * (ids == tokens[:, None])).sum(dim=-1))
+    return torch.where(greedy, plain, drawn)

@@ -14,11 +14,11 @@ import torch
 from minedraft.engine.forking import copy_prompt_cache, split_shared
 from minedraft.engine.logits_processing import Logprob, adjust, log_distribution, token_logprobs
 from minedraft.engine.model_runner import ModelRunner, SequenceState
-from minedraft.engine.sampling import TARGET_STREAM, Sampling, verify_greedy, verify_sampled, warp
+from minedraft.engine.sampling import TARGET_STREAM, Sampling, widened
 from minedraft.engine.sequence_table import SequenceTable
+from minedraft.engine.verification import Drafts, Judged, judge
 from minedraft.errors import InvalidArgument, ServiceError
 
-Drafts = list[tuple[int, list[int], list[float]]]  # (token, q support ids, q probs) per position
 DEFAULT_MAX_DRAFTS = 32
 
 
@@ -56,20 +56,20 @@ class TargetEngine:
         if not checked:
             return results
         ran, copies = split_shared([(seqs[i][0], state) for i, state in checked], same_prompt_as or {})
-        logits = self.runner.forward(ran, logits_to_keep=1)[:, -1]
+        logits = self.runner.forward(ran, logits_to_keep=1)
         row_of = {id(state): row for state, row in zip(ran, logits, strict=True)}
         for parent, child in copies:
             copy_prompt_cache(self.runner, parent, child)
             row_of[id(child)] = row_of[id(parent)]
-        for i, state in checked:
-            try:
-                row = adjust(row_of[id(state)][None], state.sampling, state.tokens, len(state.tokens))
-                results[i] = self._judge(row, [], state)
-            except RuntimeError as error:  # a sampler fault is this sequence's alone
+        states = [state for _, state in checked]
+        verdicts = self._judge(torch.stack([row_of[id(state)] for state in states]), [[] for _ in states], states,
+                               [len(state.tokens) for state in states])
+        for (i, state), verdict in zip(checked, verdicts, strict=True):
+            results[i] = verdict
+            if isinstance(verdict, ServiceError):
                 self.runner.drop(state)
-                results[i] = ServiceError(f"sampling failed: {error}")  # INTERNAL: the server's fault
                 continue
-            state.tokens.append(results[i].next_token)
+            state.tokens.append(verdict.next_token)
             self.table.put(seqs[i][0], state)
         return results
 
@@ -96,19 +96,17 @@ class TargetEngine:
         keep = 1 + max(len(drafts) for *_, drafts in checked)
         try:
             logits = self.runner.forward([state for _, state, _ in checked], logits_to_keep=keep)
+            verdicts = self._judge(logits, [drafts for *_, drafts in checked], [state for _, state, _ in checked],
+                                   [committed[i] for i, _, _ in checked])
         except BaseException:  # nothing happened: every sequence back to what it held
             for i, state, _ in checked:
                 state.truncate(committed[i])
             raise
-        for row, (i, state, drafts) in enumerate(checked):
-            try:
-                rows = adjust(logits[row, keep - len(drafts) - 1:], state.sampling, state.tokens, committed[i])
-                verdict = self._judge(rows, drafts, state)
-            except RuntimeError as error:
-                state.truncate(committed[i])
-                results[i] = ServiceError(f"sampling failed: {error}")
-                continue
+        for (i, state, _), verdict in zip(checked, verdicts, strict=True):
             results[i] = verdict
+            if isinstance(verdict, ServiceError):
+                state.truncate(committed[i])
+                continue
             state.truncate(committed[i] + verdict.accepted)
             state.tokens.append(verdict.next_token)
         return results
@@ -118,27 +116,37 @@ class TargetEngine:
             raise InvalidArgument(f"{seq_id}: {len(drafts)} drafts; at most {self.max_drafts}")
         self.table.check_tokens([d[0] for d in drafts], extra=len(state.tokens) + 1)
         for token, support, probs in drafts:
-            if not support or len(support) != len(probs) or token not in support:
+            if not support or len(support) != len(probs) or token not in support or len(set(support)) < len(support):
                 raise InvalidArgument(f"{seq_id}: malformed draft distribution")
             self.table.check_tokens(support)
             if not all(math.isfinite(p) and 0 <= p <= 1 for p in probs):
                 raise InvalidArgument(f"{seq_id}: draft probabilities must be in [0, 1]")
 
     @staticmethod
-    def _judge(rows: torch.Tensor, drafts: Drafts, state: SequenceState) -> Verdict:
-        """The accepted drafts and the next token from the adjusted logits of each position, and (when asked)
-        the log-probabilities of every token it puts out."""
-        tokens, sampling = [d[0] for d in drafts], state.sampling
-        probs = None
-        if sampling.greedy:
-            accepted, token = verify_greedy(rows, tokens)
-        else:
-            probs = warp(rows, sampling)
-            accepted, token = verify_sampled(probs, tokens, [d[1:] for d in drafts], state.generator)
-        if sampling.logprobs < 0:
-            return Verdict(accepted, token)
-        log_dist = log_distribution(rows[:accepted + 1], sampling, None if probs is None else probs[:accepted + 1])
-        return Verdict(accepted, token, token_logprobs(log_dist, [*tokens[:accepted], token], sampling.logprobs))
+    def _judge(logits: torch.Tensor, drafts: list[Drafts], states: list[SequenceState],
+               firsts: list[int]) -> list[Verdict | ServiceError]:
+        """Each row's verdict from logits [rows, P, vocab] (right-aligned; row i continues its tokens[:firsts[i]]):
+        one batched judgement after each row's history-dependent adjustments, and log-probabilities where asked."""
+        positions, scores = logits.shape[1], logits
+        starts = [positions - len(d) - 1 for d in drafts]
+        if any(state.sampling.adjusts_logits for state in states):
+            scores = logits.to(widened(logits.dtype), copy=True)
+            for row, state in enumerate(states):
+                scores[row, starts[row]:] = adjust(logits[row, starts[row]:], state.sampling, state.tokens,
+                                                   firsts[row])
+        judged = judge(scores, drafts, [s.sampling for s in states], [s.generator for s in states])
+        verdicts: list[Verdict | ServiceError] = []
+        for row, (state, row_drafts) in enumerate(zip(states, drafts, strict=True)):
+            accepted, token = judged.accepted[row], judged.next_tokens[row]
+            if not judged.ok[row]:  # a sampler fault (no finite mass) is this sequence's alone
+                verdicts.append(ServiceError("sampling failed: the target distribution holds no finite mass"))
+            elif state.sampling.logprobs < 0:
+                verdicts.append(Verdict(accepted, token))
+            else:
+                emitted = scores[row, starts[row]:starts[row] + accepted + 1]
+                verdicts.append(Verdict(accepted, token, _logprobs(emitted, judged, row, starts[row], state.sampling,
+                                                                   [*(d[0] for d in row_drafts[:accepted]), token])))
+        return verdicts
 
     def warm_up(self) -> None:
         """A prompt and a decode step of a throwaway sequence, so the first request pays no first-call costs."""
@@ -148,3 +156,12 @@ class TargetEngine:
 
     def release(self, seq_ids: list[str], owner: str | None = None) -> int:
         return self.table.release(seq_ids, owner)
+
+
+def _logprobs(emitted: torch.Tensor, judged: Judged, row: int, start: int, sampling: Sampling,
+              tokens: list[int]) -> list[Logprob]:
+    """The log-probabilities of the tokens a row puts out (a host copy of its own: only rows that ask pay it)."""
+    probs = None
+    if row in judged.sampled:
+        probs = judged.probs[judged.sampled.index(row), start:start + len(tokens)]
+    return token_logprobs(log_distribution(emitted, sampling, probs), tokens, sampling.logprobs)
