@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
+from minedraft.app.bench.step_bytes import weight_bytes
 from minedraft.app.client import collect, make_request, stream
 from minedraft.engine.model_runner import ModelRunner, SequenceState
 from minedraft.engine.precision import (
@@ -20,7 +21,6 @@ from minedraft.engine.precision import (
     resolve_dtype,
     resolve_quant,
 )
-from minedraft.models.random_shapes import weight_bytes
 from services.draft.engine import DraftEngine
 from services.target.engine import TargetEngine
 from tests.conftest import channel_to

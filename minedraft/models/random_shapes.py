@@ -48,13 +48,3 @@ def random_model(spec: str, device: str, dtype: torch.dtype, seed: int = 0) -> P
         model = AutoModelForCausalLM.from_config(random_config(spec), dtype=dtype)
     return model.eval()
 
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of distinct weights in the layout the model holds them (tied embeddings counted once; quantised
-    and oneDNN-packed weights, which live in buffers, included): what one decode step must read."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if t.dtype != torch.int64}
-    head = getattr(model.get_output_embeddings(), "weight", None) if hasattr(model, "get_output_embeddings") else None
-    table = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
-    if table is not None and table is not head:  # a lookup reads a few rows, not the table
-        tensors.pop(id(table), None)
-    return sum(t.numel() * t.element_size() for t in tensors.values())

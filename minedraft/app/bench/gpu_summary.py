@@ -10,14 +10,18 @@ from pathlib import Path
 def step_lines(steps: dict) -> list[str]:
     batches = sorted({r["batch"] for r in steps["rows"]})
     lines = [f"Step times on {steps['device']} ({steps['dtype']}, context {steps['context']}), copy bandwidth "
-             f"{steps['copy_bandwidth_gb_s']:.0f} GB/s; each cell: ms (× the weights-read floor)", "",
-             "| model | layout | op | floor ms | " + " | ".join(f"B={b}" for b in batches) + " |",
-             "|---|---|---|---|" + "---|" * len(batches)]
+             f"{steps['copy_bandwidth_gb_s']:.0f} GB/s; each cell: ms (× the floor: weights and KV read once); "
+             f"floor and bytes moved per batch, in the order {', '.join(f'B={b}' for b in batches)}", "",
+             "| model | layout | op | floor ms | MB moved | " + " | ".join(f"B={b}" for b in batches) + " |",
+             "|---|---|---|---|---|" + "---|" * len(batches)]
     keys = dict.fromkeys((r["model"], r["layout"], r["op"]) for r in steps["rows"])
     for model, layout, op in keys:
         cells = {r["batch"]: r for r in steps["rows"] if (r["model"], r["layout"], r["op"]) == (model, layout, op)}
-        floor = next(iter(cells.values()))["floor_ms"]
-        lines.append(f"| {model} | {layout} | {op} | {floor:.2f} | " + " | ".join(
+        # The floor and the bytes grow with the batch (KV read, embedding rows), so each batch has its own.
+        floors = " / ".join(f"{cells[b]['floor_ms']:.2f}" for b in batches if b in cells)
+        moved = " / ".join(f"{cells[b]['bytes_moved'] / 1e6:.1f}" if "bytes_moved" in cells[b] else "–"
+                           for b in batches if b in cells)
+        lines.append(f"| {model} | {layout} | {op} | {floors} | {moved} | " + " | ".join(
             f"{cells[b]['ms']:.2f} ({cells[b]['x_floor']:.1f}×)" if b in cells else "–" for b in batches) + " |")
     return lines
 

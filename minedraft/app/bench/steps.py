@@ -1,7 +1,9 @@
 """`minedraft bench-steps`: one model step's time against its memory-bandwidth floor, per KV layout.
 
-A decode step must at least read every weight once, so weights bytes / measured copy bandwidth is its
-floor; at small batches a well-run step sits near it, and an eager, launch-bound one far above.
+A decode step must at least read every weight once and its sequences' cached keys/values, so those bytes
+(`step_bytes`) / measured copy bandwidth is its floor; at small batches a well-run step sits near it, and an
+eager, launch-bound one far above. Each row also reports the bytes its layout actually moves (the KV copies
+of the dynamic and gathered static caches), so a layout that moves more shows it against the same floor.
 Measures draft-style decode (1 token per sequence) and target-style verify (k+1 tokens) at each
 batch size, for the dynamic cache, the static cache, and the static cache replayed as CUDA graphs.
 """
@@ -17,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from minedraft.app.bench.step_bytes import KVGeometry, held_tensors, layout_kv_bytes, real_kv_bytes, weight_bytes
 from minedraft.engine.model_runner import ModelRunner, SequenceState
 from minedraft.engine.precision import resolve_dtype
 from minedraft.engine.static_kv import StaticKV
-from minedraft.models.random_shapes import is_random, weight_bytes
+from minedraft.models.random_shapes import is_random
 from minedraft.models.store import resolve_model
 
 log = logging.getLogger(__name__)
@@ -92,7 +95,6 @@ def measure(spec: str, args: argparse.Namespace, bandwidth: float, quant: str) -
     device = torch.device(args.device)
     path = spec if is_random(spec) else str(resolve_model(spec))
     model = ModelRunner.load(path, args.device, args.dtype, threads=args.threads, kv="dynamic", quant=quant).model
-    floor_ms = weight_bytes(model) / bandwidth * 1e3
     rows = []
     for layout in args.layouts.split(","):
         if layout == "graphs" and device.type != "cuda":
@@ -104,12 +106,21 @@ def measure(spec: str, args: argparse.Namespace, bandwidth: float, quant: str) -
             states = [SequenceState(torch.randint(0, 1000, (args.context,), generator=generator).tolist())
                       for _ in range(batch)]
             runner.forward(states, logits_to_keep=1)  # prefill, not timed
+            kv_lens = [s.kv_len for s in states]  # time_step rolls back to these after each step
+            geo = KVGeometry.of(model.config, runner.static.dtype if runner.static else runner.dtype)
             for op, feed in (("decode", 1), (f"verify k+1={args.k + 1}", args.k + 1)):
                 ms = time_step(runner, states, feed, args.repeats)
+                weights = weight_bytes(model, batch * feed, exclude=held_tensors(runner.static))
+                kv = layout_kv_bytes(layout, geo, kv_lens, feed, runner.static)
+                # The floor counts the KV bytes a step must read, not what this layout moves: one floor for
+                # every layout of a model/op/batch, so extra copies show in x_floor.
+                floor_ms = (weights + real_kv_bytes(geo, kv_lens, feed)) / bandwidth * 1e3
                 rows.append({"model": spec, "quant": quant, "layout": layout, "op": op, "batch": batch, "ms": ms,
+                             "weight_bytes": weights, "kv_bytes": kv, "bytes_moved": weights + kv,
                              "floor_ms": floor_ms, "x_floor": ms / floor_ms})
                 print(f"{spec} {quant:4s} {layout:8s} {op:14s} B={batch:<3d} {ms:8.2f} ms  "
-                      f"({ms / floor_ms:5.1f}x floor)", flush=True)
+                      f"({ms / floor_ms:5.1f}x floor of {floor_ms:.2f} ms; {(weights + kv) / 1e6:.1f} MB moved)",
+                      flush=True)
             del runner, states
     del model
     if device.type == "cuda":
@@ -118,9 +129,10 @@ def measure(spec: str, args: argparse.Namespace, bandwidth: float, quant: str) -
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | weights | layout | op | batch | ms | floor ms | × floor |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | weights | layout | op | batch | ms | floor ms | × floor | MB moved |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['quant']} | {r['layout']} | {r['op']} | {r['batch']} | {r['ms']:.2f} | "
-              f"{r['floor_ms']:.2f} | {r['x_floor']:.1f} |" for r in rows]
+              f"{r['floor_ms']:.2f} | {r['x_floor']:.1f} | {r['bytes_moved'] / 1e6:.1f} |" for r in rows]
     return "\n".join(lines)
 
 
