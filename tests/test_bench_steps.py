@@ -22,7 +22,7 @@ def test_step_bench_measures_layouts_and_skips_graphs_without_cuda(tmp_path, cap
     result = json.loads((tmp_path / "steps.json").read_text())
     assert "skipping CUDA graphs" in capsys.readouterr().out
     assert {(r["layout"], r["op"], r["batch"]) for r in result["rows"]} == {
-        (layout, op, batch) for layout in ("dynamic", "static") for op in ("decode", "verify k+1=5")
+        (layout, op, batch) for layout in ("dynamic", "static", "gather") for op in ("decode", "verify k+1=5")
         for batch in (1, 2)}
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 and r["x_floor"] == r["ms"] / r["floor_ms"] for r in result["rows"])
     table = "\n".join(gpu_summary.step_lines(result))
@@ -34,6 +34,9 @@ def test_step_bench_measures_layouts_and_skips_graphs_without_cuda(tmp_path, cap
     # One floor for every layout of a model/op/batch (weights + KV read once); the layouts' copies show in x_floor.
     floors = {(r["op"], r["batch"], r["layout"]): r["floor_ms"] for r in result["rows"]}
     assert all(floors[op, batch, "static"] == floors[op, batch, "dynamic"] for op, batch, _ in floors)
+    # Attention reading slots in place moves just the KV it must read; the gathered cache moves more.
+    moved = {(r["op"], r["batch"], r["layout"]): r["kv_bytes"] for r in result["rows"]}
+    assert all(moved[op, batch, "static"] < moved[op, batch, "gather"] for op, batch, _ in moved)
 
 
 def tiny_target(dtype: str, **kwargs) -> torch.nn.Module:

@@ -1,4 +1,5 @@
-"""Every common decoder family runs on both cache layouts, token-identical to its own uncached forward."""
+"""Every common decoder family runs on both cache layouts and each static attention path, token-identical to its
+own uncached forward; psd through a cluster equals target-only for non-Qwen families."""
 
 from __future__ import annotations
 
@@ -31,15 +32,22 @@ def uncached_greedy(model, prompt: list[int], steps: int) -> list[int]:
     return tokens
 
 
-@pytest.mark.parametrize("layout", ["dynamic", "static", "static-padded"])
+def runner_for(model, layout: str) -> ModelRunner:
+    """dynamic; static read in place row by row ("rows", the CPU's path); static gathered and padded to the
+    shapes a CUDA graph replays ("gather-padded", a graph's path in float32/64)."""
+    static = None if layout == "dynamic" else StaticKV(
+        model.config, 4, 128, torch.float64, torch.device("cpu"), pad_shapes=layout == "gather-padded",
+        attention="rows" if layout == "rows" else "gather")
+    return ModelRunner(model, torch.device("cpu"), static)
+
+
+@pytest.mark.parametrize("layout", ["dynamic", "rows", "gather-padded"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_decodes_like_its_uncached_self(family: str, layout: str) -> None:
     if layout == "dynamic" and family in STATIC_ONLY:
         pytest.skip(f"{family} runs on the static layout only (ModelRunner.load refuses the dynamic one)")
     model = tiny_model(family)
-    static = None if layout == "dynamic" else StaticKV(
-        model.config, 4, 128, torch.float64, torch.device("cpu"), pad_shapes=layout == "static-padded")
-    runner = ModelRunner(model, torch.device("cpu"), static)
+    runner = runner_for(model, layout)
     states = [SequenceState(list(p)) for p in PROMPTS]
     for step in range(8):
         if step == 4:  # a multi-token feed and a rollback, as a verify does
@@ -50,3 +58,36 @@ def test_family_decodes_like_its_uncached_self(family: str, layout: str) -> None
         for i, state in enumerate(states):
             state.tokens.append(int(logits[i, -1].argmax()))
     assert [s.tokens for s in states] == [uncached_greedy(model, p, 8) for p in PROMPTS]
+
+
+def test_a_sliding_window_is_kept_when_reading_slots_in_place() -> None:
+    """Mistral with a 5-token window, decoding past it (and a 3-token verify across it): the uncached tokens."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MistralConfig(**SHAPE, sliding_window=5), dtype=torch.float64).eval()
+    runner = runner_for(model, "rows")
+    states = [SequenceState(list(p)) for p in PROMPTS]
+    for step in range(10):
+        if step == 6:
+            states[1].tokens += [40, 41, 42]
+            runner.forward(states, logits_to_keep=3)
+            states[1].truncate(len(states[1].tokens) - 3)
+        logits = runner.forward(states, logits_to_keep=1)
+        for i, state in enumerate(states):
+            state.tokens.append(int(logits[i, -1].argmax()))
+    assert [s.tokens for s in states] == [uncached_greedy(model, p, 10) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_psd_through_a_cluster_equals_target_only(family: str, clusters, tmp_path_factory) -> None:
+    from minedraft.app.client import collect, make_request, stream
+    from minedraft.models.tiny import build_tiny_pair
+    from tests.conftest import channel_to
+
+    pair = build_tiny_pair(tmp_path_factory.mktemp(family), noise=0.3, family=family)
+    outputs = {}
+    for mode in ("ar", "psd"):
+        cluster = clusters.get(mode, pair, kv="static", max_seqs=16, max_context=256)
+        with channel_to(cluster) as channel:
+            outputs[mode] = [collect(stream(channel, make_request(prompt=p, max_tokens=24), timeout=60)).token_ids
+                             for p in ("def add(a, b):", "Hello, world!", "for i in range(10):\n")]
+    assert outputs["psd"] == outputs["ar"] and all(len(tokens) == 24 for tokens in outputs["ar"])

@@ -10,7 +10,7 @@ def copy_prompt_cache(runner: ModelRunner, parent: SequenceState, child: Sequenc
     if runner.static:
         runner.static.assign([child])
         for cache in (*runner.static.keys, *runner.static.values):
-            cache[child.slot, :, :parent.kv_len] = cache[parent.slot, :, :parent.kv_len]
+            cache[child.slot, :parent.kv_len] = cache[parent.slot, :parent.kv_len]
     else:
         child.kv = parent.kv.clone()
     child.mark_cached()

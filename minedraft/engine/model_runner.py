@@ -4,9 +4,9 @@ Shared by the draft and the target service. Every call is one batched forward, w
 sequences' lengths: each sequence's new tokens are right-aligned in a padded input (so every row's
 last positions share columns, and `logits_to_keep` works) and an explicit 4D mask hides the padding.
 Two cache layouts, same results:
-- static (the default on every device): preallocated slots written in place (`static_kv`), with fixed-shape
-  steps replayed as CUDA graphs on a GPU (`cuda_graphs`).
-- dynamic (`kv="dynamic"`): each sequence owns a KV tensor; a call right-aligns them in a padded past.
+- static (the default on every device): preallocated slots written in place (`static_kv`) and read in place by
+  attention (`slot_attention`), with fixed-shape steps replayed as CUDA graphs on a GPU (`cuda_graphs`).
+- dynamic (`kv="dynamic"`, `dynamic_kv`): each sequence owns a KV tensor; a call right-aligns them in a padded past.
 Prompts longer than PREFILL_CHUNK run in chunks, so a prefill's memory grows linearly with its length.
 """
 
@@ -15,17 +15,20 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.utils.mkldnn
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from minedraft.engine import slot_attention
 from minedraft.engine.cuda_graphs import StepGraphs
+from minedraft.engine.dynamic_kv import forward_dynamic
 from minedraft.engine.precision import quantize_linears, resolve_dtype
 from minedraft.engine.sampling import Sampling
-from minedraft.engine.static_kv import StaticKV, check_fits, uses_static_kv
+from minedraft.engine.static_kv import StaticKV, bucket, check_fits, uses_static_kv
 from minedraft.models.random_shapes import is_random, random_model
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,20 @@ def load_model(path: str, device: str, dtype: torch.dtype, **load_kwargs) -> Pre
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **load_kwargs).to(device).eval()
 
 
+@contextmanager
+def attention_implementation(model: PreTrainedModel, name: str | None) -> Iterator[None]:
+    """Runs the model's layers with attention function `name` (None: its own); they read it at every call."""
+    if name is None:
+        yield
+        return
+    own = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = own
+
+
 def cache_kwarg(model: PreTrainedModel) -> str:
     """transformers renamed `past_key_values` to `cache` (5.2x); the GPU image may hold an older 5.x."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -110,16 +127,28 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.static = static
         self._cache_kwarg = cache_kwarg(model)
-        self.graphs = StepGraphs(self._static_step, self._scratch_inputs) if static and cuda_graphs else None
+        self.graphs = None
+        if static and cuda_graphs:  # the gather path's shapes carry a width: captured as they come
+            self.graphs = StepGraphs(self._static_step, self._scratch_inputs, lazy=static.attention == "gather")
+
+    def capture_graphs(self, max_tokens: int) -> int:
+        """Captures every batch bucket x token bucket (1, 2, 3, 5, 9, ... up to `max_tokens`) now, at start-up."""
+        if not self.graphs or self.graphs.lazy:
+            return 0
+        tokens = sorted({1, max_tokens} | {2 ** i + 1 for i in range(max_tokens.bit_length()) if 2 ** i < max_tokens})
+        self.static.token_buckets = tuple(tokens)
+        batches = sorted({bucket(b, 1, self.static.max_seqs) for b in range(1, self.static.max_seqs + 1)})
+        return self.graphs.capture_all((self.static.scratch_inputs(b, n).tensors(), n) for b in batches for n in tokens)
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: str = "auto", threads: int | None = None,
              cpu_linear: str = "onednn", kv: str = "auto", max_seqs: int = 64, max_context: int = 4096,
              cuda_graphs: bool = True, quant: str = "none", kv_memory_fraction: float | None = None,
-             **load_kwargs) -> ModelRunner:
+             graph_tokens: int = 9, **load_kwargs) -> ModelRunner:
         """`dtype`: a DTYPES name or auto (`precision.resolve_dtype`); `quant`: a `precision.QUANTS` format for
         the linears (CPU); `kv`: dynamic, static, or auto (static); `max_seqs`/`max_context` size the static cache,
-        which must fit in `kv_memory_fraction` of the device's free memory (default 0.9 on a GPU, 0.4 on a CPU)."""
+        which must fit in `kv_memory_fraction` of the device's free memory (default 0.9 on a GPU, 0.4 on a CPU);
+        CUDA graphs of steps feeding up to `graph_tokens` tokens per row (k_max + 1) are captured before it returns."""
         if threads:
             torch.set_num_threads(threads)
         started = time.perf_counter()
@@ -144,9 +173,12 @@ class ModelRunner:
             static = StaticKV(model.config, max_seqs, context, DTYPES[dtype], torch.device(device), pad_shapes=graphs)
         log.info("loaded %s (%s, %s linears%s, %s, %d oneDNN linears, %s KV%s) in %.1fs", path, dtype, quant,
                  f" ({quantized})" if quantized else "", device, swapped,
-                 f"static {max_seqs}x{static.max_context} ({static.bytes / 2**30:.2f} GiB)" if static else "dynamic",
-                 ", CUDA graphs" if graphs else "", time.perf_counter() - started)
-        return cls(model, torch.device(device), static, cuda_graphs=graphs)
+                 f"static {max_seqs}x{static.max_context} ({static.bytes / 2**30:.2f} GiB, "
+                 f"{static.attention} attention)"
+                 if static else "dynamic", ", CUDA graphs" if graphs else "", time.perf_counter() - started)
+        runner = cls(model, torch.device(device), static, cuda_graphs=graphs)
+        runner.capture_graphs(graph_tokens)
+        return runner
 
     @property
     def max_context(self) -> int:
@@ -183,7 +215,7 @@ class ModelRunner:
             return self._all_or_nothing(states, lambda: self._forward_chunked(states[0], logits_to_keep))
         if self.static:
             return self._forward_static(states, logits_to_keep)
-        return self._forward_dynamic(states, logits_to_keep)
+        return forward_dynamic(self.model, self._cache_kwarg, states, logits_to_keep)
 
     def _all_or_nothing(self, states: list[SequenceState], run: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Runs several forwards as one call: if one fails, the slots taken on the way are given back."""
@@ -212,7 +244,10 @@ class ModelRunner:
         try:
             feeds = [s.tokens[s.kv_len:] for s in states]
             step = self.static.inputs(states, feeds).tensors()
-            if self.graphs:
+            n = step["input_ids"].shape[1]
+            if self.graphs and n in self.static.token_buckets:  # a grid graph keeps every position's logits
+                logits = self.graphs(step, n)[:, n - logits_to_keep:]
+            elif self.graphs:
                 logits = self.graphs(step, logits_to_keep)
             else:
                 logits = self._static_step(logits_to_keep=logits_to_keep, **step)
@@ -224,72 +259,21 @@ class ModelRunner:
             state.mark_cached()
         return logits[:len(states)]
 
-    def _static_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, slots: torch.Tensor,
-                     write_pos: torch.Tensor, mask: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+    def _static_step(self, logits_to_keep: int, **step: torch.Tensor) -> torch.Tensor:
         """One fixed-shape forward over the static cache (what a CUDA graph captures)."""
-        cache = self.static.cache_for(slots, write_pos, mask.shape[-1])
+        cache = self.static.cache_for(step["slots"], step["write_pos"], step["mask"])
         # A 4D mask is used as given by every family (Llama, Mistral, Phi-3, Gemma-2, Qwen2); a dict of masks
         # is skipped only by some, and the others' create_causal_mask fails on it.
-        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                         use_cache=True, logits_to_keep=logits_to_keep, **{self._cache_kwarg: cache})
+        extra = {}
+        if self.static.paged:  # slot_attention reads each row's slot in place, told where by `slot_step`
+            extra.update(slot_step=step, slot_memo={})
+        with attention_implementation(self.model, slot_attention.NAME if self.static.paged else None):
+            out = self.model(input_ids=step["input_ids"], position_ids=step["position_ids"],
+                             attention_mask=step["mask"], use_cache=True, logits_to_keep=logits_to_keep,
+                             **{self._cache_kwarg: cache}, **extra)
         return out.logits
 
     def _scratch_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Inputs of the same shapes that only write to the scratch slot (for warm-up and capture)."""
-        return {"input_ids": torch.zeros_like(inputs["input_ids"]),
-                "position_ids": torch.zeros_like(inputs["position_ids"]),
-                "slots": torch.full_like(inputs["slots"], self.static.scratch_slot),
-                "write_pos": torch.full_like(inputs["write_pos"], self.static.scratch_col),
-                "mask": torch.zeros_like(inputs["mask"])}
-
-    def _forward_dynamic(self, states: list[SequenceState], logits_to_keep: int) -> torch.Tensor:
-        feeds = [s.tokens[s.kv_len:] for s in states]
-        batch, n_new = len(states), max(len(f) for f in feeds)
-        n_past = max(s.kv_len for s in states)
-        input_ids = torch.zeros((batch, n_new), dtype=torch.long)
-        position_ids = torch.zeros((batch, n_new), dtype=torch.long)
-        key_valid = torch.zeros((batch, n_past + n_new), dtype=torch.bool)
-        for i, (state, feed) in enumerate(zip(states, feeds, strict=True)):
-            start = n_new - len(feed)
-            input_ids[i, start:] = torch.tensor(feed)
-            position_ids[i, start:] = torch.arange(state.kv_len, state.kv_len + len(feed))
-            key_valid[i, n_past - state.kv_len:n_past] = True
-            key_valid[i, n_past + start:] = True
-        causal = torch.arange(n_past + n_new)[None, :] <= (n_past + torch.arange(n_new))[:, None]
-        allowed = causal[None, None] & key_valid[:, None, None, :]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
-
-        cache = DynamicCache(config=self.model.config)
-        if n_past:
-            past = self._padded_past(states, n_past)
-            cache = DynamicCache(ddp_cache_data=[(layer[0], layer[1]) for layer in past],
-                                 config=self.model.config)
-        out = self.model(input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device),
-                         attention_mask=mask.to(self.device), use_cache=True, logits_to_keep=logits_to_keep,
-                         **{self._cache_kwarg: cache})
-        self._store_new_kv(states, feeds, getattr(out, self._cache_kwarg), n_past, n_new)
-        return out.logits
-
-    def _padded_past(self, states: list[SequenceState], n_past: int) -> torch.Tensor:
-        ref = next(s.kv for s in states if s.kv is not None)
-        layers, _, heads, _, head_dim = ref.shape
-        past = torch.zeros((layers, 2, len(states), heads, n_past, head_dim), dtype=ref.dtype,
-                           device=ref.device)
-        for i, state in enumerate(states):
-            if state.kv is not None:
-                past[:, :, i, :, n_past - state.kv_len:] = state.kv
-        return past
-
-    @staticmethod
-    def _store_new_kv(states: list[SequenceState], feeds: list[list[int]], cache: DynamicCache,
-                      n_past: int, n_new: int) -> None:
-        full = torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers])
-        total = n_past + n_new
-        for i, (state, feed) in enumerate(zip(states, feeds, strict=True)):
-            new = full[:, :, i, :, total - len(feed):]
-            if state.kv is None:
-                state.kv = new.clone()
-            else:
-                old = full[:, :, i, :, n_past - state.kv_len:n_past]
-                state.kv = torch.cat([old, new], dim=3)
-            state.mark_cached()
+        """Inputs of the same shapes that only write to (and read from) the scratch slot, for warm-up and capture."""
+        batch, n = inputs["input_ids"].shape
+        return self.static.scratch_inputs(batch, n, inputs["mask"].shape[-1]).tensors()

@@ -1,4 +1,5 @@
-"""Tiny random-weight Qwen2 model pairs for tests and offline demos (built in well under a second).
+"""Tiny random-weight model pairs (Qwen2 by default; any family `AutoConfig` knows) for tests and offline demos,
+built in well under a second.
 
 The draft is the target with Gaussian noise added to every weight: `noise=0` gives a draft that
 must have every token accepted; a small noise gives a realistic partial acceptance.
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -38,22 +39,23 @@ def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_config(vocab_size: int, layers: int = 2, hidden: int = 64) -> Qwen2Config:
-    return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=1024, initializer_range=0.25, tie_word_embeddings=False,
-                       eos_token_id=None, bos_token_id=None)
+def tiny_config(vocab_size: int, layers: int = 2, hidden: int = 64, family: str = "qwen2") -> PretrainedConfig:
+    return AutoConfig.for_model(family, vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+                                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                head_dim=hidden // 4, max_position_embeddings=1024, initializer_range=0.25,
+                                tie_word_embeddings=False, eos_token_id=None, bos_token_id=None, pad_token_id=None)
 
 
-def build_tiny_pair(out_dir: str | Path, noise: float = 0.02, seed: int = 0) -> tuple[Path, Path]:
+def build_tiny_pair(out_dir: str | Path, noise: float = 0.02, seed: int = 0, family: str = "qwen2"
+                    ) -> tuple[Path, Path]:
     """Writes `target/` and `draft/` model folders (weights, config, tokenizer) under out_dir."""
     out = Path(out_dir)
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    config = tiny_config(len(tokenizer))
+    config = tiny_config(len(tokenizer), family=family)
     config.eos_token_id = tokenizer.eos_token_id
-    target = Qwen2ForCausalLM(config)
-    draft = Qwen2ForCausalLM(config)
+    target = AutoModelForCausalLM.from_config(config)
+    draft = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for d, t in zip(draft.parameters(), target.parameters(), strict=True):
             d.copy_(t + noise * torch.randn_like(t) * t.std())

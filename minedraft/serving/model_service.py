@@ -65,6 +65,9 @@ def add_kv_args(parser: argparse.ArgumentParser) -> None:
                              "refused at start (default 0.9 on a GPU, 0.4 on a CPU, whose RAM both services share)")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="static KV on CUDA: replay fixed-shape steps as CUDA graphs")
+    parser.add_argument("--graph-tokens", type=int, default=9,
+                        help="CUDA graphs: the most tokens per row a captured step feeds (the router's k_max + 1); "
+                             "every batch bucket x token bucket up to it is captured before the service is SERVING")
 
 
 def parse_cores(spec: str) -> set[int]:
@@ -81,7 +84,8 @@ def runner_loader(args: argparse.Namespace, model_path: str) -> Callable[[], Mod
         return functools.partial(tensor_parallel.load_sharded, model_path, args.device, args.dtype, args.kv)
     return functools.partial(ModelRunner.load, model_path, args.device, args.dtype, cpu_linear=args.cpu_linear,
                              quant=args.quant, kv=args.kv, max_seqs=args.max_seqs, max_context=args.max_context,
-                             cuda_graphs=args.cuda_graphs, kv_memory_fraction=args.kv_memory_fraction)
+                             cuda_graphs=args.cuda_graphs, kv_memory_fraction=args.kv_memory_fraction,
+                             graph_tokens=args.graph_tokens)
 
 
 def follow_rank_zero(args: argparse.Namespace, build_engine: Callable[[ModelRunner], object]) -> None:

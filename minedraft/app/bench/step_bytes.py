@@ -161,7 +161,7 @@ def dynamic_kv_bytes(geo: KVGeometry, kv_lens: list[int], n: int) -> int:
 
 
 def layout_kv_bytes(layout: str, geo: KVGeometry, kv_lens: list[int], n: int, static: object = None) -> int:
-    """KV bytes one step moves in `layout` (dynamic, static, graphs); `static` is the runner's StaticKV."""
+    """KV bytes one step moves in `layout` (dynamic, static, gather, graphs); `static` is the runner's StaticKV."""
     if layout == "dynamic":
         return dynamic_kv_bytes(geo, kv_lens, n)
     if getattr(static, "paged", False):  # paged attention reads each row's own blocks in place: no gather

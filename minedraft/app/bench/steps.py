@@ -27,7 +27,7 @@ from minedraft.models.random_shapes import is_random
 from minedraft.models.store import resolve_model
 
 log = logging.getLogger(__name__)
-LAYOUTS = ("dynamic", "static", "graphs")
+LAYOUTS = ("dynamic", "static", "gather", "graphs")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -65,12 +65,16 @@ def copy_bandwidth(device: torch.device, size_bytes: int = 1 << 30, repeats: int
     return 2 * size_bytes * repeats / (time.perf_counter() - started)
 
 
-def runner_for(model, device: torch.device, layout: str, batch: int, max_context: int) -> ModelRunner:
+def runner_for(model, device: torch.device, layout: str, batch: int, max_context: int, k: int) -> ModelRunner:
+    """dynamic; static (attention reads slots in place); gather (the static cache gathered per step, as before
+    slot_attention: for the before/after in one run); graphs (static, its start-up grid captured)."""
     if layout == "dynamic":
         return ModelRunner(model, device)
     static = StaticKV(model.config, batch, max_context, next(model.parameters()).dtype, device,
-                      pad_shapes=layout == "graphs")
-    return ModelRunner(model, device, static, cuda_graphs=layout == "graphs")
+                      pad_shapes=layout == "graphs", attention="gather" if layout == "gather" else None)
+    runner = ModelRunner(model, device, static, cuda_graphs=layout == "graphs")
+    runner.capture_graphs(k + 1)
+    return runner
 
 
 def time_step(runner: ModelRunner, states: list[SequenceState], feed: int, repeats: int) -> float:
@@ -101,7 +105,7 @@ def measure(spec: str, args: argparse.Namespace, bandwidth: float, quant: str) -
             print(f"{spec}: skipping CUDA graphs: no CUDA device here ({args.device})", flush=True)
             continue
         for batch in (int(b) for b in args.batches.split(",")):
-            runner = runner_for(model, device, layout, batch, args.context + args.k + 8)
+            runner = runner_for(model, device, layout, batch, args.context + args.k + 8, args.k)
             generator = torch.Generator().manual_seed(batch)
             states = [SequenceState(torch.randint(0, 1000, (args.context,), generator=generator).tolist())
                       for _ in range(batch)]

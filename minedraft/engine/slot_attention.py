@@ -1,0 +1,121 @@
+"""Attention read in place from the static cache: no per-step gather of the batch's slots, no repeated KV heads.
+
+transformers' own attention gets keys/values as a dense [batch, kv_heads, width, head_dim] tensor, so the slot
+cache used to gather every row's slot up to a shared width bucket (a copy of the batch's whole cache each step)
+and, for a multi-token verify, SDPA then materialised `repeat_kv` (query heads / KV heads times that). Here the
+cache's `update` hands over the whole layer and this attention function reads each row's own slot:
+- "varlen" (CUDA, half precision): torch's Flash-Attention varlen kernel with the cache as a page pool, each
+  slot a run of PAGE-token pages (`block_table`), `seqused_k` the row's length, GQA in the kernel. One launch;
+  shapes depend only on the batch and the tokens per row, so a captured graph serves every context length.
+- "rows" (CPU, or where varlen cannot run eagerly): per row, SDPA over a view of its slot (no copy), each KV
+  head's query heads packed as query rows (GQA without repeated keys; on this CPU 7x faster than the gather at
+  batch 8, context 512, and 6x for a 5-token verify); soft-capped logits (Gemma-2) take it in plain math.
+- "gather": the old path (a CUDA graph in float32/64, or soft-capping on CUDA): transformers' SDPA over a gather.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+NAME = "minedraft_slots"
+PAGE = 256  # Flash-Attention's paged KV wants pages of a multiple of 256 tokens
+
+
+def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose(device: torch.device, dtype: torch.dtype, config, graphs: bool) -> str:
+    """The attention path a static cache runs (see the module's note)."""
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if varlen_available(device, dtype) and not softcap:
+        return "varlen"
+    return "gather" if graphs else "rows"
+
+
+def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                   sliding_window: int | None = None, softcap: float | None = None,
+                   slot_step: dict[str, torch.Tensor] | None = None, slot_memo: dict | None = None, **_
+                   ) -> tuple[torch.Tensor, None]:
+    """query [batch, heads, n, head_dim]; key/value the layer's whole cache [slots, context, kv_heads, head_dim];
+    `slot_step` the step's inputs (StaticKV.inputs), `slot_memo` a dict this forward's layers share.
+    Returns [batch, n, heads, head_dim], as transformers' attention functions do."""
+    if slot_step["block_table"].shape[-1]:
+        return _varlen(query, key, value, scaling, sliding_window, slot_step), None
+    return _rows(query, key, value, scaling, sliding_window, softcap, slot_step, slot_memo), None
+
+
+def _varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
+            sliding_window: int | None, step: dict[str, torch.Tensor]) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    batch, heads, n, head_dim = query.shape
+    pages = key.view(-1, PAGE, *key.shape[2:])  # the slot rows as a pool of pages: a view, no copy
+    # Right-aligned feeds and bottom-right causal alignment agree: query i of a row of length L sees keys
+    # up to L - n + i, its own position. Left padding queries see fewer (or none): their output is unused.
+    out = varlen_attn(query.transpose(1, 2).reshape(batch * n, heads, head_dim), pages, value.view_as(pages),
+                      step["cu_seq_q"], step["cu_seq_k"], n, key.shape[1], scale=scaling,
+                      window_size=(sliding_window - 1 if sliding_window else -1, 0), enable_gqa=True,
+                      seqused_k=step["lengths"], block_table=step["block_table"])
+    return out.view(batch, n, heads, head_dim)
+
+
+def _rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
+          sliding_window: int | None, softcap: float | None, step: dict[str, torch.Tensor],
+          memo: dict) -> torch.Tensor:
+    batch, heads, n, head_dim = query.shape
+    kv_heads = key.shape[2]
+    groups = heads // kv_heads
+    out = query.new_zeros(batch, n, heads, head_dim)
+    if "rows" not in memo:  # the same for every layer of this forward: worked out once
+        memo["rows"] = [(row, slot, length, feed) for row, (slot, length, feed) in enumerate(zip(
+            step["slots"].tolist(), step["lengths"].tolist(), step["feeds"].tolist(), strict=True)) if feed]
+    for row, slot, length, feed in memo["rows"]:
+        # The row's real (right-aligned) queries, each KV head's query heads packed as extra query rows
+        # (GQA without repeating keys): [1, kv_heads, groups * feed, head_dim], row g * feed + i is query i.
+        q = query[row, :, n - feed:].reshape(1, kv_heads, groups * feed, head_dim)
+        k, v = key[slot, :length].transpose(0, 1)[None], value[slot, :length].transpose(0, 1)[None]  # views
+        window = sliding_window if sliding_window and length > sliding_window else None
+        if (row, window) not in memo:
+            memo[row, window] = _allowed(length, feed, window, groups, q.device)
+        allowed = memo[row, window]
+        if softcap:
+            attended = _softcapped(q, k, v, allowed, scaling, softcap)
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
+        out[row, n - feed:] = attended[0].reshape(heads, feed, head_dim).transpose(0, 1)
+    return out
+
+
+def _allowed(length: int, feed: int, window: int | None, groups: int, device: torch.device) -> torch.Tensor | None:
+    """Which keys each packed query row sees: up to its own position (and within the window); None: all."""
+    if feed == 1 and window is None:
+        return None
+    positions = torch.arange(length - feed, length, device=device)[:, None]
+    columns = torch.arange(length, device=device)[None, :]
+    allowed = columns <= positions
+    if window:
+        allowed &= columns > positions - window
+    return allowed.repeat(groups, 1)
+
+
+def _softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, scaling: float | None,
+                softcap: float) -> torch.Tensor:
+    """Gemma-2's attention: tanh-capped scores, softmax in float32 (as its eager path)."""
+    scores = q @ k.transpose(-1, -2) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
+
+
+AttentionInterface.register(NAME, slot_attention)
