@@ -89,3 +89,19 @@ def test_a_row_is_warped_the_same_in_any_batch(sampling: Sampling) -> None:
     together = warp_rows(logits, SETTINGS)
     row = SETTINGS.index(sampling)
     assert torch.equal(together[row], warp_rows(logits[row:row + 1], [sampling])[0])
+
+
+def test_ranking_only_the_likeliest_tokens_keeps_the_same_distribution(monkeypatch) -> None:
+    """On a CPU top-k/top-p rank a row's 1,024 likeliest tokens when its choice lies within them: the same
+    probabilities as sorting the whole vocabulary, for peaked and flat rows (the flat ones are sorted whole)."""
+    from minedraft.engine import sampling
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, 20000) * torch.tensor([1.0, 4.0, 8.0, 12.0])[:, None, None]
+    settings = [Sampling(temperature=0.8, top_p=0.9), Sampling(temperature=1.0, top_k=50, top_p=0.95),
+                Sampling(temperature=0.7, top_k=2000), Sampling(temperature=1.2, top_p=0.5)]
+    fast, fast_rows = warp_rows(logits, settings), warp_rows(logits[:, 0], settings)  # [rows, P, V] and [rows, V]
+    monkeypatch.setattr(sampling, "CANDIDATES", 1 << 30)
+    whole = warp_rows(logits, settings)
+    assert torch.allclose(fast, whole, rtol=0, atol=1e-7) and torch.equal(fast > 0, whole > 0)
+    assert torch.allclose(fast_rows, whole[:, 0], rtol=0, atol=1e-7)

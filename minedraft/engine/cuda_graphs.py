@@ -39,11 +39,11 @@ class CapturedStep:
         with torch.cuda.graph(self.graph, pool=pool):
             self.output = run()
 
-    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, inputs: dict[str, torch.Tensor], returned: int) -> torch.Tensor:
         for name, tensor in inputs.items():
             self.inputs[name].copy_(tensor)
         self.graph.replay()
-        return self.output.clone()  # the next replay overwrites the graph's output
+        return self.output[:, -returned:].clone()  # the next replay overwrites the graph's output
 
 
 def shape_key(inputs: dict[str, torch.Tensor], logits_to_keep: int) -> tuple:
@@ -82,7 +82,10 @@ class StepGraphs:
             torch.cuda.synchronize()
             return None
 
-    def __call__(self, inputs: dict[str, torch.Tensor], logits_to_keep: int) -> torch.Tensor:
+    def __call__(self, inputs: dict[str, torch.Tensor], logits_to_keep: int, returned: int | None = None
+                 ) -> torch.Tensor:
+        """Logits of the last `returned` (default: all kept) positions of a step keeping `logits_to_keep`."""
+        returned = returned or logits_to_keep
         key = shape_key(inputs, logits_to_keep)
         graph = self.graphs.get(key)
         if graph is None and self.lazy and self._may_capture(key, inputs):
@@ -93,10 +96,10 @@ class StepGraphs:
             if key not in self.warned and inputs["input_ids"].shape[1] <= self.max_tokens:  # prefills are expected
                 self.warned.add(key)
                 log.warning("no CUDA graph for step shape %s: running it eagerly", key)
-            return self.step(logits_to_keep=logits_to_keep, **inputs)
+            return self.step(logits_to_keep=returned, **inputs)
         self.replays += 1
         metrics.GRAPH_STEPS.labels("replay").inc()
-        return graph(inputs)
+        return graph(inputs, returned)
 
     def _may_capture(self, key: tuple, inputs: dict[str, torch.Tensor]) -> bool:
         tokens = inputs["input_ids"].shape[1]

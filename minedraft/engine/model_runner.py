@@ -94,9 +94,9 @@ def use_onednn_linears(module: torch.nn.Module, min_params: int = ONEDNN_MIN_PAR
 
 
 def load_model(path: str, device: str, dtype: torch.dtype, **load_kwargs) -> PreTrainedModel:
-    if is_random(path):
-        return random_model(path, device, dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **load_kwargs).to(device).eval()
+    model = random_model(path, device, dtype) if is_random(path) else \
+        AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **load_kwargs).to(device).eval()
+    return model.requires_grad_(False)  # inference only: no step may record autograd history
 
 
 @contextmanager
@@ -131,6 +131,7 @@ class ModelRunner:
         if static and cuda_graphs:  # the gather path's shapes carry a width: captured as they come
             self.graphs = StepGraphs(self._static_step, self._scratch_inputs, lazy=static.attention == "gather")
 
+    @torch.inference_mode()  # as every step runs: no autograd history in the cache, and varlen's kernel needs it
     def capture_graphs(self, max_tokens: int) -> int:
         """Captures every batch bucket x token bucket (1, 2, 3, 5, 9, ... up to `max_tokens`) now, at start-up."""
         if not self.graphs or self.graphs.lazy:
@@ -246,7 +247,7 @@ class ModelRunner:
             step = self.static.inputs(states, feeds).tensors()
             n = step["input_ids"].shape[1]
             if self.graphs and n in self.static.token_buckets:  # a grid graph keeps every position's logits
-                logits = self.graphs(step, n)[:, n - logits_to_keep:]
+                logits = self.graphs(step, n, returned=logits_to_keep)
             elif self.graphs:
                 logits = self.graphs(step, logits_to_keep)
             else:

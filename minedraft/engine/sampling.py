@@ -20,6 +20,7 @@ from minedraft.protos import common_pb2
 # Distinct streams for the draft and the target: a shared stream would correlate the draft's
 # sample with the target's acceptance test and bias the output.
 DRAFT_STREAM, TARGET_STREAM = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9
+CANDIDATES = 1024  # on a CPU, the likeliest tokens top-k and top-p rank when a row's choice lies within them
 # Below this, logits / temperature can overflow float32 (inf - inf = nan in softmax): a setting is refused.
 MIN_TEMPERATURE = 1e-3
 
@@ -104,22 +105,47 @@ def warp_rows(logits: torch.Tensor, samplings: Sequence[Sampling]) -> torch.Tens
     # Each row takes the same arithmetic whatever the rest of its batch asks for (batching never changes a row).
     probs = torch.softmax(logits, dim=-1)
     if min(top_k) < vocab or min(top_p) < 1.0:
-        ranked, order = torch.sort(logits, dim=-1, descending=True)
-        rank = torch.arange(vocab, device=logits.device)
-        ranked = ranked.masked_fill(rank >= column(top_k, ranked, torch.long), float("-inf"))
-        ranked = torch.softmax(ranked, dim=-1)
-        # Drop a token once the tokens ranked above it already hold top_p of the mass.
-        drop = (torch.cumsum(ranked, dim=-1) - ranked) >= column(top_p, ranked)
-        ranked = ranked.masked_fill(drop, 0.0)
-        filtered = torch.empty_like(ranked).scatter_(-1, order, ranked / ranked.sum(dim=-1, keepdim=True))
         wants = column([k < vocab or p < 1.0 for k, p in zip(top_k, top_p, strict=True)], probs, torch.bool)
-        probs = torch.where(wants, filtered, probs)
+        probs = torch.where(wants, _nucleus(probs, top_k, top_p), probs)
     min_p = [s.min_p for s in samplings]
     if max(min_p) > 0.0:  # scale-free: the same tokens go before or after renormalising
         kept = probs.masked_fill(probs < column(min_p, probs) * probs.amax(dim=-1, keepdim=True), 0.0)
         probs = torch.where(column([p > 0.0 for p in min_p], probs, torch.bool),
                             kept / kept.sum(dim=-1, keepdim=True), probs)
     return probs
+
+
+def _nucleus(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Each row's top-k, then top-p, renormalised. A full sort of the vocabulary costs a CPU ~30 ms a position,
+    so there a row whose top-k and nucleus lie within its CANDIDATES likeliest tokens ranks only those (the
+    same tokens kept; deciding it reads the host, free on a CPU); on a GPU every row is sorted whole."""
+    vocab = probs.shape[-1]
+    if probs.device.type != "cpu" or vocab <= CANDIDATES:
+        return _ranked_filter(probs, top_k, top_p, vocab)
+    head = torch.topk(probs, CANDIDATES, dim=-1).values.sum(dim=-1).reshape(len(top_k), -1).amin(dim=-1)  # worst
+    short = [(k <= CANDIDATES or k >= vocab) and (p >= 1.0 or mass >= p)
+             for k, p, mass in zip(top_k, top_p, head.tolist(), strict=True)]
+    out = torch.empty_like(probs)
+    for fits, size in ((True, CANDIDATES), (False, vocab)):
+        rows = [i for i, ok in enumerate(short) if ok == fits]
+        if rows:
+            out[rows] = _ranked_filter(probs[rows], [top_k[i] for i in rows], [top_p[i] for i in rows], size)
+    return out
+
+
+def _ranked_filter(probs: torch.Tensor, top_k: list[int], top_p: list[float], size: int) -> torch.Tensor:
+    """top-k and top-p over each row's `size` likeliest tokens (the rest dropped: the caller checked they would be)."""
+    ranked, order = torch.topk(probs, size, dim=-1) if size < probs.shape[-1] else \
+        torch.sort(probs, dim=-1, descending=True)
+    rank = torch.arange(size, device=probs.device)
+    ranked = ranked.masked_fill(rank >= column(top_k, ranked, torch.long), 0.0)
+    # With top-k, top-p works on the k tokens renormalised; without, on the full distribution.
+    with_k = column([k < probs.shape[-1] for k in top_k], ranked, torch.bool)
+    ranked = torch.where(with_k, ranked / ranked.sum(dim=-1, keepdim=True), ranked)
+    # Drop a token once the tokens ranked above it already hold top_p of the mass.
+    ranked = ranked.masked_fill((torch.cumsum(ranked, dim=-1) - ranked) >= column(top_p, ranked), 0.0)
+    kept = torch.zeros_like(probs).scatter_(-1, order, ranked)
+    return kept / kept.sum(dim=-1, keepdim=True)
 
 
 def warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:

@@ -23,8 +23,11 @@ NAME = "minedraft_slots"
 PAGE = 256  # Flash-Attention's paged KV wants pages of a multiple of 256 tokens
 
 
-def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+def varlen_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Flash-Attention's kernel: half precision, Ampere or newer, head_dim a multiple of 8 up to 256."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(device) < (8, 0) or head_dim % 8 or head_dim > 256:
         return False
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
@@ -36,7 +39,8 @@ def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
 def choose(device: torch.device, dtype: torch.dtype, config, graphs: bool) -> str:
     """The attention path a static cache runs (see the module's note)."""
     softcap = getattr(config, "attn_logit_softcapping", None)
-    if varlen_available(device, dtype) and not softcap:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if varlen_available(device, dtype, head_dim) and not softcap:
         return "varlen"
     return "gather" if graphs else "rows"
 

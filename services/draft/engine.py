@@ -59,8 +59,13 @@ class DraftEngine:
         if checked:
             ran, copies = split_shared(checked, same_prompt_as or {})
             self.runner.forward(ran, logits_to_keep=1)
-            for parent, child in copies:
-                copy_prompt_cache(self.runner, parent, child)
+            try:
+                for parent, child in copies:
+                    copy_prompt_cache(self.runner, parent, child)
+            except BaseException:  # none of them is held yet: their cache space goes back
+                for _, state in checked:
+                    self.runner.drop(state)
+                raise
         for seq_id, state in checked:
             self.table.put(seq_id, state)
         return errors

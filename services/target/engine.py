@@ -22,6 +22,9 @@ from minedraft.errors import InvalidArgument, ServiceError
 DEFAULT_MAX_DRAFTS = 32
 
 
+MAX_SUPPORT = 256  # a draft position's q support (the draft sends its top-m, m = 32): bounds a batch's tensors
+
+
 class Verdict(NamedTuple):
     accepted: int  # leading drafts kept
     next_token: int  # the target's own token after them (a prefill's first token)
@@ -56,14 +59,19 @@ class TargetEngine:
         if not checked:
             return results
         ran, copies = split_shared([(seqs[i][0], state) for i, state in checked], same_prompt_as or {})
-        logits = self.runner.forward(ran, logits_to_keep=1)
-        row_of = {id(state): row for state, row in zip(ran, logits, strict=True)}
-        for parent, child in copies:
-            copy_prompt_cache(self.runner, parent, child)
-            row_of[id(child)] = row_of[id(parent)]
         states = [state for _, state in checked]
-        verdicts = self._judge(torch.stack([row_of[id(state)] for state in states]), [[] for _ in states], states,
-                               [len(state.tokens) for state in states])
+        logits = self.runner.forward(ran, logits_to_keep=1)
+        try:
+            row_of = {id(state): row for state, row in zip(ran, logits, strict=True)}
+            for parent, child in copies:
+                copy_prompt_cache(self.runner, parent, child)
+                row_of[id(child)] = row_of[id(parent)]
+            verdicts = self._judge(torch.stack([row_of[id(state)] for state in states]), [[] for _ in states],
+                                   states, [len(state.tokens) for state in states])
+        except BaseException:  # none of them is held yet: their cache space goes back
+            for state in states:
+                self.runner.drop(state)
+            raise
         for (i, state), verdict in zip(checked, verdicts, strict=True):
             results[i] = verdict
             if isinstance(verdict, ServiceError):
@@ -116,7 +124,8 @@ class TargetEngine:
             raise InvalidArgument(f"{seq_id}: {len(drafts)} drafts; at most {self.max_drafts}")
         self.table.check_tokens([d[0] for d in drafts], extra=len(state.tokens) + 1)
         for token, support, probs in drafts:
-            if not support or len(support) != len(probs) or token not in support or len(set(support)) < len(support):
+            if not support or len(support) != len(probs) or token not in support or len(set(support)) < len(support) \
+                    or len(support) > MAX_SUPPORT:
                 raise InvalidArgument(f"{seq_id}: malformed draft distribution")
             self.table.check_tokens(support)
             if not all(math.isfinite(p) and 0 <= p <= 1 for p in probs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import random
 import time
 
@@ -24,19 +25,20 @@ MODE_SPECS = {"ar": ("ar", 1, False), "sd": ("sd", 1, False), "psd": ("psd", 1, 
 
 
 async def _one(stub: generate_pb2_grpc.GenerationStub, item: dict, max_tokens: int,
-               ignore_eos: bool = False) -> RequestRecord:
+               ignore_eos: bool = False, index: int = -1) -> RequestRecord:
     request = make_request(prompt=item.get("prompt"), messages=item.get("messages"), max_tokens=max_tokens,
                            ignore_eos=ignore_eos)
-    submitted, first, tokens = time.time(), None, 0
+    submitted, first, tokens, digest = time.time(), None, 0, hashlib.sha1()
     try:
         async for response in stub.Generate(request):
             if response.HasField("chunk") and response.chunk.token_ids:
                 first = first or time.time()
                 tokens += len(response.chunk.token_ids)
+                digest.update(b"".join(t.to_bytes(4, "little") for t in response.chunk.token_ids))
             elif response.HasField("final"):
                 s = response.final.stats
                 return RequestRecord(submitted, first, time.time(), tokens, s.drafted_tokens, s.accepted_tokens,
-                                     s.rounds)
+                                     s.rounds, index=index, digest=digest.hexdigest()[:16])
     except grpc.aio.AioRpcError as error:
         return RequestRecord(submitted, first, time.time(), tokens, error=f"{error.code().name}: {error.details()}")
     return RequestRecord(submitted, first, time.time(), tokens, error="stream ended without a final message")
@@ -50,23 +52,23 @@ async def drive(address: str, items: list[dict], concurrency: int, max_tokens: i
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generate_pb2_grpc.GenerationStub(channel)
 
-        async def run(item: dict) -> None:
-            records.append(await _one(stub, item, max_tokens, ignore_eos))
+        async def run(index: int, item: dict) -> None:
+            records.append(await _one(stub, item, max_tokens, ignore_eos, index=index))
             bar.update(1)
 
         if rate:
             arrivals = random.Random(seed)
             tasks = []
-            for item in items:
-                tasks.append(asyncio.create_task(run(item)))
+            for index, item in enumerate(items):
+                tasks.append(asyncio.create_task(run(index, item)))
                 await asyncio.sleep(arrivals.expovariate(rate))
             await asyncio.gather(*tasks)
         else:
-            queue = list(reversed(items))
+            queue = list(reversed(list(enumerate(items))))
 
             async def stream_worker() -> None:
                 while queue:
-                    await run(queue.pop())
+                    await run(*queue.pop())
 
             await asyncio.gather(*(stream_worker() for _ in range(concurrency)))
     bar.close()

@@ -22,6 +22,8 @@ class RequestRecord:
     accepted: int = 0
     rounds: int = 0
     error: str = ""
+    index: int = -1  # the prompt's place in the workload
+    digest: str = ""  # of the generated token ids: equal digests, equal outputs (greedy modes must agree)
 
 
 @dataclass
@@ -99,6 +101,7 @@ def summarise_mode(records: list[RequestRecord], lanes: list[dict], events: list
         # In one lane every round is propose + verify back to back, so the rest of its wall time is the
         # router's and gRPC's; with two lanes a round also waits for the other lane, so it is not reported.
         "router_overhead_frac": 1 - (draft_ms + verify_ms) / round_ms if one_lane and round_ms else None,
+        "token_digests": {str(r.index): r.digest for r in sorted(ok, key=lambda r: r.index) if r.digest},
     }
 
 
