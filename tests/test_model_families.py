@@ -47,34 +47,30 @@ def test_family_decodes_like_its_uncached_self(family: str, layout: str) -> None
     if layout == "dynamic" and family in STATIC_ONLY:
         pytest.skip(f"{family} runs on the static layout only (ModelRunner.load refuses the dynamic one)")
     model = tiny_model(family)
-    runner = runner_for(model, layout)
+    assert greedy_with_a_verify(runner_for(model, layout), 8, at=4, row=0) == \
+        [uncached_greedy(model, p, 8) for p in PROMPTS]
+
+
+def greedy_with_a_verify(runner: ModelRunner, steps: int, at: int, row: int) -> list[list[int]]:
+    """Greedy decoding of PROMPTS; at step `at`, row `row` is fed three tokens and rolled back, as a verify."""
     states = [SequenceState(list(p)) for p in PROMPTS]
-    for step in range(8):
-        if step == 4:  # a multi-token feed and a rollback, as a verify does
-            states[0].tokens += [40, 41, 42]
-            runner.forward(states, logits_to_keep=1)
-            states[0].truncate(len(states[0].tokens) - 3)
+    for step in range(steps):
+        if step == at:
+            states[row].tokens += [40, 41, 42]
+            runner.forward(states, logits_to_keep=3)
+            states[row].truncate(len(states[row].tokens) - 3)
         logits = runner.forward(states, logits_to_keep=1)
         for i, state in enumerate(states):
             state.tokens.append(int(logits[i, -1].argmax()))
-    assert [s.tokens for s in states] == [uncached_greedy(model, p, 8) for p in PROMPTS]
+    return [s.tokens for s in states]
 
 
 def test_a_sliding_window_is_kept_when_reading_slots_in_place() -> None:
     """Mistral with a 5-token window, decoding past it (and a 3-token verify across it): the uncached tokens."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(MistralConfig(**SHAPE, sliding_window=5), dtype=torch.float64).eval()
-    runner = runner_for(model, "rows")
-    states = [SequenceState(list(p)) for p in PROMPTS]
-    for step in range(10):
-        if step == 6:
-            states[1].tokens += [40, 41, 42]
-            runner.forward(states, logits_to_keep=3)
-            states[1].truncate(len(states[1].tokens) - 3)
-        logits = runner.forward(states, logits_to_keep=1)
-        for i, state in enumerate(states):
-            state.tokens.append(int(logits[i, -1].argmax()))
-    assert [s.tokens for s in states] == [uncached_greedy(model, p, 10) for p in PROMPTS]
+    assert greedy_with_a_verify(runner_for(model, "rows"), 10, at=6, row=1) == \
+        [uncached_greedy(model, p, 10) for p in PROMPTS]
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
