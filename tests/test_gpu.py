@@ -65,6 +65,7 @@ def test_sampling_and_verification_sync_only_to_copy_their_results(monkeypatch) 
     """The batched sampler and verifier under sync debug mode "error": the one copy of results is the only
     host sync (a per-row int()/tolist()/multinomial would raise)."""
     from minedraft.engine import sampling, verification
+    from minedraft.engine.logits_processing import adjust
     from minedraft.engine.sampling import DRAFT_STREAM, TARGET_STREAM, Sampling, draft_rows, make_generator
 
     def copy_allowed(tensor: torch.Tensor) -> list:
@@ -77,6 +78,8 @@ def test_sampling_and_verification_sync_only_to_copy_their_results(monkeypatch) 
     monkeypatch.setattr(sampling, "to_host", copy_allowed)
     settings = [Sampling(), Sampling(temperature=0.8, top_k=20, seed=1), Sampling(temperature=1.0, top_p=0.9,
                                                                                   seed=2)] * 11  # 33 rows
+    penalised = Sampling(temperature=0.9, repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2,
+                         min_tokens=4, held_tokens=(1, 2), prompt_len=3, seed=5)
     logits = torch.randn(len(settings), 5, 1000, device="cuda")
     drafts = [[(int(t), [int(t)], [1.0]) for t in row] for row in logits[:, :-1].argmax(-1).cpu()]
     draft_gens = [make_generator(s.seed, DRAFT_STREAM, "cuda") for s in settings]
@@ -84,6 +87,7 @@ def test_sampling_and_verification_sync_only_to_copy_their_results(monkeypatch) 
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
+        adjust(logits[0], penalised, [5, 6, 7, 8, 9, 10, 11, 12], 4)  # penalties and min_tokens, on the device
         draft_rows(logits[:, 0], settings, 32, draft_gens)
         verdict = verification.judge(logits, drafts, settings, target_gens)
     finally:

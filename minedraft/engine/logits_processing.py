@@ -30,7 +30,10 @@ def adjust(logits: torch.Tensor, sampling: Sampling, tokens: list[int], first: i
         return logits
     rows, vocab = logits.shape
     out = logits.to(widened(logits.dtype), copy=True)
-    history = torch.tensor(tokens[:first + rows - 1], dtype=torch.long, device=logits.device)
+    # Host lists reach the device without waiting for it (no sync: see sampling's note).
+    history = torch.tensor(tokens[:first + rows - 1], dtype=torch.long).to(logits.device, non_blocking=True)
+    held = torch.tensor([t for t in sampling.held_tokens if 0 <= t < vocab], dtype=torch.long)
+    held = held.to(logits.device, non_blocking=True)
     for j in range(rows):
         end = first + j
         row = out[j]
@@ -41,11 +44,10 @@ def adjust(logits: torch.Tensor, sampling: Sampling, tokens: list[int], first: i
             row.copy_(torch.where(seen, penalised, row))
         output = history[sampling.prompt_len:end]
         if sampling.frequency_penalty or sampling.presence_penalty:
-            counts = torch.bincount(output, minlength=vocab)[:vocab].to(row.dtype)
+            counts = torch.zeros_like(row).scatter_add_(0, output, torch.ones_like(output, dtype=row.dtype))
             row.sub_(sampling.frequency_penalty * counts + sampling.presence_penalty * (counts > 0).to(row.dtype))
         if end - sampling.prompt_len < sampling.min_tokens and sampling.held_tokens:
-            held = [t for t in sampling.held_tokens if 0 <= t < vocab]
-            row[held] = float("-inf")
+            row.index_fill_(0, held, float("-inf"))
     return out
 
 
