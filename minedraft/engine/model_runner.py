@@ -138,6 +138,7 @@ class ModelRunner:
             return 0
         tokens = sorted({1, max_tokens} | {2 ** i + 1 for i in range(max_tokens.bit_length()) if 2 ** i < max_tokens})
         self.static.token_buckets = tuple(tokens)
+        self.graphs.max_tokens = max_tokens  # longer feeds are prefills: eager by design, not worth a warning
         batches = sorted({bucket(b, 1, self.static.max_seqs) for b in range(1, self.static.max_seqs + 1)})
         return self.graphs.capture_all((self.static.scratch_inputs(b, n).tensors(), n) for b in batches for n in tokens)
 
