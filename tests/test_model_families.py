@@ -87,3 +87,17 @@ def test_psd_through_a_cluster_equals_target_only(family: str, clusters, tmp_pat
             outputs[mode] = [collect(stream(channel, make_request(prompt=p, max_tokens=24), timeout=60)).token_ids
                              for p in ("def add(a, b):", "Hello, world!", "for i in range(10):\n")]
     assert outputs["psd"] == outputs["ar"] and all(len(tokens) == 24 for tokens in outputs["ar"])
+
+
+def test_paths_that_cannot_keep_a_window_stop_at_it() -> None:
+    """The dynamic and gather paths give every layer one mask: past a sliding window they would be wrong, so
+    their context stops there (the router then refuses longer requests); the in-place path keeps the window."""
+    from minedraft.engine.slot_attention import attention_window
+
+    windowed = MistralConfig(**SHAPE, sliding_window=5)
+    assert attention_window(windowed) == 5 and attention_window(Qwen2Config(**SHAPE)) is None
+    assert attention_window(Gemma2Config(**SHAPE, head_dim=16)) == 4096
+    assert attention_window(LlamaConfig(**SHAPE)) is None
+    model = AutoModelForCausalLM.from_config(windowed, dtype=torch.float64).eval()
+    assert ModelRunner(model, torch.device("cpu")).max_context == 5
+    assert runner_for(model, "rows").max_context == 128

@@ -98,7 +98,8 @@ def test_buckets() -> None:
     assert [bucket(w, 256, 1000) for w in (1, 256, 257, 900)] == [256, 256, 512, 1000]
 
 
-def test_static_kv_cluster_matches_target_only_and_router_knows_its_context(clusters, tiny_clusters) -> None:
+def test_static_kv_cluster_matches_target_only_and_router_knows_its_context(clusters, tiny_clusters,
+                                                                            tiny_pair) -> None:
     """psd with static caches on both services == dynamic target-only; the router refuses what would overflow."""
     import grpc
 
@@ -107,8 +108,7 @@ def test_static_kv_cluster_matches_target_only_and_router_knows_its_context(clus
     from tests.test_end_to_end import PROMPTS as E2E_PROMPTS
     from tests.test_end_to_end import run_all
 
-    pair = next(key[1] for key in clusters.clusters if key[0] == "ar")
-    static = clusters.get("psd", pair, max_batch=4, kv="static", max_seqs=16, max_context=256)
+    static = clusters.get("psd", tiny_pair, max_batch=4, kv="static", max_seqs=16, max_context=256)
     assert [r.token_ids for r in run_all(static, E2E_PROMPTS)] == \
         [r.token_ids for r in run_all(tiny_clusters["ar"], E2E_PROMPTS)]
     with channel_to(static) as channel, pytest.raises(grpc.RpcError) as error:

@@ -170,9 +170,13 @@ class ModelRunner:
         if uses_static_kv(kv, device):
             graphs = on_cuda and cuda_graphs
             context = min(max_context, int(getattr(model.config, "max_position_embeddings", max_context)))
+            attention = slot_attention.choose(torch.device(device), DTYPES[dtype], model.config, graphs)
+            if attention == "gather":
+                context = min(context, slot_attention.attention_window(model.config) or context)
             fraction = kv_memory_fraction or (0.9 if on_cuda else 0.4)  # a CPU host holds both services' caches
             check_fits(model.config, max_seqs, context, DTYPES[dtype], torch.device(device), fraction)
-            static = StaticKV(model.config, max_seqs, context, DTYPES[dtype], torch.device(device), pad_shapes=graphs)
+            static = StaticKV(model.config, max_seqs, context, DTYPES[dtype], torch.device(device), pad_shapes=graphs,
+                              attention=attention)
         log.info("loaded %s (%s, %s linears%s, %s, %d oneDNN linears, %s KV%s) in %.1fs", path, dtype, quant,
                  f" ({quantized})" if quantized else "", device, swapped,
                  f"static {max_seqs}x{static.max_context} ({static.bytes / 2**30:.2f} GiB, "
@@ -184,9 +188,12 @@ class ModelRunner:
 
     @property
     def max_context(self) -> int:
+        """The longest sequence this runner computes exactly. The gather and dynamic paths pass one mask to every
+        layer, so they stop at a sliding window (the router refuses longer requests); in place reads keep it."""
         if self.static:
             return self.static.max_context
-        return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        context = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        return min(context, slot_attention.attention_window(self.model.config) or context)
 
     @property
     def free_slots(self) -> int:

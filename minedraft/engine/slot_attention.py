@@ -36,6 +36,15 @@ def varlen_available(device: torch.device, dtype: torch.dtype, head_dim: int) ->
     return True
 
 
+def attention_window(config) -> int | None:
+    """The sliding window some of the model's layers attend within (Mistral, Gemma-2), or None."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types and "sliding_attention" not in layer_types):
+        return None
+    return None if getattr(config, "use_sliding_window", True) is False else int(window)
+
+
 def choose(device: torch.device, dtype: torch.dtype, config, graphs: bool) -> str:
     """The attention path a static cache runs (see the module's note)."""
     softcap = getattr(config, "attn_logit_softcapping", None)
