@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 def forward_dynamic(model: PreTrainedModel, cache_kwarg: str, states: list[SequenceState],
                     logits_to_keep: int) -> torch.Tensor:
     """One batched forward: each sequence's cache right-aligned in a padded past, its new tokens after it."""
-    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    weight = next(model.parameters())
+    dtype, device = weight.dtype, weight.device
     feeds = [s.tokens[s.kv_len:] for s in states]
     batch, n_new = len(states), max(len(f) for f in feeds)
     n_past = max(s.kv_len for s in states)
@@ -41,10 +42,11 @@ def forward_dynamic(model: PreTrainedModel, cache_kwarg: str, states: list[Seque
         cache = DynamicCache(ddp_cache_data=[(layer[0], layer[1]) for layer in past],
                              config=model.config)
     out = model(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
-                     attention_mask=mask.to(device), use_cache=True, logits_to_keep=logits_to_keep,
-                     **{cache_kwarg: cache})
+                attention_mask=mask.to(device), use_cache=True, logits_to_keep=logits_to_keep,
+                **{cache_kwarg: cache})
     _store_new_kv(states, feeds, getattr(out, cache_kwarg), n_past, n_new)
     return out.logits
+
 
 def _padded_past(states: list[SequenceState], n_past: int) -> torch.Tensor:
     ref = next(s.kv for s in states if s.kv is not None)
@@ -55,6 +57,7 @@ def _padded_past(states: list[SequenceState], n_past: int) -> torch.Tensor:
         if state.kv is not None:
             past[:, :, i, :, n_past - state.kv_len:] = state.kv
     return past
+
 
 def _store_new_kv(states: list[SequenceState], feeds: list[list[int]], cache: DynamicCache,
                   n_past: int, n_new: int) -> None:

@@ -253,11 +253,10 @@ class ModelRunner:
         try:
             feeds = [s.tokens[s.kv_len:] for s in states]
             step = self.static.inputs(states, feeds).tensors()
-            n = step["input_ids"].shape[1]
-            if self.graphs and n in self.static.token_buckets:  # a grid graph keeps every position's logits
-                logits = self.graphs(step, n, returned=logits_to_keep)
-            elif self.graphs:
-                logits = self.graphs(step, logits_to_keep)
+            if self.graphs:
+                n = step["input_ids"].shape[1]  # a grid graph keeps every position's logits
+                logits = self.graphs(step, n if n in self.static.token_buckets else logits_to_keep,
+                                     returned=logits_to_keep)
             else:
                 logits = self._static_step(logits_to_keep=logits_to_keep, **step)
         except BaseException:

@@ -177,8 +177,7 @@ def draft_rows(logits: torch.Tensor, samplings: Sequence[Sampling], top_m: int,
     tokens = logits.argmax(dim=-1)
     ids = torch.zeros((rows, m), dtype=torch.long, device=logits.device)
     ids[:, 0] = tokens
-    q = torch.zeros((rows, m), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
-                    device=logits.device)
+    q = torch.zeros((rows, m), dtype=widened(logits.dtype), device=logits.device)
     q[:, 0] = 1.0
     ok = torch.ones(rows, dtype=torch.bool, device=logits.device)
     sampled = [i for i, s in enumerate(samplings) if not s.greedy]

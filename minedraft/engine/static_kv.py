@@ -39,6 +39,9 @@ class StepInputs:
     def tensors(self) -> dict[str, torch.Tensor]:
         return dict(vars(self))
 
+    def to(self, device: torch.device, non_blocking: bool = False) -> StepInputs:
+        return StepInputs(**{name: t.to(device, non_blocking=non_blocking) for name, t in vars(self).items()})
+
 
 class SlotCache:
     """The cache object the model sees for one step (duck-types transformers' Cache.update)."""
@@ -179,7 +182,7 @@ class StaticKV:
             slots[i], lengths[i], fed[i] = state.slot, ends[i], len(feed)
         step = StepInputs(input_ids, positions, slots, write_pos, lengths, fed, *self._paging(slots, lengths, n),
                           self._mask(positions))
-        return StepInputs(**{k: v.to(self.device, non_blocking=True) for k, v in step.tensors().items()})
+        return step.to(self.device, non_blocking=True)
 
     def scratch_inputs(self, batch: int, n: int, width: int = 1) -> StepInputs:
         """A step of `batch` padding rows of `n` tokens: it writes and reads the scratch slot only (for capture)."""
@@ -189,7 +192,7 @@ class StaticKV:
                           slots, torch.full((batch, n), self.scratch_col, dtype=torch.long), lengths,
                           torch.zeros((batch,), dtype=torch.int32), *self._paging(slots, lengths, n),
                           torch.zeros((batch, 1, n, width), dtype=self.dtype))
-        return StepInputs(**{k: v.to(self.device) for k, v in step.tensors().items()})
+        return step.to(self.device)
 
     def _paging(self, slots: torch.Tensor, lengths: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
         """The varlen kernel's view of a step: each row's pages, and query and key offsets."""

@@ -52,13 +52,14 @@ def judge(logits: torch.Tensor, drafts: Sequence[Drafts], samplings: Sequence[Sa
     sampled = [row for row, s in enumerate(samplings) if not s.greedy]
     probs = None
     if sampled:
-        probs, s_matched, s_next, s_ok = _judge_sampled(logits, sampled, tokens, valid, drafts, pads, samplings,
-                                                        generators)
         index = torch.tensor(sampled).to(device, non_blocking=True)
+        probs, s_matched, s_next, s_ok = _judge_sampled(logits, sampled, index, tokens, valid, drafts, pads,
+                                                        samplings, generators)
         matched = matched.index_copy(0, index, s_matched)
         ok = ok.index_copy(0, index, s_ok)
-    accepted = matched.long().cumprod(dim=-1).sum(dim=-1) - column(pads, best, torch.long)[:, 0]
-    at = column(pads, best, torch.long) + accepted[:, None]  # each row's first rejected (or bonus) position
+    pad = column(pads, best, torch.long)
+    accepted = matched.long().cumprod(dim=-1).sum(dim=-1) - pad[:, 0]
+    at = pad + accepted[:, None]  # each row's first rejected (or bonus) position
     next_tokens = best.gather(-1, at)[:, 0]
     if sampled:
         next_tokens = next_tokens.index_copy(0, index, s_next)
@@ -66,7 +67,8 @@ def judge(logits: torch.Tensor, drafts: Sequence[Drafts], samplings: Sequence[Sa
     return Judged([h[0] for h in host], [h[1] for h in host], [bool(h[2]) for h in host], probs, sampled)
 
 
-def _judge_sampled(logits: torch.Tensor, sampled: list[int], tokens: torch.Tensor, valid: torch.Tensor,
+def _judge_sampled(logits: torch.Tensor, sampled: list[int], index: torch.Tensor, tokens: torch.Tensor,
+                   valid: torch.Tensor,
                    drafts: Sequence[Drafts], pads: list[int], samplings: Sequence[Sampling],
                    generators: Sequence[torch.Generator | None]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -74,7 +76,6 @@ def _judge_sampled(logits: torch.Tensor, sampled: list[int], tokens: torch.Tenso
     each row draws where it stops (from the residual at its first rejection, or p at the bonus position), and
     whether that distribution could be sampled."""
     device, positions = logits.device, logits.shape[1]
-    index = torch.tensor(sampled).to(device, non_blocking=True)
     probs = warp_rows(logits.index_select(0, index), [samplings[r] for r in sampled])  # [S, P, V]
     width = max((len(ids) for r in sampled for _, ids, _ in drafts[r]), default=1)
     q_x = torch.ones((len(sampled), positions - 1), dtype=probs.dtype)
