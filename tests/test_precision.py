@@ -15,9 +15,11 @@ from minedraft.engine.model_runner import ModelRunner, SequenceState
 from minedraft.engine.precision import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
+    W8A8Linear,
     int4_dequantize,
     int4_quantize,
     native_bf16_cpu,
+    onednn_int8_exact,
     resolve_dtype,
     resolve_quant,
 )
@@ -48,6 +50,24 @@ def test_packed_kernels_compute_their_dequantised_weights(dtype: torch.dtype) ->
     assert (int8(x).float() - expected8).abs().max() < 2e-2 * expected8.abs().max()
     assert (int4(x).float() - expected4).abs().max() < 0.25 * step4
     assert int8(x).dtype == int4(x).dtype == dtype
+
+
+@pytest.mark.skipif(not onednn_int8_exact(), reason="oneDNN's exact int8 GEMM needs VNNI")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_on_onednn_equals_int_mm_bit_for_bit_and_row_by_row(dtype: torch.dtype) -> None:
+    """Both W8A8 GEMMs accumulate exactly in integers and scale in the same order, so the packed oneDNN
+    layout must give torch._int_mm's numbers to the last bit — at full-scale codes (±127 on every input,
+    where an int16 intermediate would saturate) too — and a row alone must equal that row in a batch."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 80).to(dtype)
+    packed, plain = W8A8Linear(linear, packed=True), W8A8Linear(linear, packed=False)
+    x = (torch.randn(40, 256) * 3).to(dtype)
+    x[0] = 5.0
+    x[1] = -5.0
+    full = packed(x)
+    assert torch.equal(full, plain(x))
+    assert all(torch.equal(packed(x[:rows]), full[:rows]) for rows in (1, 2, 5, 8, 16))
+    assert full.dtype == dtype
 
 
 def test_quantiser_recovers_weights_already_on_a_4_bit_grid() -> None:

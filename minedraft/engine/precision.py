@@ -3,10 +3,10 @@
 Weight-only quantisation keeps activations in the model's dtype and stores each linear's weight as int8 (one
 scale per output channel) or int4 (asymmetric, a scale and a zero per group of input channels); W8A8 also
 quantises activations, per token. All multiply with torch's own kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`, `_int_mm`) — no hand-written kernels. A decode step reads every weight once,
-so fewer weight bytes means a faster step where the step is bound by memory; the cost is a small, measured
-change in the model's logits (`minedraft bench-quality`). Speculation stays lossless for a given configuration:
-the target's own numbers decide every token, whatever format the draft runs in.
+`_weight_int4pack_mm_for_cpu`, `_int_mm`, oneDNN's int8 `qlinear`) — no hand-written kernels. A decode step
+reads every weight once, so fewer weight bytes means a faster step where the step is bound by memory; the cost
+is a small, measured change in the model's logits (`minedraft bench-quality`). Speculation stays lossless for a
+given configuration: the target's own numbers decide every token, whatever format the draft runs in.
 """
 
 from __future__ import annotations
@@ -111,32 +111,54 @@ class Int4WeightOnlyLinear(torch.nn.Module):
         return _reshaped_with_bias(out, x, self)
 
 
+def onednn_int8_exact() -> bool:
+    """Whether oneDNN's prepacked u8·s8 GEMM is available and exact here: VNNI multiplies u8·s8 into int32
+    without the int16 saturation older AVX-512 paths avoid by halving weights."""
+    return (torch.backends.mkldnn.is_available() and torch.cpu._is_vnni_supported()
+            and hasattr(torch.ops.onednn, "qlinear_prepack"))
+
+
 class W8A8Linear(torch.nn.Module):
     """Int8 weights (per output channel) times int8 activations (per token, symmetric, quantised on the fly),
-    multiplied exactly in integers by torch._int_mm and rescaled: y = (x_q · w_qᵀ) · s_x · s_w + b.
+    multiplied exactly in integers and rescaled: y = (x_q · w_qᵀ) · s_w · s_x + b.
 
-    Integer accumulation is exact, so a row's result never depends on the other rows in the batch."""
+    The GEMM is oneDNN's, on weights packed once at load (`onednn.qlinear_prepack`; activations shifted by
+    +128 to u8 with zero point 128, which VNNI takes natively), 1.7-2x torch._int_mm at the few rows of a
+    decode or verify step; `_int_mm` where oneDNN's int8 path is not exact. Integer accumulation is exact
+    either way, so a row's result never depends on the other rows in its batch, and both give the same
+    numbers (tested)."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Linear, packed: bool | None = None) -> None:
         super().__init__()
         codes, scales = int8_per_row(linear.weight.detach().float())
-        self.register_buffer("weight_kn", codes.t().contiguous())  # [in, out]: _int_mm's fast layout
-        self.register_buffer("scales", scales[:, 0])
+        self.register_buffer("scales", scales[:, 0].contiguous())
+        self.packed = onednn_int8_exact() if packed is None else packed
+        if self.packed:
+            self.register_buffer("weight_packed", torch.ops.onednn.qlinear_prepack(codes, None))
+            self.register_buffer("zero_points", torch.zeros(linear.out_features, dtype=torch.int64))
+        else:
+            self.register_buffer("weight_kn", codes.t().contiguous())  # [in, out]: _int_mm's fast layout
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, row_scale = int8_per_row(x.reshape(-1, self.in_features).float())
-        return _reshaped_with_bias(torch._int_mm(codes, self.weight_kn).float() * row_scale * self.scales, x, self)
+        if self.packed:
+            shifted = (codes.to(torch.int16) + 128).to(torch.uint8)
+            out = torch.ops.onednn.qlinear_pointwise(shifted, 1.0, 128, self.weight_packed, self.scales,
+                                                     self.zero_points, None, 1.0, 0, torch.float32, "none", [], "")
+        else:
+            out = torch._int_mm(codes, self.weight_kn).float() * self.scales
+        return _reshaped_with_bias(out * row_scale, x, self)
 
 
 class RowsSwitchedLinear(torch.nn.Module):
-    """int4 weight-only for a few rows (decode steps: int4 reads the fewest bytes), W8A8 for many (prefill:
-    the integer GEMM is the fastest there, and the int4 kernel ~5x slower than it). A row's result then
-    depends on how many rows share its call, so this is for a draft only, whose numbers move acceptance,
-    never output."""
+    """int4 weight-only for a few rows (small decode steps: int4 reads the fewest bytes), W8A8 for more
+    (the int4 kernel's cost jumps from 4-5 rows; on the 0.5B draft's shapes it is 1.7x faster than W8A8 at
+    one row, even at four, 1.8x slower at five). A row's result then depends on how many rows share its
+    call, so this is for a draft only, whose numbers move acceptance, never output."""
 
-    max_int4_rows = 16
+    max_int4_rows = 3
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
