@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from minedraft.app.bench.step_bytes import weight_bytes
 from minedraft.app.client import collect, make_request, stream
+from minedraft.engine.fused_linears import GroupMember
 from minedraft.engine.model_runner import ModelRunner, SequenceState
 from minedraft.engine.precision import (
     Int4WeightOnlyLinear,
@@ -68,6 +69,28 @@ def test_w8a8_on_onednn_equals_int_mm_bit_for_bit_and_row_by_row(dtype: torch.dt
     assert torch.equal(full, plain(x))
     assert all(torch.equal(packed(x[:rows]), full[:rows]) for rows in (1, 2, 5, 8, 16))
     assert full.dtype == dtype
+
+
+def test_fused_sibling_projections_give_the_separate_linears_numbers(tiny_pair) -> None:
+    """W8A8 q/k/v and gate/up share one GEMM (fused_linears); the model's logits must equal those of the same
+    model with every linear quantised on its own, bit for bit, in a batch and token by token."""
+    fused = ModelRunner.load(str(tiny_pair[0]), dtype="bfloat16", quant="w8a8").model
+    assert any(isinstance(m, GroupMember) for m in fused.modules())
+    separate = ModelRunner.load(str(tiny_pair[0]), dtype="bfloat16").model
+
+    def quantise_each(module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, W8A8Linear(child))
+            else:
+                quantise_each(child)
+
+    quantise_each(separate)
+    tokens = torch.tensor([[5, 6, 7, 8, 9, 10], [20, 21, 22, 23, 24, 25], [40, 41, 40, 42, 43, 44]])
+    with torch.no_grad():
+        assert torch.equal(fused(tokens).logits, separate(tokens).logits)
+        for position in range(1, tokens.shape[1] + 1):
+            assert torch.equal(fused(tokens[:1, :position]).logits, separate(tokens[:1, :position]).logits)
 
 
 def test_quantiser_recovers_weights_already_on_a_4_bit_grid() -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from minedraft.engine.fused_linears import GroupMember, fuse_siblings
+
 QUANTS = ("none", "int8", "int4", "w8a8", "int4-w8a8")
 DRAFT_ONLY_QUANTS = frozenset({"int4-w8a8"})
 # `--quant auto` on the CPU, chosen from measurements (README, "Measured"). Target: W8A8, whose integer GEMM
@@ -21,6 +23,9 @@ DRAFT_ONLY_QUANTS = frozenset({"int4-w8a8"})
 # 2.8x a bfloat16 step at batch 1) and W8A8 for its prefills, where the int4 kernel is slowest; a draft's
 # precision only moves acceptance.
 CPU_DEFAULT_QUANT = {"draft": "int4-w8a8", "target": "w8a8"}
+# Formats whose sibling projections share one GEMM (fused_linears): W8A8's integer GEMM gives a column the
+# same value fused or alone; the draft's int4 form may round differently, which moves acceptance only.
+FUSED_QUANTS = frozenset({"w8a8", "int4-w8a8"})
 INT4_GROUP = 32  # input channels sharing one scale and zero: the finest grouping torch's kernel takes
 
 
@@ -158,7 +163,7 @@ class RowsSwitchedLinear(torch.nn.Module):
     one row, even at four, 1.8x slower at five). A row's result then depends on how many rows share its
     call, so this is for a draft only, whose numbers move acceptance, never output."""
 
-    max_int4_rows = 3
+    max_int4_rows = 4
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
@@ -183,8 +188,10 @@ def quantize_linears(module: torch.nn.Module, quant: str) -> int:
         raise ValueError(f"unknown quantisation {quant!r}; choose from {', '.join(QUANTS)}")
     layer = {"int8": Int8WeightOnlyLinear, "int4": Int4WeightOnlyLinear, "w8a8": W8A8Linear,
              "int4-w8a8": RowsSwitchedLinear}[quant]
-    replaced = 0
+    replaced = fuse_siblings(module, layer, lambda linear: quantizable(linear, quant)) if quant in FUSED_QUANTS else 0
     for name, child in module.named_children():
+        if isinstance(child, GroupMember):
+            continue
         if isinstance(child, torch.nn.Linear) and quantizable(child, quant):
             setattr(module, name, layer(child))
             replaced += 1
