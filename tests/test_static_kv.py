@@ -148,3 +148,31 @@ def test_a_long_verify_beside_a_short_one_keeps_its_logits_aligned(tiny_pair) ->
     assert logits.shape[:2] == (2, 4)
     alone = runner.forward([SequenceState(list(states[1].tokens))], logits_to_keep=4)
     assert torch.allclose(logits[1, -3:], alone[0, -3:], atol=1e-10)  # its 3 fed tokens, right-aligned
+
+
+@pytest.mark.parametrize("quant", ["none", "w8a8"])
+def test_a_querys_numbers_do_not_depend_on_the_rest_of_its_feed(tiny_pair, quant: str) -> None:
+    """bfloat16 on the in-place (rows) path: a position's logits are the same bits whether it is decoded alone,
+    verified among k + 1 positions, or prefilled with its prompt, for prompts ending on and off a vector
+    boundary. This is what makes target-only and speculative decoding agree token for token, ties included
+    (CPU SDPA rounds a ragged key count differently: slot_attention.KEY_BLOCK)."""
+    runner = ModelRunner.load(str(tiny_pair[0]), dtype="bfloat16", quant=quant, kv="static", max_seqs=4,
+                              max_context=96)
+    generator = torch.Generator().manual_seed(0)
+    for length in (14, 15, 16, 31, 33):
+        prompt = torch.randint(3, 200, (length,), generator=generator).tolist()
+        feed = torch.randint(3, 200, (5,), generator=generator).tolist()
+        one_shot = SequenceState(prompt + feed)
+        whole = runner.forward([one_shot], logits_to_keep=6)[0].clone()
+        runner.drop(one_shot)
+        state = SequenceState(list(prompt))
+        decoded = [runner.forward([state], logits_to_keep=1)[0, -1].clone()]
+        for token in feed:
+            state.tokens.append(token)
+            decoded.append(runner.forward([state], logits_to_keep=1)[0, -1].clone())
+        state.truncate(length)
+        state.tokens.extend(feed)
+        verified = runner.forward([state], logits_to_keep=5)[0].clone()  # a verify of 5: after each fed token
+        runner.drop(state)
+        assert torch.equal(torch.stack(decoded), whole), length
+        assert torch.equal(verified, whole[1:]), length

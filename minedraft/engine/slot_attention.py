@@ -21,6 +21,12 @@ from transformers import AttentionInterface
 
 NAME = "minedraft_slots"
 PAGE = 256  # Flash-Attention's paged KV wants pages of a multiple of 256 tokens
+# The rows path reads a row's keys in whole blocks of KEY_BLOCK columns, masking those past its length. CPU
+# SDPA rounds differently for a key count with a ragged vector tail, so a query attending to 15 keys alone
+# and the same query in a prefill or verify over 16 (the 16th masked) could differ in the last bit, and a
+# greedy token flip at a near-tie between target-only and speculative decoding. Whole blocks give a query
+# the same numbers whatever the rest of its feed (tested on the real pair, bit for bit).
+KEY_BLOCK = 32
 
 
 def varlen_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -96,10 +102,11 @@ def _rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: 
         # The row's real (right-aligned) queries, each KV head's query heads packed as extra query rows
         # (GQA without repeating keys): [1, kv_heads, groups * feed, head_dim], row g * feed + i is query i.
         q = query[row, :, n - feed:].reshape(1, kv_heads, groups * feed, head_dim)
-        k, v = key[slot, :length].transpose(0, 1)[None], value[slot, :length].transpose(0, 1)[None]  # views
+        width = min(-(-length // KEY_BLOCK) * KEY_BLOCK, key.shape[1])
+        k, v = key[slot, :width].transpose(0, 1)[None], value[slot, :width].transpose(0, 1)[None]  # views
         window = sliding_window if sliding_window and length > sliding_window else None
         if (row, window) not in memo:
-            memo[row, window] = _allowed(length, feed, window, groups, q.device)
+            memo[row, window] = _allowed(length, feed, window, groups, width, q.device)
         allowed = memo[row, window]
         if softcap:
             attended = _softcapped(q, k, v, allowed, scaling, softcap)
@@ -109,12 +116,14 @@ def _rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: 
     return out
 
 
-def _allowed(length: int, feed: int, window: int | None, groups: int, device: torch.device) -> torch.Tensor | None:
-    """Which keys each packed query row sees: up to its own position (and within the window); None: all."""
-    if feed == 1 and window is None:
+def _allowed(length: int, feed: int, window: int | None, groups: int, width: int,
+             device: torch.device) -> torch.Tensor | None:
+    """Which of `width` keys each packed query row sees: up to its own position (and within the window), never
+    the columns past `length`; None: all."""
+    if feed == 1 and window is None and width == length:
         return None
     positions = torch.arange(length - feed, length, device=device)[:, None]
-    columns = torch.arange(length, device=device)[None, :]
+    columns = torch.arange(width, device=device)[None, :]
     allowed = columns <= positions
     if window:
         allowed &= columns > positions - window
