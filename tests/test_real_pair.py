@@ -11,6 +11,7 @@ have to be shown to be a near-tie at its first position (tests/ties.py), never i
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from minedraft.app.client import collect, make_request, stream
@@ -48,7 +49,9 @@ def test_psd_on_real_pair_equals_target_only() -> None:
     assert drafted > 0 and accepted / drafted > 0.3, "a real pair should agree often"
     expected, actual = [r.token_ids for r in target_only], [r.token_ids for r in speculative]
     dtype = resolve_dtype("auto", "cpu")
-    if dtype == "bfloat16" and resolve_quant("auto", "target", "cpu") == "w8a8":
+    # Bit-exact on this CPU class (AVX-512 BF16 and VNNI, no AMX: tests/test_static_kv.py); an AMX CPU's
+    # bf16 attention kernels may switch by size, not measured, so there a divergence must be a near-tie.
+    if not torch.cpu._is_amx_tile_supported():
         assert actual == expected
     elif expected != actual:
         path = str(resolve_model("default-target"))

@@ -150,6 +150,8 @@ def test_a_long_verify_beside_a_short_one_keeps_its_logits_aligned(tiny_pair) ->
     assert torch.allclose(logits[1, -3:], alone[0, -3:], atol=1e-10)  # its 3 fed tokens, right-aligned
 
 
+@pytest.mark.skipif(torch.cpu._is_amx_tile_supported(), reason="with AMX, torch's bf16 GEMM and SDPA may pick "
+                    "another kernel by row count; not measured there (tests/ties.py covers such CPUs)")
 @pytest.mark.parametrize("quant", ["none", "w8a8"])
 def test_a_querys_numbers_do_not_depend_on_the_rest_of_its_feed(tiny_pair, quant: str) -> None:
     """bfloat16 on the in-place (rows) path: a position's logits are the same bits whether it is decoded alone,

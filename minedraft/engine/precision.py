@@ -11,6 +11,8 @@ given configuration: the target's own numbers decide every token, whatever forma
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from minedraft.engine.fused_linears import GroupMember, fuse_siblings
@@ -119,7 +121,8 @@ class Int4WeightOnlyLinear(torch.nn.Module):
 def onednn_int8_exact() -> bool:
     """Whether oneDNN's prepacked u8·s8 GEMM is available and exact here: VNNI multiplies u8·s8 into int32
     without the int16 saturation older AVX-512 paths avoid by halving weights."""
-    return (torch.backends.mkldnn.is_available() and torch.cpu._is_vnni_supported()
+    capped = any(os.environ.get(name) for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"))  # may exclude VNNI
+    return (torch.backends.mkldnn.is_available() and torch.cpu._is_vnni_supported() and not capped
             and hasattr(torch.ops.onednn, "qlinear_prepack"))
 
 
