@@ -53,10 +53,12 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if kind == "cpu" and native_bf16_cpu() else "float32"
 
 
-def int8_per_row(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes and one scale per row (a weight's output channel, or an activation's token)."""
+def int8_per_row(values: torch.Tensor, shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes and one scale per row (a weight's output channel, or an activation's token);
+    `shift=128` gives the same codes + 128 as uint8 (oneDNN's u8 activations, zero point 128)."""
     scales = (values.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
-    return torch.round(values / scales).clamp(-127, 127).to(torch.int8), scales
+    codes = torch.round(values / scales).clamp(-127, 127)
+    return (codes + shift).to(torch.uint8) if shift else codes.to(torch.int8), scales
 
 
 def _reshaped_with_bias(out: torch.Tensor, x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
@@ -150,10 +152,9 @@ class W8A8Linear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes, row_scale = int8_per_row(x.reshape(-1, self.in_features).float())
+        codes, row_scale = int8_per_row(x.reshape(-1, self.in_features).float(), shift=128 if self.packed else 0)
         if self.packed:
-            shifted = (codes.to(torch.int16) + 128).to(torch.uint8)
-            out = torch.ops.onednn.qlinear_pointwise(shifted, 1.0, 128, self.weight_packed, self.scales,
+            out = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 128, self.weight_packed, self.scales,
                                                      self.zero_points, None, 1.0, 0, torch.float32, "none", [], "")
         else:
             out = torch._int_mm(codes, self.weight_kn).float() * self.scales
