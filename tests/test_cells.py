@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -12,7 +13,10 @@ import pytest
 
 from minedraft.app.client import collect, make_request, stream
 from minedraft.app.launcher import Cluster, free_port
-from minedraft.protos import monitor_pb2, monitor_pb2_grpc
+from minedraft.protos import monitor_pb2, monitor_pb2_grpc, target_pb2_grpc
+from services.router.backends import Backend
+from services.router.cells import Cells
+from services.router.scheduler import Scheduler
 from tests.conftest import cluster_args
 from tests.test_end_to_end import PROMPTS
 from tests.test_faults import wait_until
@@ -94,3 +98,25 @@ def test_load_spreads_and_requests_survive_a_lost_draft_and_target(two_cells) ->
         with pytest.raises(grpc.RpcError) as failure:
             collect(stream(channel, make_request(prompt=PROMPTS[1], max_tokens=24), timeout=60))
     assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_routing_keeps_its_measure_when_the_stats_are_cleared() -> None:
+    """GetStats(clear=True) resets the lane counters people read; the rate Cells routes by survives it, so new
+    requests still go to the cell that serves faster (before, both looked unmeasured and the first one won)."""
+    async def check() -> None:
+        def cell() -> Scheduler:
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}")  # never called here
+            return Scheduler(Backend("target", channel, target_pb2_grpc.TargetStub), None, mode="ar")
+
+        slow, fast = cell(), cell()
+        slow.lanes[0].round_served(8, 1.0)  # 8 sequence-rounds a second
+        fast.lanes[0].round_served(8, 0.1)  # 80
+        cells = Cells([slow, fast])
+        assert cells.pick() == 1
+        for scheduler in (slow, fast):
+            scheduler.snapshot(clear=True)
+            assert scheduler.lanes[0].counters.rounds == 0
+        assert cells.pick() == 1
+        assert cells.predicted_wait(fast) == pytest.approx(1 / 80)
+
+    asyncio.run(check())

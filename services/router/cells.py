@@ -45,8 +45,8 @@ class Cells:
 
     def predicted_wait(self, scheduler: Scheduler) -> float:
         """Sequences held over sequence-rounds served per second (unmeasured: one per second)."""
-        rounds = sum(lane.counters.sequences_in_rounds for lane in scheduler.lanes)
-        busy_s = sum(lane.counters.round_ms for lane in scheduler.lanes) / 1000
+        rounds = sum(lane.served_rounds for lane in scheduler.lanes)
+        busy_s = sum(lane.served_ms for lane in scheduler.lanes) / 1000
         rate = rounds / busy_s if rounds and busy_s > 0 else 1.0
         return (scheduler.in_flight + 1) / rate
 

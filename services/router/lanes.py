@@ -22,10 +22,18 @@ class Lane:
     active: list[Request] = field(default_factory=list)
     incoming: list[Request] = field(default_factory=list)  # handed over by the other lane, joins next round
     prefilling: bool = False
-    counters: monitor_pb2.LaneCounters = field(default_factory=monitor_pb2.LaneCounters)
+    counters: monitor_pb2.LaneCounters = field(default_factory=monitor_pb2.LaneCounters)  # for people; cleared
+    # What routing reads (Cells.predicted_wait): sequence-rounds served and the wall ms they took. Kept apart
+    # from `counters`, which a GetStats(clear=True) resets: a cleared cell would look unmeasured, then slow.
+    served_rounds: float = 0.0
+    served_ms: float = 0.0
 
     def __post_init__(self) -> None:
         self.counters.lane = self.index
+
+    def round_served(self, sequences: int, seconds: float) -> None:
+        self.served_rounds += sequences
+        self.served_ms += seconds * 1e3
 
     @property
     def size(self) -> int:

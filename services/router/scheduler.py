@@ -278,7 +278,9 @@ class Scheduler:
             beside = any(other is not lane and other.active for other in self.lanes) and self.plan.lanes == 2
             cost_ms = max(draft_ms, verify_ms) if beside else draft_ms + verify_ms
             self.k_trial.observe(self.plan.lanes, k, len(requests), cost_ms)
-        self.recorder.round_done(lane, loop.time() - started)
+        elapsed = loop.time() - started
+        lane.round_served(len(requests), elapsed)
+        self.recorder.round_done(lane, elapsed)
         return drafted_total, accepted_total
 
     async def _verify(self, lane: Lane, requests: list[Request], drafts: dict[str, list[common_pb2.DraftToken]],
