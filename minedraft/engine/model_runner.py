@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from minedraft.engine import slot_attention
 from minedraft.engine.cuda_graphs import StepGraphs
 from minedraft.engine.dynamic_kv import forward_dynamic
+from minedraft.engine.lean_forward import LeanForward, supported
 from minedraft.engine.precision import quantize_linears, resolve_dtype
 from minedraft.engine.sampling import Sampling
 from minedraft.engine.static_kv import StaticKV, bucket, check_fits, uses_static_kv
@@ -128,6 +129,8 @@ class ModelRunner:
         self.static = static
         self._cache_kwarg = cache_kwarg(model)
         self.graphs = None
+        # The rows attention (the CPU's path) runs Llama-family layers as a flat list of operators, same bits.
+        self.lean = LeanForward(model) if static and static.attention == "rows" and supported(model) else None
         if static and cuda_graphs:  # the gather path's shapes carry a width: captured as they come
             self.graphs = StepGraphs(self._static_step, self._scratch_inputs, lazy=static.attention == "gather")
 
@@ -269,6 +272,8 @@ class ModelRunner:
 
     def _static_step(self, logits_to_keep: int, **step: torch.Tensor) -> torch.Tensor:
         """One fixed-shape forward over the static cache (what a CUDA graph captures)."""
+        if self.lean:
+            return self.lean(step, self.static.keys, self.static.values, logits_to_keep)
         cache = self.static.cache_for(step["slots"], step["write_pos"], step["mask"])
         # A 4D mask is used as given by every family (Llama, Mistral, Phi-3, Gemma-2, Qwen2); a dict of masks
         # is skipped only by some, and the others' create_causal_mask fails on it.

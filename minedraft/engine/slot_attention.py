@@ -70,7 +70,7 @@ def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     Returns [batch, n, heads, head_dim], as transformers' attention functions do."""
     if slot_step["block_table"].shape[-1]:
         return _varlen(query, key, value, scaling, sliding_window, slot_step), None
-    return _rows(query, key, value, scaling, sliding_window, softcap, slot_step, slot_memo), None
+    return rows(query, key, value, scaling, sliding_window, softcap, slot_step, slot_memo), None
 
 
 def _varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
@@ -88,7 +88,7 @@ def _varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling
     return out.view(batch, n, heads, head_dim)
 
 
-def _rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
+def rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
           sliding_window: int | None, softcap: float | None, step: dict[str, torch.Tensor],
           memo: dict) -> torch.Tensor:
     batch, heads, n, head_dim = query.shape

@@ -1,0 +1,74 @@
+"""The lean Llama-family forward gives transformers' own logits bit for bit — prefill, decode, a verify and
+mixed batches, in every numeric format — so switching it on can never move a token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MistralConfig
+
+from minedraft.engine.lean_forward import LeanForward
+from minedraft.engine.model_runner import ModelRunner, SequenceState
+from minedraft.engine.precision import quantize_linears
+from minedraft.engine.static_kv import StaticKV
+from tests.test_model_families import FAMILIES, SHAPE
+
+LEAN = ["llama", "mistral", "qwen2"]
+
+
+def runner_for(model: torch.nn.Module, dtype: torch.dtype) -> ModelRunner:
+    static = StaticKV(model.config, 4, 128, dtype, torch.device("cpu"), attention="rows")
+    return ModelRunner(model, torch.device("cpu"), static)
+
+
+def model_of(config, dtype: torch.dtype, quant: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
+    quantize_linears(model, quant)
+    return model
+
+
+def steps(runner: ModelRunner, lean: LeanForward | None) -> list[torch.Tensor]:
+    """With `lean` (None: transformers' forward), a batched prefill of two lengths, decodes, a 5-token verify
+    rolled back and a row alone: every logit."""
+    runner.lean = lean
+    a, b = SequenceState(list(range(5, 19))), SequenceState([9, 10, 11])
+    out = [runner.forward([a, b], logits_to_keep=1)]
+    for feed in (1, 5, 1, 2, 1):
+        a.tokens += [40 + i for i in range(feed)]
+        b.tokens += [60 + i for i in range(feed)]
+        out.append(runner.forward([a, b], logits_to_keep=feed))
+        if feed == 5:
+            a.truncate(len(a.tokens) - 4)
+            b.truncate(len(b.tokens) - 4)
+    a.tokens.append(3)
+    out.append(runner.forward([a], logits_to_keep=1))
+    runner.drop(a)
+    runner.drop(b)
+    return out
+
+
+@pytest.mark.parametrize("quant", ["none", "w8a8", "int4", "int8", "int4-w8a8"])
+@pytest.mark.parametrize("family", LEAN)
+def test_lean_forward_gives_transformers_logits_bit_for_bit(family: str, quant: str) -> None:
+    dtype = torch.float32 if quant == "none" else torch.bfloat16
+    runner = runner_for(model_of(FAMILIES[family](**SHAPE), dtype, quant), dtype)
+    lean = runner.lean
+    assert lean is not None
+    own, fast = steps(runner, None), steps(runner, lean)
+    assert all(torch.equal(x, y) for x, y in zip(own, fast, strict=True))
+
+
+def test_a_sliding_window_is_kept_on_the_lean_path() -> None:
+    """Mistral with a 5-token window: the lean path masks exactly the keys transformers' path does."""
+    runner = runner_for(model_of(MistralConfig(**SHAPE, sliding_window=5), torch.float32, "none"), torch.float32)
+    lean = runner.lean
+    own = steps(runner, None)
+    assert all(torch.equal(x, y) for x, y in zip(own, steps(runner, lean), strict=True))
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma2"])
+def test_other_families_keep_transformers_forward(family: str) -> None:
+    extra = {"head_dim": 16} if family == "gemma2" else {}
+    model = model_of(FAMILIES[family](**SHAPE, **extra), torch.float32, "none")
+    assert runner_for(model, torch.float32).lean is None
