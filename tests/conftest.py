@@ -28,7 +28,9 @@ def identical_pair(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def cluster_args(mode: str, target: Path, draft: Path, **extra) -> ClusterConfig:
-    options = {"dtype": "float64", "draft_quant": "none", "target_quant": "none", **extra}
+    # Tiny random models give every token about 1/vocab: a stop threshold would cut every proposal to one
+    # draft, so these clusters draft all k (tests/test_real_pair.py runs the product's default threshold).
+    options = {"dtype": "float64", "draft_quant": "none", "target_quant": "none", "draft_stop_below": 0.0, **extra}
     return ClusterConfig.of(mode=mode, port=free_port(), target_model=str(target), draft_model=str(draft),
                             **{k: str(v) if isinstance(v, Path) else v for k, v in options.items()})
 

@@ -1,5 +1,7 @@
 """Draft and target engines: batching must not change any sequence's result, greedy or sampled."""
 
+import math
+
 import pytest
 
 from minedraft.engine.model_runner import ModelRunner
@@ -117,3 +119,24 @@ def test_past_the_sequence_cap_a_newcomer_is_refused(tiny_pair) -> None:
     assert isinstance(results[2], ResourceExhausted) and all(isinstance(r, Verdict) for r in results[:2])
     target.release(["a"])
     assert isinstance(target.prefill([("c", [1, 2], Sampling())])[0], Verdict)
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=0.8, seed=3)])
+def test_drafting_stops_after_a_token_the_draft_found_unlikely(engines, sampling: Sampling) -> None:
+    """stop_below cuts a proposal right after its first token under the threshold, and changes no token."""
+    _, draft = engines
+    prompt = PROMPTS["a"]
+
+    def proposal(stop_below: float) -> list:
+        draft.prefill([("s", prompt, sampling)])
+        (tokens,) = draft.propose([("s", len(prompt), [], 8)], with_logprobs=True, stop_below=stop_below)
+        draft.release(["s"])
+        return tokens
+
+    full = proposal(0.0)
+    probs = [math.exp(t.logprob) for t in full]  # greedy: the softmax at temperature 1; sampled: q(token)
+    low, high = sorted(probs)[len(probs) // 2 - 1:len(probs) // 2 + 1]
+    threshold = (low + high) / 2  # some tokens fall under it, some not, none near it
+    cut = next(i for i, p in enumerate(probs) if p < threshold) + 1
+    assert [t.token_id for t in proposal(threshold)] == [t.token_id for t in full[:cut]]
+    assert len(proposal(1.01)) == 1 and len(full) == 8  # always one draft; without a threshold, all k

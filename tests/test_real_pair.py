@@ -19,6 +19,7 @@ from minedraft.app.launcher import Cluster
 from minedraft.engine.model_runner import ModelRunner
 from minedraft.engine.precision import resolve_dtype, resolve_quant
 from minedraft.models.store import resolve_model
+from services.router.drafting import DRAFT_STOP_BELOW
 from tests.conftest import channel_to, cluster_args
 from tests.test_models import needs_default_pair
 from tests.ties import assert_same_or_tie
@@ -32,7 +33,7 @@ TIE_TOLERANCE = {"float32": 0.05, "bfloat16": 0.5}
 
 def generate(mode: str) -> list:
     args = cluster_args(mode, "default-target", "default-draft", max_batch=4, dtype="auto", draft_quant="auto",
-                        target_quant="auto")
+                        target_quant="auto", draft_stop_below=DRAFT_STOP_BELOW)
     with Cluster(args) as cluster:
         cluster.wait_ready(timeout_s=300)
         with channel_to(cluster) as channel:

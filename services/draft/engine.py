@@ -74,11 +74,13 @@ class DraftEngine:
         return sum(1 for seq_id, _ in checked if seq_id in self.table)
 
     def propose(self, seqs: list[tuple[str, int, list[int], int]], owner: str = "",
-                with_logprobs: bool = False) -> list[list[ProposedToken] | ServiceError]:
-        """For each (seq_id, keep, append, k): apply the commit, then draft k tokens (or report its error).
+                with_logprobs: bool = False, stop_below: float = 0.0) -> list[list[ProposedToken] | ServiceError]:
+        """For each (seq_id, keep, append, k): apply the commit, then draft up to k tokens (or report its error).
 
-        One batched forward per draft position; sequences asking for fewer tokens drop out early. A failed
-        call leaves every sequence holding its verified tokens (the commit) only."""
+        One batched forward per draft position; sequences asking for fewer tokens drop out early, and so does
+        one whose latest draft the draft model itself gave less than `stop_below` probability (the next would
+        likely be rejected too: drafting it costs a step that buys nothing). A failed call leaves every
+        sequence holding its verified tokens (the commit) only."""
         self.table.check_batch([seq_id for seq_id, *_ in seqs])
         results: list[list[ProposedToken] | ServiceError] = [[] for _ in seqs]
         checked: list[tuple[int, SequenceState, int, list[int], int]] = []
@@ -97,7 +99,7 @@ class DraftEngine:
             state.truncate(keep)
             state.tokens.extend(append)
         try:
-            self._draft(checked, results, with_logprobs)
+            self._draft(checked, results, with_logprobs, stop_below)
         except BaseException:
             for _, state, keep, append, _ in checked:
                 state.truncate(keep + len(append))
@@ -105,11 +107,11 @@ class DraftEngine:
         return results
 
     def _draft(self, checked: list[tuple[int, SequenceState, int, list[int], int]],
-               results: list[list[ProposedToken] | ServiceError], with_logprobs: bool) -> None:
+               results: list[list[ProposedToken] | ServiceError], with_logprobs: bool, stop_below: float) -> None:
         """One batched forward and one batched draw per position; one host copy of each position's draws."""
-        failed: set[int] = set()
+        finished: set[int] = set()  # failed, or stopped by `stop_below`
         for step in range(max((k for *_, k in checked), default=0)):
-            active = [(i, state) for i, state, *_, k in checked if k > step and i not in failed]
+            active = [(i, state) for i, state, *_, k in checked if k > step and i not in finished]
             if not active:
                 break
             logits = self.runner.forward([state for _, state in active], logits_to_keep=1)[:, -1]
@@ -120,6 +122,8 @@ class DraftEngine:
             samplings = [state.sampling for _, state in active]
             tokens, ids, q, ok = draft_rows(logits, samplings, self.top_m, [state.generator for _, state in active])
             columns = [tokens[:, None].double(), ok[:, None].double(), ids.double(), q.double()]
+            if stop_below > 0:
+                columns.append(token_probs(logits, tokens, ids, q, samplings)[:, None])
             if with_logprobs:
                 columns.append(draft_logprobs(logits, tokens, ids, q, samplings)[:, None])
             host = to_host(torch.cat(columns, dim=-1))  # ids are exact in float64 (below 2**53)
@@ -128,13 +132,15 @@ class DraftEngine:
                 if not values[1]:  # a sampler fault is this sequence's alone: it keeps its commit
                     state.truncate(len(state.tokens) - len(results[i]))
                     results[i] = ServiceError("draft sampling failed: the draft distribution holds no finite mass")
-                    failed.add(i)
+                    finished.add(i)
                     continue
                 token = int(values[0])
                 support = [(int(t), p) for t, p in zip(values[2:2 + m], values[2 + m:2 + 2 * m], strict=True) if p > 0]
                 state.tokens.append(token)
                 logprob = values[-1] if with_logprobs else 0.0
                 results[i].append(ProposedToken(token, [t for t, _ in support], [p for _, p in support], logprob))
+                if stop_below > 0 and values[2 + 2 * m] < stop_below:
+                    finished.add(i)
 
     def warm_up(self) -> None:
         """A prompt and a proposal of a throwaway sequence, so the first request pays no first-call costs."""
@@ -144,6 +150,17 @@ class DraftEngine:
 
     def release(self, seq_ids: list[str], owner: str | None = None) -> int:
         return self.table.release(seq_ids, owner)
+
+
+def token_probs(logits: torch.Tensor, tokens: torch.Tensor, ids: torch.Tensor, q: torch.Tensor,
+                samplings: list[Sampling]) -> torch.Tensor:
+    """The draft's probability of each row's token [rows]: q(token) when sampling; when greedy, the logits'
+    softmax at temperature 1 (q itself is a point mass there)."""
+    greedy = torch.tensor([s.greedy for s in samplings]).to(logits.device, non_blocking=True)
+    wide = logits.float()  # a threshold's precision
+    plain = torch.exp(wide.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(wide, dim=-1))
+    drawn = (q.float() * (ids == tokens[:, None])).sum(dim=-1)
+    return torch.where(greedy, plain, drawn)
 
 
 def draft_logprobs(logits: torch.Tensor, tokens: torch.Tensor, ids: torch.Tensor, q: torch.Tensor,

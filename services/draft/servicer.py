@@ -29,7 +29,7 @@ class DraftServicer(EngineServicer, draft_pb2_grpc.DraftServicer):
         engine = await self.ready_engine(context)
         seqs = [(s.seq_id, s.commit.keep, list(s.commit.append), s.k) for s in request.seqs]
         proposals, stats = await self.call(context, len(seqs), engine.propose, seqs, owner_of(context),
-                                           request.with_logprobs, threads=request.threads)
+                                           request.with_logprobs, request.stop_below, threads=request.threads)
         ids = [seq_id for seq_id, *_ in seqs]
         errors = seq_errors(ids, proposals)
         return draft_pb2.ProposeResponse(

@@ -30,11 +30,15 @@ def token_chunks(requests: list[Request], max_tokens: int) -> list[list[Request]
     return chunks
 
 
+# A sequence stops drafting after a token its draft gave less than this probability: such a token is rejected
+# often, and so would the next be, so a further draft step buys little (HumanEval on the default pair: README).
+DRAFT_STOP_BELOW = 0.5
+
 class Drafter:
     def __init__(self, draft: Backend, stages: StageModel, recorder: Recorder, timeout_s: float,
-                 prefill_tokens: int) -> None:
+                 prefill_tokens: int, stop_below: float = 0.0) -> None:
         self.draft, self.stages, self.recorder = draft, stages, recorder
-        self.timeout_s, self.prefill_tokens = timeout_s, prefill_tokens
+        self.timeout_s, self.prefill_tokens, self.stop_below = timeout_s, prefill_tokens, stop_below
 
     async def prefill(self, requests: list[Request], lane: Lane, threads: int, catching_up: bool = False) -> None:
         """Sends the draft every token of these requests.
@@ -80,8 +84,10 @@ class Drafter:
             return {}
         seqs = [(r.seq_id, r.draft_len, r.tokens[r.draft_len:], min(k + extra, r.remaining - 1)) for r in ready]
         try:
-            response = await self.draft.stub.Propose(messages.propose(seqs, threads, with_logprobs=extra > 0),
-                                                     timeout=self.timeout_s)
+            # TETRIS ranks all k + extra positions itself: no early stop there
+            request = messages.propose(seqs, threads, with_logprobs=extra > 0, stop_below=0.0 if extra else
+                                       self.stop_below)
+            response = await self.draft.stub.Propose(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as error:  # verify without drafts: same output, just slower
             draft_call_failed(self.draft, ready, error, "propose")
             return {}

@@ -27,6 +27,7 @@ from minedraft.serving.telemetry import client_interceptors, setup_tracing
 from services.router.admission import Admission
 from services.router.backends import Backend
 from services.router.cells import Cells
+from services.router.drafting import DRAFT_STOP_BELOW
 from services.router.leases import CallMetadata, keep_leases, new_owner_id, owner_metadata
 from services.router.modes import MODES
 from services.router.monitor import MonitorServicer
@@ -57,6 +58,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tetris-extra", type=int, default=0,
                         help="TETRIS: draft k + this many tokens per sequence and verify only the lane's k x size "
                              "most likely draft positions (0: off)")
+    parser.add_argument("--draft-stop-below", type=float, default=DRAFT_STOP_BELOW,
+                        help="stop drafting a sequence after a token the draft gave less than this probability "
+                             "(0: always draft k; speed only, never output)")
     parser.add_argument("--max-batch", type=int, default=16, help="most sequences in one lane")
     parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a lane")
     parser.add_argument("--rate-limit", type=float, default=None, help="most new requests per second")
@@ -135,7 +139,7 @@ async def serve(args: argparse.Namespace) -> None:
                          draft_timeout_s=args.draft_timeout, k_max=args.k_max,
                          draft_prefill_tokens=args.draft_prefill_tokens, share_cores=args.share_cores,
                          target_timeout_s=args.target_timeout, max_lane_tokens=args.max_lane_tokens,
-                         tetris_extra=args.tetris_extra)
+                         tetris_extra=args.tetris_extra, draft_stop_below=args.draft_stop_below)
 
     pairs = [parse_cell(spec) for spec in args.cell] or [(args.draft_addr, args.target_addr)]
     cells = Cells([cell(i, draft_addr, target_addr) for i, (draft_addr, target_addr) in enumerate(pairs)])

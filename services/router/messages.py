@@ -34,12 +34,12 @@ def shared_prompts(requests: list) -> dict[str, str]:
     return {r.seq_id: r.same_prompt_as for r in requests if r.same_prompt_as in present}
 
 
-def propose(seqs: Iterable[tuple[str, int, list[int], int]], threads: int,
-            with_logprobs: bool = False) -> draft_pb2.ProposeRequest:
-    """Per sequence (seq_id, keep, append, k): the commit of its verified tokens, then k drafts."""
+def propose(seqs: Iterable[tuple[str, int, list[int], int]], threads: int, with_logprobs: bool = False,
+            stop_below: float = 0.0) -> draft_pb2.ProposeRequest:
+    """Per sequence (seq_id, keep, append, k): the commit of its verified tokens, then up to k drafts."""
     return draft_pb2.ProposeRequest(seqs=[
         draft_pb2.ProposeSeq(seq_id=seq_id, k=k, commit=draft_pb2.Commit(keep=keep, append=append))
-        for seq_id, keep, append, k in seqs], threads=threads, with_logprobs=with_logprobs)
+        for seq_id, keep, append, k in seqs], threads=threads, with_logprobs=with_logprobs, stop_below=stop_below)
 
 
 def verify(seqs: Iterable[tuple[str, list[common_pb2.DraftToken]]], threads: int) -> target_pb2.VerifyRequest:

@@ -42,13 +42,14 @@ class Scheduler:
     def __init__(self, target: Backend, draft: Backend | None, mode: str = "auto", k: int = 4,
                  max_batch: int = 16, draft_timeout_s: float = 10.0, k_max: int | None = None,
                  draft_prefill_tokens: int = 512, share_cores: int = 0, target_timeout_s: float = 30.0,
-                 max_lane_tokens: int = 0, tetris_extra: int = 0) -> None:
+                 max_lane_tokens: int = 0, tetris_extra: int = 0, draft_stop_below: float = 0.0) -> None:
         """`share_cores`: draft and target share this many CPU cores of one host; each call then asks for all
         of them when it runs alone and half when the other service runs beside it (0: no hints).
         `target_timeout_s`: the deadline of a Verify (a Prefill's grows with its tokens); past it the target
         counts as down and its requests fail, rather than hang. `max_lane_tokens`: most prompt + completion
         tokens the sequences of one lane may come to hold (0: only max_batch and the services' caches bound it).
-        `tetris_extra`: draft k + this many per sequence and keep the lane's best k × size (tetris.py; 0: off)."""
+        `tetris_extra`: draft k + this many per sequence and keep the lane's best k × size (tetris.py; 0: off).
+        `draft_stop_below`: a sequence's drafting stops after a token the draft gave less probability."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if mode != "ar" and draft is None:
@@ -68,8 +69,8 @@ class Scheduler:
         self.k_trial = KTrial(self.stages.tokens_per_round)
         self.waiting: deque[Request] = deque()
         self.recorder = Recorder()
-        self.drafter = Drafter(draft, self.stages, self.recorder, draft_timeout_s, draft_prefill_tokens) \
-            if draft is not None else None
+        self.drafter = Drafter(draft, self.stages, self.recorder, draft_timeout_s, draft_prefill_tokens,
+                               draft_stop_below) if draft is not None else None
         self._work = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 

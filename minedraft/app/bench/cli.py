@@ -15,6 +15,7 @@ from minedraft.app.bench.report import write_all
 from minedraft.app.bench.workloads import load_prompts
 from minedraft.app.launcher import cpu_layout, free_port
 from minedraft.engine.precision import native_bf16_cpu, resolve_dtype, resolve_quant
+from services.router.drafting import DRAFT_STOP_BELOW
 
 MODES = tuple(MODE_SPECS)
 
@@ -28,6 +29,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true",
                         help="every request generates exactly --max-tokens tokens (the seed paper's fixed lengths)")
     parser.add_argument("--tetris-extra", type=int, default=3, help="extra drafts per sequence in the tetris modes")
+    parser.add_argument("--draft-stop-below", type=float, default=DRAFT_STOP_BELOW,
+                        help="the router's --draft-stop-below (0: every round drafts k per sequence)")
     parser.add_argument("--paper-table", action="store_true",
                         help="the seed paper's table: ar, sd, psd, tetris, psd2c, tetris2c and auto over k in {2, 4} "
                              "and lane sizes {4, 8, 16}, ShareGPT, fixed output length (paper_table.py)")
@@ -128,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                      "concurrency": args.concurrency, "repeats": args.repeats,
                      "draft_quant": args.draft_quant, "target_quant": args.target_quant,
                      "cpu_layout": args.cpu_layout, "peers": args.peer, "ignore_eos": args.ignore_eos,
-                     "tetris_extra": args.tetris_extra, "seed": args.seed},
+                     "tetris_extra": args.tetris_extra, "draft_stop_below": args.draft_stop_below, "seed": args.seed},
         "models": {"draft": args.draft_model, "target": args.target_model},
         "machine": machine(),
         "engine": engine_record(args),

@@ -85,6 +85,7 @@ def cluster_args(args: argparse.Namespace, mode: str, max_batch: int) -> Cluster
     cluster_mode, _, tetris = MODE_SPECS[mode]
     return ClusterConfig.of(
         mode=cluster_mode, port=free_port(), tetris_extra=args.tetris_extra if tetris else 0, k=args.k,
+        draft_stop_below=args.draft_stop_below,
         max_batch=max_batch, draft_model=args.draft_model,
         target_model=args.target_model, dtype=args.dtype, draft_quant=args.draft_quant, target_quant=args.target_quant,
         cpu_layout=args.cpu_layout, device=args.device, draft_device=args.draft_device, tokenizer=args.tokenizer,
