@@ -13,9 +13,9 @@ from services.router.backends import Backend
 from services.router.drafting import Drafter
 from services.router.lanes import Lane
 from services.router.leases import CallMetadata
-from services.router.policy import StageModel
 from services.router.recorder import Recorder
 from services.router.request import Request
+from services.router.stage_model import StageModel
 from services.router.text_stream import TextStream
 
 

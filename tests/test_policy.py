@@ -6,18 +6,15 @@ import random
 import pytest
 
 from services.router.policy import (
-    MIN_ROUNDS_TO_REPLAN,
     PRIOR_DROP_GAIN,
-    LinearCost,
     Plan,
-    StageModel,
-    VerifyCost,
     best_plan,
     next_plan,
     predicted_rate,
     rebalance,
     tokens_per_round,
 )
+from services.router.stage_model import MIN_ROUNDS_TO_REPLAN, LinearCost, StageModel, VerifyCost
 
 
 def model(draft_step, verify, alpha: float, batches=(1, 2, 4, 8, 16, 32), verified_k=(4,)) -> StageModel:
@@ -225,3 +222,21 @@ def test_one_prompt_over_its_first_rounds_does_not_outweigh_drafting() -> None:
     fresh.observe_round(4, 3)
     fresh.observe_round(4, 2)
     assert next_plan(fresh, Plan(1, 4, 0.0), sequences=1, k_max=8, resume_k=4).k == 4
+
+
+def test_early_stops_are_costed_by_the_steps_they_run() -> None:
+    """With --draft-stop-below a round of k may run fewer draft steps: half the rounds here stop after one
+    draft. The model must cost 2.5 steps at one sequence (but ~k for a batch, whose step runs while any row
+    drafts) and count acceptance over every round that could have drafted a position."""
+    stages = StageModel()
+    for _ in range(100):
+        stages.observe_round(1, 0, cap=4)
+        stages.observe_round(4, 4, cap=4)
+    assert stages.draft_steps(4) == pytest.approx(2.5, abs=0.05)
+    assert stages.draft_steps(4, sequences=8) == pytest.approx(1 + 3 * (1 - 0.5 ** 8), abs=0.05)
+    assert stages.tokens_per_round(4) == pytest.approx(3.0, abs=0.05)
+    stages.observe_propose(1, 1, 10.0)  # a propose that stopped after one step: 10 ms a step, not 2.5
+    stages.observe_verify(1, 4, 50.0)
+    assert stages.draft_step(1) == pytest.approx(10.0)
+    assert predicted_rate(stages, 1, 1, 4) == pytest.approx(stages.tokens_per_round(4) / (2.5 * 10 + 50) * 1e3,
+                                                            rel=0.02)

@@ -12,9 +12,9 @@ from minedraft.protos import common_pb2
 from services.router import messages, tetris
 from services.router.backends import Backend
 from services.router.faults import draft_call_failed, draft_refused
-from services.router.policy import StageModel
 from services.router.recorder import Lane, Recorder
 from services.router.request import Request
+from services.router.stage_model import StageModel
 
 
 def token_chunks(requests: list[Request], max_tokens: int) -> list[list[Request]]:
@@ -92,7 +92,8 @@ class Drafter:
             draft_call_failed(self.draft, ready, error, "propose")
             return {}
         ks = [seq_k for *_, seq_k in seqs]
-        self.stages.observe_propose(len(seqs), max(ks), response.stats.forward_ms, shared)
+        steps = max((len(p.tokens) for p in response.proposals), default=0)  # fewer than k on an early stop
+        self.stages.observe_propose(len(seqs), steps, response.stats.forward_ms, shared)
         self.recorder.propose(lane, response.stats, sum(ks))
         drafts = {}
         for request, proposal in zip(ready, response.proposals, strict=True):

@@ -29,10 +29,11 @@ from services.router.faults import target_call_failed, target_refused
 from services.router.k_trial import KTrial
 from services.router.lanes import Lane, hand_over, overlapped, take_waiting
 from services.router.modes import MODES
-from services.router.policy import Plan, StageModel, next_plan
+from services.router.policy import Plan, next_plan
 from services.router.recorder import Recorder
 from services.router.releases import Releaser
 from services.router.request import Request
+from services.router.stage_model import StageModel
 
 log = logging.getLogger(__name__)
 PREFILL_S_PER_TOKEN = 0.02  # a target prefill's deadline grows by this per prompt token (CPU speeds, with margin)
@@ -48,7 +49,7 @@ class Scheduler:
         `target_timeout_s`: the deadline of a Verify (a Prefill's grows with its tokens); past it the target
         counts as down and its requests fail, rather than hang. `max_lane_tokens`: most prompt + completion
         tokens the sequences of one lane may come to hold (0: only max_batch and the services' caches bound it).
-        `tetris_extra`: draft k + this many per sequence and keep the lane's best k × size (tetris.py; 0: off).
+        `tetris_extra`: draft k + this many per sequence and keep the lane's best k × size (tetris.py; 0: off);
         `draft_stop_below`: a sequence's drafting stops after a token the draft gave less probability."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
@@ -56,11 +57,10 @@ class Scheduler:
             raise ValueError(f"mode {mode} needs a draft service")
         self.target, self.draft = target, draft
         self.mode, self.k, self.max_batch = mode, k, max_batch
-        self.target_timeout_s = target_timeout_s
+        self.target_timeout_s, self.share_cores = target_timeout_s, share_cores
         self.max_lane_tokens, self.tetris_extra = max_lane_tokens, tetris_extra
         self._prefill_allowance_s = 0.0  # of the target prefills in flight (see _target_prefill)
         self.releaser = Releaser(target, draft)
-        self.share_cores = share_cores
         self.lanes = [Lane(i) for i in range(2 if mode in ("psd", "auto") else 1)]
         self.stages = StageModel()
         self.k_max = k_max or 2 * k
@@ -265,7 +265,7 @@ class Scheduler:
             proposed = [d.token_id for d in drafts.get(request.seq_id, [])]
             if proposed:
                 request.draft_len = len(request.tokens) + verdict.accepted
-                self.stages.observe_round(len(proposed), verdict.accepted)
+                self.stages.observe_round(len(proposed), verdict.accepted, cap=min(k, request.remaining - 1))
             self.recorder.verdict(lane, request, len(proposed), verdict.accepted)
             accepted_total += verdict.accepted
             if not request.done:
