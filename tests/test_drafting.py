@@ -41,3 +41,34 @@ def test_only_new_prompts_count_as_the_drafts_prefill_cost(tiny_clusters, tiny_p
     assert after_new > 0, "new prompts are charged"
     assert after_resend == after_new, "a re-send is not"
     assert all(r.draft_sent and r.draft_len == len(r.tokens) for r in requests)
+
+
+async def propose_with(cluster, tokenizer, stop_below: float, extra: int) -> tuple[dict[str, list], StageModel]:
+    token = [CallMetadata([("authorization", f"Bearer {cluster.internal_token}")])]
+    async with grpc.aio.insecure_channel(cluster.draft_address, interceptors=token) as channel:
+        stages = StageModel()
+        drafter = Drafter(Backend("draft", channel, draft_pb2_grpc.DraftStub), stages, Recorder(), 30.0, 512,
+                          stop_below=stop_below)
+        requests = [Request(seq_id=f"stop-{stop_below}-{extra}-{i}", sampling=Sampling(), max_tokens=16,
+                            prompt_ids=tokenizer.encode(p, add_special_tokens=False),
+                            text=TextStream(tokenizer, []), eos_ids=frozenset())
+                    for i, p in enumerate(["def add(a, b):", "Hello there"])]
+        try:
+            drafts = await drafter.propose(Lane(0), requests, k=4, shared=False, threads=0, extra=extra)
+        finally:
+            await drafter.draft.stub.Release(messages.release(r.seq_id for r in requests))
+        return drafts, stages
+
+
+def test_the_router_stops_drafting_early_but_not_under_tetris(tiny_clusters, tiny_pair) -> None:
+    """A tiny random draft gives every token about 1/vocab: with a threshold of 0.5 each proposal stops after
+    one draft, and the stage model learns one step ran; TETRIS (extra > 0) drafts k + extra regardless."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
+    stopped, stages = asyncio.run(propose_with(tiny_clusters["psd"], tokenizer, 0.5, extra=0))
+    assert [len(d) for d in stopped.values()] == [1, 1]
+    full, _ = asyncio.run(propose_with(tiny_clusters["psd"], tokenizer, 0.0, extra=0))
+    assert [len(d) for d in full.values()] == [4, 4]
+    assert [d[0].token_id for d in stopped.values()] == [d[0].token_id for d in full.values()]
+    tetris, _ = asyncio.run(propose_with(tiny_clusters["psd"], tokenizer, 0.5, extra=2))
+    assert sum(map(len, tetris.values())) == 8, "TETRIS keeps k x size of the k + extra positions it drafted"
+    assert stages.alone.draft_step.known

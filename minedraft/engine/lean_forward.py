@@ -73,7 +73,7 @@ def supported(model: torch.nn.Module) -> bool:
 def _sliding_window(config, attention: torch.nn.Module) -> int | None:
     """The window each family's attention passes on: Qwen2 per layer, Mistral from its config, Llama none."""
     if config.model_type == "qwen2":
-        return attention.sliding_window
+        return getattr(attention, "sliding_window", None)
     return getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
 
 
@@ -98,7 +98,7 @@ class LeanForward:
         self.final_norm = _norm(inner.norm)
         attention = inner.layers[0].self_attn
         self.head_dim, self.scaling = attention.head_dim, attention.scaling
-        self.layers = [self._layer(model.config, layer) for layer in inner.layers]
+        self.layers = [self._layer(model.config, layer) for layer in inner.layers[:model.config.num_hidden_layers]]
 
     @staticmethod
     def _layer(config, layer: torch.nn.Module) -> Layer:
@@ -130,7 +130,9 @@ class LeanForward:
             hidden = residual + layer.o_proj(attended.reshape(batch, n, -1))
             residual = hidden
             gate, up = layer.gate_up(_rms_norm(hidden, layer.post_norm))
-            hidden = residual + layer.down_proj(F.silu(gate) * up)
+            # silu's exp may round differently on a strided view (vector body vs scalar tail per row): contiguous,
+            # as transformers' path hands it
+            hidden = residual + layer.down_proj(F.silu(gate.contiguous()) * up)
         hidden = _rms_norm(hidden, self.final_norm)
         return self.lm_head(hidden[:, -logits_to_keep:, :])
 

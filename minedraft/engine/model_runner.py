@@ -129,8 +129,9 @@ class ModelRunner:
         self.static = static
         self._cache_kwarg = cache_kwarg(model)
         self.graphs = None
-        # The rows attention (the CPU's path) runs Llama-family layers as a flat list of operators, same bits.
-        self.lean = LeanForward(model) if static and static.attention == "rows" and supported(model) else None
+        # On the CPU's rows attention Llama-family layers run as a flat list of operators, same bits.
+        lean = static and static.attention == "rows" and device.type == "cpu" and supported(model)
+        self.lean = LeanForward(model) if lean else None
         if static and cuda_graphs:  # the gather path's shapes carry a width: captured as they come
             self.graphs = StepGraphs(self._static_step, self._scratch_inputs, lazy=static.attention == "gather")
 

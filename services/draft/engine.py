@@ -145,7 +145,7 @@ class DraftEngine:
     def warm_up(self) -> None:
         """A prompt and a proposal of a throwaway sequence, so the first request pays no first-call costs."""
         self.prefill([("warm-up", [0, 1, 2, 3], Sampling())])
-        self.propose([("warm-up", 4, [], 2)])
+        self.propose([("warm-up", 4, [], 2)], stop_below=1e-9)  # its early-stop check too
         self.release(["warm-up"])
 
     def release(self, seq_ids: list[str], owner: str | None = None) -> int:

@@ -41,6 +41,14 @@ BACKEND_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.initial_reconnect_backoff_ms
                            ("grpc.min_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
+def probability(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    value = float(text)
+    if not 0 <= value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text} is not a probability (0 to 1)")
+    return value
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051)
@@ -58,7 +66,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tetris-extra", type=int, default=0,
                         help="TETRIS: draft k + this many tokens per sequence and verify only the lane's k x size "
                              "most likely draft positions (0: off)")
-    parser.add_argument("--draft-stop-below", type=float, default=DRAFT_STOP_BELOW,
+    parser.add_argument("--draft-stop-below", type=probability, default=DRAFT_STOP_BELOW,
                         help="stop drafting a sequence after a token the draft gave less than this probability "
                              "(0: always draft k; speed only, never output)")
     parser.add_argument("--max-batch", type=int, default=16, help="most sequences in one lane")

@@ -41,11 +41,12 @@ def predicted_rate(model: StageModel, sequences: int, lanes: int, k: int) -> flo
     sync = model.draft_prefill_per_round if k > 0 else 0.0  # a target-only round caches nothing on the draft
     if sequences >= 2 and lanes == 2:
         half = sequences / 2
-        drafting = model.draft_steps(k, half) * model.draft_step(half, shared=True)
-        cycle_ms = 2 * max(drafting + half * sync, model.verify(half, k, shared=True))
+        steps = model.draft_steps(k, half)  # also the longest proposal the verify carries
+        cycle_ms = 2 * max(steps * model.draft_step(half, shared=True) + half * sync,
+                           model.verify(half, steps, shared=True))
     else:  # a lone sequence runs as in one lane, whatever the layout
-        cycle_ms = model.draft_steps(k, sequences) * model.draft_step(sequences) + sequences * sync + \
-            model.verify(sequences, k)
+        steps = model.draft_steps(k, sequences)
+        cycle_ms = steps * model.draft_step(sequences) + sequences * sync + model.verify(sequences, steps)
     per_sequence = model.tokens_per_round(k) if k > 0 else 1.0
     return sequences * per_sequence / cycle_ms * 1e3
 

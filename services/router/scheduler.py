@@ -183,9 +183,8 @@ class Scheduler:
                         request.fail(Unavailable(f"internal router error: {error}"))
 
     async def _retire(self, lane: Lane) -> None:
-        """Removes finished and cancelled requests and frees their state on both services.
-
-        A service that is down is not waited for (releases.py)."""
+        """Removes finished and cancelled requests and frees their state on both services (one that is down is
+        not waited for: releases.py)."""
         done = [r for r in lane.active if r.done]
         if not done:
             return
@@ -265,7 +264,8 @@ class Scheduler:
             proposed = [d.token_id for d in drafts.get(request.seq_id, [])]
             if proposed:
                 request.draft_len = len(request.tokens) + verdict.accepted
-                self.stages.observe_round(len(proposed), verdict.accepted, cap=min(k, request.remaining - 1))
+                self.stages.observe_round(len(proposed), verdict.accepted,  # TETRIS cuts are not early stops
+                                          cap=None if self.tetris_extra else min(k, request.remaining - 1))
             self.recorder.verdict(lane, request, len(proposed), verdict.accepted)
             accepted_total += verdict.accepted
             if not request.done:

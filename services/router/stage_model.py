@@ -60,7 +60,7 @@ class VerifyCost:
     def known(self) -> bool:
         return bool(self.by_k)
 
-    def __call__(self, batch: float, k: int) -> float:
+    def __call__(self, batch: float, k: float) -> float:
         if not self.by_k:
             return 0.0
         ks = sorted(self.by_k)
@@ -123,7 +123,7 @@ class StageModel:
     def draft_step(self, batch: float, shared: bool = False) -> float:
         return self.costs(shared).draft_step(batch)
 
-    def verify(self, batch: float, k: int, shared: bool = False) -> float:
+    def verify(self, batch: float, k: float, shared: bool = False) -> float:
         return self.costs(shared).verify(batch, k)
 
     def observe_acceptance(self, drafted: int, accepted: int, decay: float = 0.99) -> None:
@@ -150,11 +150,13 @@ class StageModel:
             self.drafted_to[i] += i <= drafted
 
     def draft_steps(self, k: int, sequences: float = 1) -> float:
-        """Expected draft steps of a round asking k of each of `sequences`: a step runs while any of them
-        still drafts (measured per position; without early stops, k)."""
-        steps = 0.0
+        """Expected draft steps of a round asking k of each of `sequences` — also its longest proposal: a step
+        runs while any of them still drafts (measured per position, the last measure carried past the data;
+        without early stops, k)."""
+        steps, each = 0.0, 1.0
         for i in range(1, k + 1):
-            each = self.drafted_to[i] / self.reached[i] if self.reached[i] >= MIN_POSITION_SAMPLES else 1.0
+            if self.reached[i] >= MIN_POSITION_SAMPLES:
+                each = self.drafted_to[i] / self.reached[i]
             steps += 1 - (1 - each) ** max(1.0, sequences)
         return steps
 
