@@ -6,7 +6,7 @@ transformers' layers go through module hooks, keyword plumbing, deprecation wrap
 registry at every layer, and a fused projection group (`fused_linears`) hands each sibling a contiguous copy
 of its columns. Here each layer is a flat list of operators: one GEMM per fused group, its members as views,
 the rotary embedding with the sign of `rotate_half` folded into the sine table (negation is exact, so
-q·cos + rotate_half(q)·sin keeps its bits), and keys/values written in place as `StaticKV` does. The numbers
+q·cos + rotate_half(q)·sin keeps its bits), and keys/values written in place by `StaticKV`'s own cache. The numbers
 are transformers' own (tested bit for bit against it, prefill, decode and verify, every quantised format),
 so every identity the services promise holds on this path too. Other families keep transformers' forward.
 """
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from minedraft.engine import slot_attention
 from minedraft.engine.fused_linears import GroupMember
+from minedraft.engine.static_kv import SlotCache
 
 FAMILIES = frozenset({"llama", "mistral", "qwen2"})
 
@@ -108,25 +109,21 @@ class LeanForward:
                      _sliding_window(config, attention), _norm(layer.post_attention_layernorm),
                      Projections.of([mlp.gate_proj, mlp.up_proj]), mlp.down_proj)
 
-    def __call__(self, step: dict[str, torch.Tensor], keys: list[torch.Tensor], values: list[torch.Tensor],
-                 logits_to_keep: int) -> torch.Tensor:
+    def __call__(self, step: dict[str, torch.Tensor], cache: SlotCache, logits_to_keep: int) -> torch.Tensor:
         hidden = self.embed(step["input_ids"])
         cos, sin = self.rotary(hidden, step["position_ids"])
         half = cos.shape[-1] // 2
         signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, None]  # rotate_half's sign
         cos = cos[:, None]
         batch, n = step["input_ids"].shape
-        rows, write_pos = step["slots"][:, None], step["write_pos"]
         memo: dict = {}
         for index, layer in enumerate(self.layers):
             residual = hidden
             q, k, v = layer.qkv(_rms_norm(hidden, layer.input_norm))
             q = _rotated(q.view(batch, n, -1, self.head_dim).transpose(1, 2), cos, signed_sin, half)
             k = _rotated(k.view(batch, n, -1, self.head_dim).transpose(1, 2), cos, signed_sin, half)
-            keys[index][rows, write_pos] = k.transpose(1, 2)
-            values[index][rows, write_pos] = v.view(batch, n, -1, self.head_dim)
-            attended = slot_attention.rows(q, keys[index], values[index], self.scaling, layer.sliding_window,
-                                           None, step, memo)
+            key, value = cache.update(k, v.view(batch, n, -1, self.head_dim).transpose(1, 2), index)
+            attended = slot_attention.rows(q, key, value, self.scaling, layer.sliding_window, None, step, memo)
             hidden = residual + layer.o_proj(attended.reshape(batch, n, -1))
             residual = hidden
             gate, up = layer.gate_up(_rms_norm(hidden, layer.post_norm))

@@ -273,9 +273,9 @@ class ModelRunner:
 
     def _static_step(self, logits_to_keep: int, **step: torch.Tensor) -> torch.Tensor:
         """One fixed-shape forward over the static cache (what a CUDA graph captures)."""
-        if self.lean:
-            return self.lean(step, self.static.keys, self.static.values, logits_to_keep)
         cache = self.static.cache_for(step["slots"], step["write_pos"], step["mask"])
+        if self.lean:
+            return self.lean(step, cache, logits_to_keep)
         # A 4D mask is used as given by every family (Llama, Mistral, Phi-3, Gemma-2, Qwen2); a dict of masks
         # is skipped only by some, and the others' create_causal_mask fails on it.
         extra = {}

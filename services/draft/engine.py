@@ -5,6 +5,7 @@ beside the others' results."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -122,9 +123,7 @@ class DraftEngine:
             samplings = [state.sampling for _, state in active]
             tokens, ids, q, ok = draft_rows(logits, samplings, self.top_m, [state.generator for _, state in active])
             columns = [tokens[:, None].double(), ok[:, None].double(), ids.double(), q.double()]
-            if stop_below > 0:
-                columns.append(token_probs(logits, tokens, ids, q, samplings)[:, None])
-            if with_logprobs:
+            if with_logprobs or stop_below > 0:  # the early stop reads the same log-probability
                 columns.append(draft_logprobs(logits, tokens, ids, q, samplings)[:, None])
             host = to_host(torch.cat(columns, dim=-1))  # ids are exact in float64 (below 2**53)
             m = ids.shape[1]
@@ -137,9 +136,10 @@ class DraftEngine:
                 token = int(values[0])
                 support = [(int(t), p) for t, p in zip(values[2:2 + m], values[2 + m:2 + 2 * m], strict=True) if p > 0]
                 state.tokens.append(token)
-                logprob = values[-1] if with_logprobs else 0.0
-                results[i].append(ProposedToken(token, [t for t, _ in support], [p for _, p in support], logprob))
-                if stop_below > 0 and values[2 + 2 * m] < stop_below:
+                logprob = values[-1] if with_logprobs or stop_below > 0 else 0.0
+                results[i].append(ProposedToken(token, [t for t, _ in support], [p for _, p in support],
+                                                logprob if with_logprobs else 0.0))
+                if stop_below > 0 and math.exp(logprob) < stop_below:
                     finished.add(i)
 
     def warm_up(self) -> None:
@@ -150,17 +150,6 @@ class DraftEngine:
 
     def release(self, seq_ids: list[str], owner: str | None = None) -> int:
         return self.table.release(seq_ids, owner)
-
-
-def token_probs(logits: torch.Tensor, tokens: torch.Tensor, ids: torch.Tensor, q: torch.Tensor,
-                samplings: list[Sampling]) -> torch.Tensor:
-    """The draft's probability of each row's token [rows]: q(token) when sampling; when greedy, the logits'
-    softmax at temperature 1 (q itself is a point mass there)."""
-    greedy = torch.tensor([s.greedy for s in samplings]).to(logits.device, non_blocking=True)
-    wide = logits.float()  # a threshold's precision
-    plain = torch.exp(wide.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(wide, dim=-1))
-    drawn = (q.float() * (ids == tokens[:, None])).sum(dim=-1)
-    return torch.where(greedy, plain, drawn)
 
 
 def draft_logprobs(logits: torch.Tensor, tokens: torch.Tensor, ids: torch.Tensor, q: torch.Tensor,
