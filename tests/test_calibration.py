@@ -1,0 +1,59 @@
+"""auto's calibration: every stage time it plans with is the faster of two real calls (one call alone can be
+far off on a busy host). Real draft and target services on loopback, the tiny pair."""
+
+import asyncio
+
+import grpc
+
+from minedraft.protos import draft_pb2_grpc, target_pb2_grpc
+from services.router.backends import Backend
+from services.router.calibration import SAMPLES, calibrate
+from services.router.leases import CallMetadata
+from services.router.scheduler import Scheduler
+
+
+class RecordingStub:
+    """Passes calls to a real stub and keeps each Propose/Verify's reported forward time, in order."""
+
+    def __init__(self, stub, times: dict[str, list[float]]) -> None:
+        self.stub, self.times = stub, times
+
+    def __getattr__(self, name: str):
+        call = getattr(self.stub, name)
+        if name not in ("Propose", "Verify"):
+            return call
+
+        async def recorded(request, **kwargs):
+            response = await call(request, **kwargs)
+            self.times.setdefault(name, []).append(response.stats.forward_ms)
+            return response
+        return recorded
+
+
+async def calibrate_on(cluster) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    token = [CallMetadata([("authorization", f"Bearer {cluster.internal_token}")])]
+    times: dict[str, list[float]] = {}
+    observed: dict[str, list[float]] = {"Propose": [], "Verify": []}
+    async with grpc.aio.insecure_channel(cluster.target_address, interceptors=token) as target_channel, \
+            grpc.aio.insecure_channel(cluster.draft_address, interceptors=token) as draft_channel:
+        target = Backend("target", target_channel, target_pb2_grpc.TargetStub)
+        draft = Backend("draft", draft_channel, draft_pb2_grpc.DraftStub)
+        scheduler = Scheduler(target, draft, mode="auto", k=2, k_max=3, max_batch=2)
+        target.stub, draft.stub = RecordingStub(target.stub, times), RecordingStub(draft.stub, times)
+        propose, verify = scheduler.stages.observe_propose, scheduler.stages.observe_verify
+        scheduler.stages.observe_propose = lambda b, s, ms, shared=False: (
+            observed["Propose"].append(ms), propose(b, s, ms, shared))
+        scheduler.stages.observe_verify = lambda b, k, ms, shared=False: (
+            observed["Verify"].append(ms), verify(b, k, ms, shared))
+        await calibrate(scheduler)
+    return times, observed
+
+
+def test_each_stage_time_is_the_faster_of_two_calls(tiny_clusters) -> None:
+    times, observed = asyncio.run(calibrate_on(tiny_clusters["sd"]))
+    assert SAMPLES == 2
+    for name in ("Propose", "Verify"):
+        calls = times[name]
+        assert len(observed[name]) > 1 and len(calls) == SAMPLES * len(observed[name])
+        pairs = [calls[i:i + SAMPLES] for i in range(0, len(calls), SAMPLES)]
+        assert observed[name] == [min(pair) for pair in pairs]
