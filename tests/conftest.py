@@ -11,6 +11,7 @@ import pytest
 from minedraft.app.cluster_config import ClusterConfig
 from minedraft.app.launcher import Cluster, free_port
 from minedraft.models.tiny import build_tiny_pair
+from services.router.leases import CallMetadata
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -85,3 +86,10 @@ def tiny_clusters(clusters, tiny_pair) -> dict[str, Cluster]:
 
 def channel_to(cluster: Cluster) -> grpc.Channel:
     return grpc.insecure_channel(cluster.address)
+
+
+def internal_channel(cluster: Cluster, address: str) -> grpc.aio.Channel:
+    """An asyncio channel to one of the cluster's internal services (its draft or target address), carrying the
+    internal token as the cluster's own router does."""
+    token = [CallMetadata([("authorization", f"Bearer {cluster.internal_token}")])]
+    return grpc.aio.insecure_channel(address, interceptors=token)

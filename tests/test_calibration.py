@@ -3,13 +3,11 @@ far off on a busy host). Real draft and target services on loopback, the tiny pa
 
 import asyncio
 
-import grpc
-
 from minedraft.protos import draft_pb2_grpc, target_pb2_grpc
 from services.router.backends import Backend
 from services.router.calibration import SAMPLES, calibrate
-from services.router.leases import CallMetadata
 from services.router.scheduler import Scheduler
+from tests.conftest import internal_channel
 
 
 class RecordingStub:
@@ -31,11 +29,10 @@ class RecordingStub:
 
 
 async def calibrate_on(cluster) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    token = [CallMetadata([("authorization", f"Bearer {cluster.internal_token}")])]
     times: dict[str, list[float]] = {}
     observed: dict[str, list[float]] = {"Propose": [], "Verify": []}
-    async with grpc.aio.insecure_channel(cluster.target_address, interceptors=token) as target_channel, \
-            grpc.aio.insecure_channel(cluster.draft_address, interceptors=token) as draft_channel:
+    async with internal_channel(cluster, cluster.target_address) as target_channel, \
+            internal_channel(cluster, cluster.draft_address) as draft_channel:
         target = Backend("target", target_channel, target_pb2_grpc.TargetStub)
         draft = Backend("draft", draft_channel, draft_pb2_grpc.DraftStub)
         scheduler = Scheduler(target, draft, mode="auto", k=2, k_max=3, max_batch=2)

@@ -3,7 +3,6 @@ re-sent after the draft lost them are not (they are paid once, when speculation 
 
 import asyncio
 
-import grpc
 from transformers import AutoTokenizer
 
 from minedraft.engine.sampling import Sampling
@@ -12,16 +11,15 @@ from services.router import messages
 from services.router.backends import Backend
 from services.router.drafting import Drafter
 from services.router.lanes import Lane
-from services.router.leases import CallMetadata
 from services.router.recorder import Recorder
 from services.router.request import Request
 from services.router.stage_model import StageModel
 from services.router.text_stream import TextStream
+from tests.conftest import internal_channel
 
 
 async def prefill_twice(cluster, tokenizer) -> tuple[float, float, list[Request]]:
-    token = [CallMetadata([("authorization", f"Bearer {cluster.internal_token}")])]
-    async with grpc.aio.insecure_channel(cluster.draft_address, interceptors=token) as channel:
+    async with internal_channel(cluster, cluster.draft_address) as channel:
         stages = StageModel()
         drafter = Drafter(Backend("draft", channel, draft_pb2_grpc.DraftStub), stages, Recorder(), 30.0, 512)
         requests = [Request(seq_id=f"drafting-{i}", prompt_ids=tokenizer.encode(p, add_special_tokens=False),
@@ -44,8 +42,7 @@ def test_only_new_prompts_count_as_the_drafts_prefill_cost(tiny_clusters, tiny_p
 
 
 async def propose_with(cluster, tokenizer, stop_below: float, extra: int) -> tuple[dict[str, list], StageModel]:
-    token = [CallMetadata([("authorization", f"Bearer {cluster.internal_token}")])]
-    async with grpc.aio.insecure_channel(cluster.draft_address, interceptors=token) as channel:
+    async with internal_channel(cluster, cluster.draft_address) as channel:
         stages = StageModel()
         drafter = Drafter(Backend("draft", channel, draft_pb2_grpc.DraftStub), stages, Recorder(), 30.0, 512,
                           stop_below=stop_below)

@@ -5,18 +5,17 @@ greedy tokens of target-only decoding. Real draft and target services, real gRPC
 import asyncio
 import itertools
 
-import grpc
 from transformers import AutoTokenizer
 
 from minedraft.engine.sampling import Sampling
 from minedraft.protos import draft_pb2_grpc, target_pb2_grpc
 from services.router import scheduler as scheduler_module
 from services.router.backends import Backend
-from services.router.leases import CallMetadata
 from services.router.policy import Plan
 from services.router.request import Request
 from services.router.scheduler import Scheduler
 from services.router.text_stream import TextStream
+from tests.conftest import internal_channel
 
 PROMPTS = ["def add(a, b):", "Hello", "The quick brown fox jumps over the lazy dog.", "for i in range(10):\n",
            "class Lane:", "import torch\nx = ", "a"]
@@ -25,9 +24,8 @@ PLANS = [Plan(2, 3, 0.0), Plan(1, 0, 0.0), Plan(1, 5, 0.0), Plan(2, 1, 0.0), Pla
 
 
 async def generate(cluster, tokenizer, mode: str, prompt_ids: list[list[int]], max_tokens: int) -> list[Request]:
-    token = [CallMetadata([("authorization", f"Bearer {cluster.internal_token}")])]
-    async with grpc.aio.insecure_channel(cluster.target_address, interceptors=token) as target_channel, \
-            grpc.aio.insecure_channel(cluster.draft_address, interceptors=token) as draft_channel:
+    async with internal_channel(cluster, cluster.target_address) as target_channel, \
+            internal_channel(cluster, cluster.draft_address) as draft_channel:
         target = Backend("target", target_channel, target_pb2_grpc.TargetStub)
         draft = Backend("draft", draft_channel, draft_pb2_grpc.DraftStub) if mode != "ar" else None
         scheduler = Scheduler(target, draft, mode=mode, k=4, max_batch=3)
