@@ -6,7 +6,15 @@ import torch
 
 from minedraft.engine import verification
 from minedraft.engine.model_runner import ModelRunner
-from minedraft.engine.sampling import DRAFT_STREAM, TARGET_STREAM, Sampling, draft_rows, make_generator, warp_rows
+from minedraft.engine.sampling import (
+    DRAFT_STREAM,
+    TARGET_STREAM,
+    Sampling,
+    draft_rows,
+    greedy_argmax,
+    make_generator,
+    warp_rows,
+)
 from minedraft.engine.verification import judge
 from services.draft import engine as draft_engine
 from services.draft.engine import DraftEngine
@@ -105,3 +113,22 @@ def test_ranking_only_the_likeliest_tokens_keeps_the_same_distribution(monkeypat
     whole = warp_rows(logits, settings)
     assert torch.allclose(fast, whole, rtol=0, atol=1e-7) and torch.equal(fast > 0, whole > 0)
     assert torch.allclose(fast_rows, whole[:, 0], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 151_936), (3, 5, 4_099), (40, 1, 1_000), (2, 0, 7)])
+def test_greedy_argmax_picks_the_same_index_as_argmax(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """The widened blocks must pick argmax's own index: ties (rounded logits tie often in half precision),
+    NaN rows, all -inf rows and more rows than one block included."""
+    torch.manual_seed(11)
+    logits = (torch.randn(shape) * 3).round().to(dtype)  # integers: most rows tie at their maximum
+    rows = shape[0] * shape[1]
+    if rows > 1:
+        logits[0, 0, 5:9] = float("nan")
+        logits[-1, -1] = float("-inf")
+    widened = greedy_argmax(logits)
+    assert widened.shape == shape[:-1]
+    assert torch.equal(widened, logits.argmax(dim=-1))
+    assert torch.equal(widened, logits.float().argmax(dim=-1))
+    if rows > 1:
+        assert widened[0, 0] == 5 and widened[-1, -1] == 0  # the first NaN; the first of equal -inf

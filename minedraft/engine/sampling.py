@@ -23,6 +23,7 @@ DRAFT_STREAM, TARGET_STREAM = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9
 CANDIDATES = 1024  # on a CPU, the likeliest tokens top-k and top-p rank when a row's choice lies within them
 # Below this, logits / temperature can overflow float32 (inf - inf = nan in softmax): a setting is refused.
 MIN_TEMPERATURE = 1e-3
+ARGMAX_BLOCK = 16  # rows `greedy_argmax` widens at a time: a few MB of float32 that stay in cache
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,18 @@ def healthy(probs: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
 
 
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1), faster for half precision on the CPU, where torch's argmax has no vectorised
+    bfloat16/float16 path (0.49 vs 0.13 ms over one 152k-token row, 9.9 vs 2.1 ms over 8 x 5). Rows are widened
+    to float32 a block at a time first: exact (every half value is a float32) under the same first-maximum rule
+    (NaN counting as the maximum), so the same index, tie or not."""
+    if logits.device.type != "cpu" or logits.dtype not in (torch.bfloat16, torch.float16) or not logits.numel():
+        return logits.argmax(dim=-1)
+    flat = logits.reshape(-1, logits.shape[-1])
+    blocks = [block.float().argmax(dim=-1) for block in flat.split(ARGMAX_BLOCK)]
+    return torch.cat(blocks).view(logits.shape[:-1])
+
+
 def draft_rows(logits: torch.Tensor, samplings: Sequence[Sampling], top_m: int,
                generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The draft's step for a batch: each row's token from q = the top-m of its warped distribution, renormalised.
@@ -174,7 +187,7 @@ def draft_rows(logits: torch.Tensor, samplings: Sequence[Sampling], top_m: int,
     argmax with q = 1) and whether each row could be sampled [rows]."""
     rows, vocab = logits.shape
     m = min(top_m, vocab)
-    tokens = logits.argmax(dim=-1)
+    tokens = greedy_argmax(logits)
     ids = torch.zeros((rows, m), dtype=torch.long, device=logits.device)
     ids[:, 0] = tokens
     q = torch.zeros((rows, m), dtype=widened(logits.dtype), device=logits.device)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minedraft.engine.sampling import Sampling, column, healthy, race, to_host, warp_rows
+from minedraft.engine.sampling import Sampling, column, greedy_argmax, healthy, race, to_host, warp_rows
 
 Drafts = list[tuple[int, list[int], list[float]]]  # (token, q support ids, q probs) per position
 
@@ -46,7 +46,7 @@ def judge(logits: torch.Tensor, drafts: Sequence[Drafts], samplings: Sequence[Sa
         tokens[row, pad:] = torch.tensor([d[0] for d in row_drafts], dtype=torch.long)
         valid[row, pad:] = True
     tokens, valid = tokens.to(device, non_blocking=True), valid.to(device, non_blocking=True)
-    best = logits.argmax(dim=-1)  # [rows, P]
+    best = greedy_argmax(logits)  # [rows, P]
     matched = (best[:, :-1] == tokens) | ~valid
     ok = torch.ones(rows, dtype=torch.bool, device=device)
     sampled = [row for row, s in enumerate(samplings) if not s.greedy]
