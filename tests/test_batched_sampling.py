@@ -132,3 +132,14 @@ def test_greedy_argmax_picks_the_same_index_as_argmax(dtype: torch.dtype, shape:
     assert torch.equal(widened, logits.float().argmax(dim=-1))
     if rows > 1:
         assert widened[0, 0] == 5 and widened[-1, -1] == 0  # the first NaN; the first of equal -inf
+
+
+def test_greedy_argmax_of_a_strided_view_matches() -> None:
+    """The draft passes logits[:, -1], a non-contiguous [rows, vocab] view; 32 rows end exactly on a block."""
+    torch.manual_seed(12)
+    logits = (torch.randn(32, 3, 2_051) * 3).round().to(torch.bfloat16)
+    logits[16, -1, 100:] = float("nan")  # the first row of the second block
+    last = logits[:, -1]
+    assert not last.is_contiguous()
+    assert torch.equal(greedy_argmax(last), last.argmax(dim=-1))
+    assert int(greedy_argmax(last)[16]) == 100
