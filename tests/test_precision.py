@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from minedraft.app.bench.step_bytes import weight_bytes
 from minedraft.app.client import collect, make_request, stream
+from minedraft.engine import precision
 from minedraft.engine.fused_linears import GroupMember
 from minedraft.engine.model_runner import ModelRunner, SequenceState
 from minedraft.engine.precision import (
@@ -71,6 +72,20 @@ def test_w8a8_on_onednn_equals_int_mm_bit_for_bit_and_row_by_row(dtype: torch.dt
     assert full.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_rows_do_not_depend_on_the_batch(dtype: torch.dtype) -> None:
+    """Where the CPU has no VNNI the target runs int4 by default: a verify's rows must then equal the same rows
+    decoded alone, or speculation could flip a near-tie token. Every row count the kernel may block
+    differently (1 to 40, and a prefill-sized 200), at the 1.5B target's widths."""
+    torch.manual_seed(0)
+    linear = Int4WeightOnlyLinear(torch.nn.Linear(1536, 512, bias=False))
+    x = torch.randn(200, 1536).to(dtype)
+    full = linear(x)
+    alone = torch.cat([linear(x[i:i + 1]) for i in range(40)])
+    assert torch.equal(full[:40], alone)
+    assert all(torch.equal(linear(x[:rows]), full[:rows]) for rows in (2, 3, 4, 5, 8, 9, 16, 17, 33))
+
+
 def test_fused_sibling_projections_give_the_separate_linears_numbers(tiny_pair) -> None:
     """W8A8 q/k/v and gate/up share one GEMM (fused_linears); the model's logits must equal those of the same
     model with every linear quantised on its own, bit for bit, in a batch and token by token."""
@@ -103,11 +118,15 @@ def test_quantiser_recovers_weights_already_on_a_4_bit_grid() -> None:
     assert torch.allclose(int4_dequantize(*int4_quantize(weight)), weight, atol=1e-5)
 
 
-def test_dtype_and_quant_auto() -> None:
+def test_dtype_and_quant_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_dtype("auto", "cpu") == ("bfloat16" if native_bf16_cpu() else "float32")
     assert resolve_dtype("float64", "cpu") == "float64"
-    assert resolve_quant("auto", "draft", "cpu") == "int4-w8a8"
-    assert resolve_quant("auto", "target", "cpu") == "w8a8"
+    vnni = precision.onednn_int8_exact()
+    assert resolve_quant("auto", "draft", "cpu") == ("int4-w8a8" if vnni else "int4")
+    assert resolve_quant("auto", "target", "cpu") == ("w8a8" if vnni else "int4")
+    for exact, draft, target in ((True, "int4-w8a8", "w8a8"), (False, "int4", "int4")):
+        monkeypatch.setattr(precision, "onednn_int8_exact", lambda exact=exact: exact)
+        assert (resolve_quant("auto", "draft", "cpu"), resolve_quant("auto", "target", "cpu")) == (draft, target)
     assert resolve_quant("auto", "target", "cuda") == "none"
     assert resolve_quant("int8", "target", "cpu") == "int8"
 

@@ -11,7 +11,7 @@ import argparse
 from dataclasses import dataclass, field, fields
 
 from minedraft.app import forwarding
-from minedraft.engine.precision import CPU_DEFAULT_QUANT, DRAFT_ONLY_QUANTS, QUANTS
+from minedraft.engine.precision import CPU_DEFAULT_QUANT, CPU_DEFAULT_QUANT_NO_VNNI, DRAFT_ONLY_QUANTS, QUANTS
 from minedraft.engine.sequence_table import DEFAULT_LEASE_S
 from minedraft.serving.model_service import add_kv_args
 from services.router.modes import MODES
@@ -38,9 +38,11 @@ class ClusterConfig:
     draft_device: str | None = option(None, "the draft's device, if not --device", type=str)
     dtype: str = option("auto", "both models (auto: bfloat16 where the device multiplies it natively, else float32)")
     draft_quant: str = option("auto", "CPU weight format of the draft (its precision moves acceptance, never "
-                              f"output); auto: {CPU_DEFAULT_QUANT['draft']} on the CPU", choices=("auto", *QUANTS))
-    target_quant: str = option("auto", f"CPU weight format of the target; auto: {CPU_DEFAULT_QUANT['target']} on "
-                               "the CPU", choices=("auto", *TARGET_QUANTS))
+                              f"output); auto on the CPU: {CPU_DEFAULT_QUANT['draft']} with VNNI, else "
+                              f"{CPU_DEFAULT_QUANT_NO_VNNI['draft']}", choices=("auto", *QUANTS))
+    target_quant: str = option("auto", "CPU weight format of the target; auto on the CPU: "
+                               f"{CPU_DEFAULT_QUANT['target']} with VNNI, else {CPU_DEFAULT_QUANT_NO_VNNI['target']}",
+                               choices=("auto", *TARGET_QUANTS))
     tokenizer: str | None = option(None, "the router's tokenizer (default: the target model's)", type=str)
     lease_s: float = option(DEFAULT_LEASE_S, "the services drop sequences the router has not used or renewed for "
                             "this long")

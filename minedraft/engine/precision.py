@@ -19,23 +19,32 @@ from minedraft.engine.fused_linears import GroupMember, fuse_siblings
 
 QUANTS = ("none", "int8", "int4", "w8a8", "int4-w8a8")
 DRAFT_ONLY_QUANTS = frozenset({"int4-w8a8"})
-# `--quant auto` on the CPU, chosen from measurements (README, "Measured"). Target: W8A8, whose integer GEMM
-# is 1.6-1.8x bfloat16's at every row count from decode to prefill (top-1 agreement with float32 0.985 against
-# bfloat16's 0.995) and whose rows never depend on the batch. Draft: int4 for decode steps (the fewest bytes:
-# 2.8x a bfloat16 step at batch 1) and W8A8 for its prefills, where the int4 kernel is slowest; a draft's
-# precision only moves acceptance.
+# `--quant auto` on the CPU, chosen from measurements (README, "Measured"), by what the CPU multiplies natively.
+# With VNNI (oneDNN's exact u8·s8 GEMM): target W8A8, whose integer GEMM is 1.6-1.8x bfloat16's at every row
+# count from decode to prefill (top-1 agreement with float32 0.985 against bfloat16's 0.995) and whose rows
+# never depend on the batch; draft int4 for decode steps (the fewest bytes: 2.8x a bfloat16 step at batch 1)
+# and W8A8 for its prefills, where the int4 kernel is slowest; a draft's precision only moves acceptance.
 CPU_DEFAULT_QUANT = {"draft": "int4-w8a8", "target": "w8a8"}
+# Without VNNI (e.g. AVX2 only) W8A8 falls back to torch._int_mm, 10-30x slower than int4 (1536x8960, 2 cores:
+# 16 / 65 / 481 ms at 1 / 5 / 40 rows against int4's 1.2 / 3.0 / 15 and float32's 4.3 / 14 / 18), so both
+# stages take int4, whose rows do not depend on the batch either (tested).
+CPU_DEFAULT_QUANT_NO_VNNI = {"draft": "int4", "target": "int4"}
 # Formats whose sibling projections share one GEMM (fused_linears): W8A8's integer GEMM gives a column the
 # same value fused or alone; the draft's int4 form may round differently, which moves acceptance only.
 FUSED_QUANTS = frozenset({"w8a8", "int4-w8a8"})
 INT4_GROUP = 32  # input channels sharing one scale and zero: the finest grouping torch's kernel takes
 
 
+def cpu_default_quant(role: str) -> str:
+    """The CPU's `--quant auto` for a role: W8A8-based where oneDNN's int8 GEMM is exact here, else int4."""
+    return (CPU_DEFAULT_QUANT if onednn_int8_exact() else CPU_DEFAULT_QUANT_NO_VNNI)[role]
+
+
 def resolve_quant(quant: str, role: str, device: str) -> str:
-    """`auto`: CPU_DEFAULT_QUANT for this role on the CPU; none elsewhere (the kernels are CPU ones)."""
+    """`auto`: `cpu_default_quant` for this role on the CPU; none elsewhere (the kernels are CPU ones)."""
     if quant != "auto":
         return quant
-    return CPU_DEFAULT_QUANT[role] if torch.device(device).type == "cpu" else "none"
+    return cpu_default_quant(role) if torch.device(device).type == "cpu" else "none"
 
 
 def native_bf16_cpu() -> bool:
