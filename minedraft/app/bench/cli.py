@@ -8,13 +8,15 @@ import platform
 import time
 from pathlib import Path
 
+import torch
+
 from minedraft.app.bench.driver import MODE_SPECS, cluster_args, run_mode
 from minedraft.app.bench.metrics import compare_modes, summarise_runs
 from minedraft.app.bench.peer import parse_peers, run_peer
 from minedraft.app.bench.report import write_all
 from minedraft.app.bench.workloads import load_prompts
 from minedraft.app.launcher import cpu_layout, free_port
-from minedraft.engine.precision import native_bf16_cpu, resolve_dtype, resolve_quant
+from minedraft.engine.precision import native_bf16_cpu, onednn_int8_exact, resolve_dtype, resolve_quant
 from services.router.drafting import DRAFT_STOP_BELOW
 
 MODES = tuple(MODE_SPECS)
@@ -79,7 +81,8 @@ def engine_record(args: argparse.Namespace) -> dict:
     return {"dtype": resolve_dtype(args.dtype, args.device), "draft_dtype": resolve_dtype(args.dtype, draft_device),
             "draft_quant": resolve_quant(args.draft_quant, "draft", draft_device),
             "target_quant": resolve_quant(args.target_quant, "target", args.device),
-            "cpu_native_bf16": native_bf16_cpu()}
+            "cpu_native_bf16": native_bf16_cpu(), "cpu_int8_vnni": onednn_int8_exact(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # what auto chose by: machines differ
 
 
 def layout_of(args: argparse.Namespace, mode: str) -> str:
