@@ -3,18 +3,24 @@ speculation, and a hung draft never stalls the lanes (real processes, SIGSTOP)."
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import grpc
 
 from minedraft.app.client import collect, make_request, stream
 from minedraft.app.launcher import Cluster
 from minedraft.engine.sampling import Sampling
-from minedraft.protos import common_pb2
+from minedraft.protos import common_pb2, draft_pb2
+from services.router.drafting import PREFILL_S_PER_TOKEN, Drafter
 from services.router.faults import draft_refused
+from services.router.lanes import Lane
+from services.router.recorder import Recorder
 from services.router.request import Request
+from services.router.stage_model import StageModel
 from tests.conftest import channel_to, cluster_args
 from tests.test_end_to_end import PROMPTS
 from tests.test_faults import reference, wait_until
@@ -69,3 +75,25 @@ def test_a_hung_draft_stalls_nothing_and_speculation_resumes(tiny_pair, tiny_clu
             return int(result.stats["drafted_tokens"]) > 0
 
         wait_until(speculating_again, 30, "speculation to resume once the draft answers again")
+
+
+def test_a_draft_prefill_deadline_grows_with_its_tokens() -> None:
+    """A long draft prefill on a slow CPU outlasted a flat deadline, and so did the re-sync after it, over and
+    over (psd at C = 8 on 2 AVX2 cores): each call's deadline is the draft timeout plus PREFILL_S_PER_TOKEN per
+    token sent, chunk by chunk. The stub stands for the draft's gRPC stub and records each call's deadline."""
+    calls: list[tuple[int, float]] = []
+
+    class RecordingStub:
+        async def Prefill(self, request: draft_pb2.DraftPrefillRequest,
+                          timeout: float) -> draft_pb2.DraftPrefillResponse:
+            calls.append((sum(len(seq.tokens) for seq in request.seqs), timeout))
+            return draft_pb2.DraftPrefillResponse()
+
+    draft = SimpleNamespace(stub=RecordingStub(), epoch=3, up=True)
+    drafter = Drafter(draft, StageModel(), Recorder(), timeout_s=10.0, prefill_tokens=512)
+    requests = [Request(seq_id=f"r{i}", prompt_ids=list(range(200)), sampling=Sampling(), max_tokens=8, text=None,
+                        eos_ids=frozenset()) for i in range(3)]
+    asyncio.run(drafter.prefill(requests, Lane(0), threads=2))
+    assert [tokens for tokens, _ in calls] == [400, 200]  # chunks of at most 512 prompt tokens
+    assert [timeout for _, timeout in calls] == [10.0 + PREFILL_S_PER_TOKEN * 400, 10.0 + PREFILL_S_PER_TOKEN * 200]
+    assert all(r.draft_len == 200 and r.draft_epoch == 3 for r in requests)

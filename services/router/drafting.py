@@ -34,6 +34,10 @@ def token_chunks(requests: list[Request], max_tokens: int) -> list[list[Request]
 # rejected, and so would the next be). Off by default: on the default pair at k = 4 the gain was within this
 # VM's run-to-run noise (README, "The CPU engine").
 DRAFT_STOP_BELOW = 0.0
+# A prefill's deadline (draft or target) grows by this per token sent, past the stage's own timeout. Slow CPUs
+# need it: on 2 AVX2 cores with a core per stage (psd) the 1.5B target prefills ~0.07 s a token, and a draft
+# chunk of 512 tokens outlasted a flat 10 s, and so did the re-sync after it, over and over.
+PREFILL_S_PER_TOKEN = 0.1
 
 class Drafter:
     def __init__(self, draft: Backend, stages: StageModel, recorder: Recorder, timeout_s: float,
@@ -55,7 +59,8 @@ class Drafter:
             try:
                 response = await self.draft.stub.Prefill(messages.draft_prefill(
                     [(r.seq_id, r.tokens, r.sampling_proto()) for r in chunk], threads, replace=catching_up,
-                    same_prompt_as=messages.shared_prompts(chunk)), timeout=self.timeout_s)
+                    same_prompt_as=messages.shared_prompts(chunk)),
+                    timeout=self.timeout_s + PREFILL_S_PER_TOKEN * sum(lengths))
             except grpc.aio.AioRpcError as error:
                 draft_call_failed(self.draft, chunk, error, "prefill")
                 return

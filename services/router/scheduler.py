@@ -24,7 +24,7 @@ from minedraft.serving.telemetry import batch_span
 from services.router import messages
 from services.router.backends import Backend
 from services.router.calibration import calibrate
-from services.router.drafting import Drafter
+from services.router.drafting import PREFILL_S_PER_TOKEN, Drafter
 from services.router.faults import target_call_failed, target_refused
 from services.router.k_trial import KTrial
 from services.router.lanes import Lane, hand_over, overlapped, take_waiting
@@ -36,7 +36,6 @@ from services.router.request import Request
 from services.router.stage_model import StageModel
 
 log = logging.getLogger(__name__)
-PREFILL_S_PER_TOKEN = 0.02  # a target prefill's deadline grows by this per prompt token (CPU speeds, with margin)
 
 
 class Scheduler:
