@@ -4,6 +4,8 @@ passes (cached == uncached, batched == alone, psd == ar) runs here on the quanti
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,10 @@ from minedraft.engine.precision import (
     resolve_dtype,
     resolve_quant,
 )
+from minedraft.serving.model_service import runner_loader
+from services.draft import main as draft_main
 from services.draft.engine import DraftEngine
+from services.target import main as target_main
 from services.target.engine import TargetEngine
 from tests.conftest import channel_to
 from tests.test_end_to_end import PROMPTS as TEXT_PROMPTS
@@ -84,6 +89,9 @@ def test_int4_rows_do_not_depend_on_the_batch(dtype: torch.dtype) -> None:
     alone = torch.cat([linear(x[i:i + 1]) for i in range(40)])
     assert torch.equal(full[:40], alone)
     assert all(torch.equal(linear(x[:rows]), full[:rows]) for rows in (2, 3, 4, 5, 8, 9, 16, 17, 33))
+    down = Int4WeightOnlyLinear(torch.nn.Linear(8960, 256, bias=False))  # the down projection's long inputs
+    wide = torch.randn(9, 8960).to(dtype)
+    assert torch.equal(down(wide)[:5], torch.cat([down(wide[i:i + 1]) for i in range(5)]))
 
 
 def test_fused_sibling_projections_give_the_separate_linears_numbers(tiny_pair) -> None:
@@ -181,3 +189,13 @@ def test_quantised_cluster_psd_and_sd_equal_target_only(clusters, tiny_pair, tar
     prompts = TEXT_PROMPTS[:6]
     for mode in ("sd", "psd"):
         assert_same_or_tie(model, tokenizer, prompts, tokens["ar"], tokens[mode], BF16_TIE)
+
+
+def test_a_service_resolves_quant_auto_by_its_role() -> None:
+    """`minedraft draft/target --quant auto` (compose.cpu.yaml, the k8s CPU overlay) resolves on the service's own
+    machine, for its own role."""
+    for role, add_args in (("draft", draft_main.add_args), ("target", target_main.add_args)):
+        parser = argparse.ArgumentParser()
+        add_args(parser)
+        args = parser.parse_args(["--model", "m", "--quant", "auto"])
+        assert runner_loader(args, "m").keywords["quant"] == resolve_quant("auto", role, "cpu")

@@ -14,7 +14,7 @@ import torch
 
 from minedraft.engine import tensor_parallel
 from minedraft.engine.model_runner import DTYPES, ModelRunner
-from minedraft.engine.precision import QUANTS
+from minedraft.engine.precision import QUANTS, resolve_quant
 from minedraft.engine.sequence_table import DEFAULT_LEASE_S
 from minedraft.metrics import serve_metrics
 from minedraft.models.random_shapes import is_random
@@ -27,15 +27,17 @@ from minedraft.serving.telemetry import setup_tracing
 log = logging.getLogger(__name__)
 
 
-def add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
+def add_model_args(parser: argparse.ArgumentParser, default_port: int, role: str) -> None:
+    parser.set_defaults(role=role)  # draft or target: what `--quant auto` resolves by
     parser.add_argument("--model", required=True, help="preset (default-draft, default-target), .gguf or folder")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=default_port)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
                         help="auto: bfloat16 where the device multiplies it natively, else float32")
-    parser.add_argument("--quant", default="none", choices=QUANTS,
-                        help="CPU weight-only quantised linears (torch's packed int8/int4 kernels)")
+    parser.add_argument("--quant", default="none", choices=("auto", *QUANTS),
+                        help="CPU quantised linears (torch's packed int8/int4 kernels, oneDNN's int8 GEMM); auto: "
+                             "what this machine's CPU runs fastest for the role (README: The CPU engine)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: every core the process may run on)")
     parser.add_argument("--cpu-cores", default=None, help="pin the process to these cores, e.g. 0 or 0-3")
@@ -83,9 +85,9 @@ def runner_loader(args: argparse.Namespace, model_path: str) -> Callable[[], Mod
     if tensor_parallel.world_size() > 1:
         return functools.partial(tensor_parallel.load_sharded, model_path, args.device, args.dtype, args.kv)
     return functools.partial(ModelRunner.load, model_path, args.device, args.dtype, cpu_linear=args.cpu_linear,
-                             quant=args.quant, kv=args.kv, max_seqs=args.max_seqs, max_context=args.max_context,
-                             cuda_graphs=args.cuda_graphs, kv_memory_fraction=args.kv_memory_fraction,
-                             graph_tokens=args.graph_tokens)
+                             quant=resolve_quant(args.quant, args.role, args.device), kv=args.kv,
+                             max_seqs=args.max_seqs, max_context=args.max_context, cuda_graphs=args.cuda_graphs,
+                             kv_memory_fraction=args.kv_memory_fraction, graph_tokens=args.graph_tokens)
 
 
 def follow_rank_zero(args: argparse.Namespace, build_engine: Callable[[ModelRunner], object]) -> None:

@@ -12,7 +12,7 @@ from services.draft.servicer import DraftServicer
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    add_model_args(parser, default_port=50061)
+    add_model_args(parser, default_port=50061, role="draft")
     parser.add_argument("--top-m", type=int, default=32, help="support size of the sparse draft distribution")
     parser.add_argument("--max-k", type=int, default=DEFAULT_MAX_K, help="most tokens one Propose may ask for")
 

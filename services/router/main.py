@@ -77,9 +77,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="tokens per sequence the services hold (their static KV's --max-context); "
                              "default: the target model's context")
     parser.add_argument("--draft-timeout", type=float, default=10.0, help="seconds before a draft call counts as "
-                        "failed (the round then runs target-only)")
+                        "failed (the round then runs target-only; a Prefill gets 0.1 s more per token sent)")
     parser.add_argument("--target-timeout", type=float, default=30.0,
-                        help="seconds before a Verify counts as failed (a Prefill gets 20 ms more per prompt "
+                        help="seconds before a Verify counts as failed (a Prefill gets 0.1 s more per prompt "
                              "token): its requests fail and the router reports NOT_SERVING until the target "
                              "answers its health checks again")
     parser.add_argument("--max-lane-tokens", type=int, default=0,
@@ -87,7 +87,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "would pass it waits its turn (0: only --max-batch and the services' caches bound it)")
     parser.add_argument("--draft-prefill-tokens", type=int, default=512,
                         help="most prompt tokens in one draft prefill call (longer batches go in chunks, so "
-                             "none outlasts --draft-timeout)")
+                             "no call's duration grows with the batch)")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     parser.add_argument("--share-cores", type=int, default=0,
                         help="draft and target share this many CPU cores: a call asks for all of them when it "

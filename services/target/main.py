@@ -15,7 +15,7 @@ from services.target.servicer import TargetServicer
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    add_model_args(parser, default_port=50062)
+    add_model_args(parser, default_port=50062, role="target")
     parser.add_argument("--max-drafts", type=int, default=DEFAULT_MAX_DRAFTS,
                         help="most draft tokens one sequence may bring to a Verify")
 
