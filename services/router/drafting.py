@@ -39,6 +39,7 @@ DRAFT_STOP_BELOW = 0.0
 # chunk of 512 tokens outlasted a flat 10 s, and so did the re-sync after it, over and over.
 PREFILL_S_PER_TOKEN = 0.1
 
+
 class Drafter:
     def __init__(self, draft: Backend, stages: StageModel, recorder: Recorder, timeout_s: float,
                  prefill_tokens: int, stop_below: float = 0.0) -> None:

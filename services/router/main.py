@@ -27,7 +27,7 @@ from minedraft.serving.telemetry import client_interceptors, setup_tracing
 from services.router.admission import Admission
 from services.router.backends import Backend
 from services.router.cells import Cells
-from services.router.drafting import DRAFT_STOP_BELOW
+from services.router.drafting import DRAFT_STOP_BELOW, PREFILL_S_PER_TOKEN
 from services.router.leases import CallMetadata, keep_leases, new_owner_id, owner_metadata
 from services.router.modes import MODES
 from services.router.monitor import MonitorServicer
@@ -77,11 +77,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="tokens per sequence the services hold (their static KV's --max-context); "
                              "default: the target model's context")
     parser.add_argument("--draft-timeout", type=float, default=10.0, help="seconds before a draft call counts as "
-                        "failed (the round then runs target-only; a Prefill gets 0.1 s more per token sent)")
+                        "failed (the round then runs target-only; a Prefill gets "
+                        f"{PREFILL_S_PER_TOKEN} s more per token sent)")
     parser.add_argument("--target-timeout", type=float, default=30.0,
-                        help="seconds before a Verify counts as failed (a Prefill gets 0.1 s more per prompt "
-                             "token): its requests fail and the router reports NOT_SERVING until the target "
-                             "answers its health checks again")
+                        help="seconds before a Verify counts as failed (a Prefill gets "
+                             f"{PREFILL_S_PER_TOKEN} s more per prompt token): its requests fail and the router "
+                             "reports NOT_SERVING until the target answers its health checks again")
     parser.add_argument("--max-lane-tokens", type=int, default=0,
                         help="most prompt + max_tokens tokens the sequences of one lane may hold; a request that "
                              "would pass it waits its turn (0: only --max-batch and the services' caches bound it)")
