@@ -5,7 +5,8 @@ import torch
 
 from minedraft.engine.model_runner import ModelRunner, SequenceState
 from minedraft.engine.sampling import Sampling
-from minedraft.engine.static_kv import bucket
+from minedraft.engine.slot_attention import PAGE
+from minedraft.engine.static_kv import available_bytes, bucket, fit_context, kv_shape
 from minedraft.errors import ResourceExhausted
 from services.draft.engine import DraftEngine
 from services.target.engine import TargetEngine, Verdict
@@ -119,6 +120,52 @@ def test_static_kv_cluster_matches_target_only_and_router_knows_its_context(clus
 def test_a_cache_larger_than_free_memory_is_refused_at_start(tiny_pair) -> None:
     with pytest.raises(ValueError, match="lower --max-seqs or --max-context"):
         ModelRunner.load(str(tiny_pair[0]), dtype="float32", kv="static", max_seqs=1 << 20, max_context=1000)
+
+
+def fraction_for_pages(model_path, slots: int, pages: float) -> float:
+    """The memory fraction that holds `pages` pages of float64 KV in each of `slots` slots (and the scratch slot)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    _, _, heads, head_dim = kv_shape(config, slots, 1)
+    per_page = 2 * config.num_hidden_layers * heads * head_dim * 8 * PAGE
+    return pages * (slots + 1) * per_page / available_bytes(torch.device("cpu"))
+
+
+def test_an_unsized_cache_shrinks_to_whole_pages_that_fit_and_a_sized_one_is_refused(tiny_pair) -> None:
+    from transformers import AutoConfig
+
+    config, cpu = AutoConfig.from_pretrained(tiny_pair[0]), torch.device("cpu")
+    fraction = fraction_for_pages(tiny_pair[0], 16, 5.5)  # 5 pages a slot: a context of 4 (and a scratch column)
+    assert fit_context(config, 16, 0, 1 << 30, torch.float64, cpu, fraction) == 4 * PAGE
+    assert fit_context(config, 16, 0, 300, torch.float64, cpu, fraction) == 300  # the model's limit fits whole
+    assert fit_context(config, 16, 4 * PAGE, 1 << 30, torch.float64, cpu, fraction) == 4 * PAGE
+    with pytest.raises(ValueError, match="lower --max-seqs or --max-context"):
+        fit_context(config, 16, 5 * PAGE, 1 << 30, torch.float64, cpu, fraction)
+    with pytest.raises(ValueError, match="lower --max-seqs or --max-context"):  # under two pages: not worth serving
+        fit_context(config, 16, 0, 1 << 30, torch.float64, cpu, fraction_for_pages(tiny_pair[0], 16, 1.5))
+
+
+def test_the_router_serves_the_least_context_its_services_could_fit(clusters, tiny_pair) -> None:
+    """Swapped roles make the draft the larger model: its cache, shrunk to 4 pages, bounds the router's context."""
+    import grpc
+
+    from minedraft.app.client import collect, make_request, stream
+    from minedraft.protos import generate_pb2, generate_pb2_grpc
+    from tests.conftest import channel_to
+
+    swapped = (tiny_pair[1], tiny_pair[0])
+    cluster = clusters.get("sd", swapped, kv="static", max_seqs=16,
+                           kv_memory_fraction=fraction_for_pages(tiny_pair[0], 16, 5.5))
+    with channel_to(cluster) as channel:
+        info = generate_pb2_grpc.GenerationStub(channel).GetModelInfo(generate_pb2.ModelInfoRequest())
+        held = info.max_context  # 4 pages, give or take one as free memory moves between this test and the load
+        assert held % PAGE == 0 and 3 * PAGE <= held <= 5 * PAGE
+        fits = collect(stream(channel, make_request(prompt="Hello", max_tokens=8, ignore_eos=True), timeout=60))
+        assert len(fits.token_ids) == 8
+        with pytest.raises(grpc.RpcError) as error:
+            collect(stream(channel, make_request(prompt="Hello", max_tokens=held), timeout=30))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"context {held}" in error.value.details()
 
 
 def test_prompts_of_different_lengths_prefill_alone_all_or_nothing(tiny_pair) -> None:

@@ -59,7 +59,7 @@ class ClusterConfig:
     admin_key_file: str | None = option(None, "the router's admin key (see `minedraft router`)", type=str)
     kv: str = "auto"
     max_seqs: int = 0  # 0: what two full lanes hold
-    max_context: int = 4096
+    max_context: int = 0  # 0: up to 4096 tokens, what fits in memory (`static_kv.fit_context`)
     kv_memory_fraction: float | None = None
     cuda_graphs: bool = True
     router: dict[str, object] = field(default_factory=dict)  # the router's own options, by name

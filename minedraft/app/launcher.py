@@ -20,7 +20,6 @@ from minedraft.app.cluster_config import ClusterConfig
 from minedraft.app.forwarding import forward
 from minedraft.app.supervisor import Supervisor
 from minedraft.engine.precision import resolve_quant
-from minedraft.engine.static_kv import uses_static_kv
 from minedraft.serving.security import TOKEN_ENV
 
 
@@ -101,8 +100,8 @@ def commands(config: ClusterConfig, draft_port: int, target_port: int) -> dict[s
               "--tokenizer", config.tokenizer or config.target_model,
               "--draft-tokenizer", config.tokenizer or config.draft_model, *router_cores,
               *forward(config.router, "router")]
-    if any(uses_static_kv(config.kv, device) for device in (config.device, config.draft_device or config.device)):
-        router += ["--max-context", str(config.max_context)]  # the services' static caches hold no more
+    if config.max_context:  # else the router learns what the services' caches hold
+        router += ["--max-context", str(config.max_context)]
     if config.tls_dir:
         tls = Path(config.tls_dir)
         for cmd in (draft, target):

@@ -29,7 +29,7 @@ from minedraft.engine.dynamic_kv import forward_dynamic
 from minedraft.engine.lean_forward import LeanForward, supported
 from minedraft.engine.precision import quantize_linears, resolve_dtype
 from minedraft.engine.sampling import Sampling
-from minedraft.engine.static_kv import StaticKV, bucket, check_fits, uses_static_kv
+from minedraft.engine.static_kv import StaticKV, bucket, fit_context, uses_static_kv
 from minedraft.models.random_shapes import is_random, random_model
 
 log = logging.getLogger(__name__)
@@ -148,12 +148,13 @@ class ModelRunner:
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: str = "auto", threads: int | None = None,
-             cpu_linear: str = "onednn", kv: str = "auto", max_seqs: int = 64, max_context: int = 4096,
+             cpu_linear: str = "onednn", kv: str = "auto", max_seqs: int = 64, max_context: int = 0,
              cuda_graphs: bool = True, quant: str = "none", kv_memory_fraction: float | None = None,
              graph_tokens: int = 9, **load_kwargs) -> ModelRunner:
         """`dtype`: a DTYPES name or auto (`precision.resolve_dtype`); `quant`: a `precision.QUANTS` format for
         the linears (CPU); `kv`: dynamic, static, or auto (static); `max_seqs`/`max_context` size the static cache,
-        which must fit in `kv_memory_fraction` of the device's free memory (default 0.9 on a GPU, 0.4 on a CPU);
+        which must fit in `kv_memory_fraction` of the device's free memory (default 0.9 on a GPU, 0.4 on a CPU;
+        `max_context` 0: the model's limit, at most 4096, shrunk to what fits — `static_kv.fit_context`);
         CUDA graphs of steps feeding up to `graph_tokens` tokens per row (k_max + 1) are captured before it returns."""
         if threads:
             torch.set_num_threads(threads)
@@ -173,12 +174,13 @@ class ModelRunner:
                              "(left-padded batches); run them with --kv static")
         if uses_static_kv(kv, device):
             graphs = on_cuda and cuda_graphs
-            context = min(max_context, int(getattr(model.config, "max_position_embeddings", max_context)))
             attention = slot_attention.choose(torch.device(device), DTYPES[dtype], model.config, graphs)
-            if attention == "gather":
-                context = min(context, slot_attention.attention_window(model.config) or context)
+            limit = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+            if attention == "gather":  # one mask for every layer: exact only up to a sliding window
+                limit = min(limit, slot_attention.attention_window(model.config) or limit)
             fraction = kv_memory_fraction or (0.9 if on_cuda else 0.4)  # a CPU host holds both services' caches
-            check_fits(model.config, max_seqs, context, DTYPES[dtype], torch.device(device), fraction)
+            context = fit_context(model.config, max_seqs, max_context, limit, DTYPES[dtype], torch.device(device),
+                                  fraction)
             static = StaticKV(model.config, max_seqs, context, DTYPES[dtype], torch.device(device), pad_shapes=graphs,
                               attention=attention)
         log.info("loaded %s (%s, %s linears%s, %s, %d oneDNN linears, %s KV%s) in %.1fs", path, dtype, quant,

@@ -13,12 +13,15 @@ without touching real data.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from minedraft.engine import slot_attention
 from minedraft.errors import ResourceExhausted
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,17 +102,31 @@ def available_bytes(device: torch.device) -> int:
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def check_fits(config, max_seqs: int, max_context: int, dtype: torch.dtype, device: torch.device,
-               fraction: float) -> None:
-    """Refuses, at start-up and with the sizes that would fit, a cache larger than `fraction` of free memory."""
-    shape = kv_shape(config, max_seqs, max_context)
+DEFAULT_CONTEXT = 4096  # an unsized cache's context: the model's own limit, at most this
+
+
+def fit_context(config, max_seqs: int, max_context: int, limit: int, dtype: torch.dtype, device: torch.device,
+                fraction: float) -> int:
+    """The context each of `max_seqs` slots gets within `fraction` of free memory, at most `limit` (what the model
+    computes exactly). `max_context` > 0 is held or refused at start-up; 0 asks for DEFAULT_CONTEXT, shrunk in whole
+    pages to what fits, since a small host should still serve shorter sequences rather than not start."""
+    wanted = min(max_context or DEFAULT_CONTEXT, limit)
+    shape = kv_shape(config, max_seqs, wanted)
     per_token = 2 * config.num_hidden_layers * shape[2] * shape[3] * torch.tensor([], dtype=dtype).element_size()
     needed, budget = per_token * shape[0] * shape[1], int(fraction * available_bytes(device))
-    if needed > budget:
-        raise ValueError(f"static KV cache of {max_seqs} sequences x {max_context} tokens needs {needed / 2**30:.1f} "
-                         f"GiB, over {fraction:.0%} of the {budget / fraction / 2**30:.1f} GiB free on {device}: "
-                         f"lower --max-seqs or --max-context (at most {budget // per_token} sequence-tokens fit), "
-                         "or raise --kv-memory-fraction")
+    if needed <= budget:
+        return wanted
+    pages = budget // per_token // shape[0] // slot_attention.PAGE  # a context of (pages - 1) pages takes `pages`
+    if not max_context and pages >= 2:
+        fitted = (pages - 1) * slot_attention.PAGE
+        log.warning("static KV: %d sequences x %d tokens would take %.1f GiB, over %.0f%% of free memory; holding "
+                    "%d tokens per sequence (--max-context or --max-seqs sizes it explicitly)", max_seqs, wanted,
+                    needed / 2**30, 100 * fraction, fitted)
+        return fitted
+    raise ValueError(f"static KV cache of {max_seqs} sequences x {wanted} tokens needs {needed / 2**30:.1f} "
+                     f"GiB, over {fraction:.0%} of the {budget / fraction / 2**30:.1f} GiB free on {device}: "
+                     f"lower --max-seqs or --max-context (at most {budget // per_token} sequence-tokens fit), "
+                     "or raise --kv-memory-fraction")
 
 
 class StaticKV:

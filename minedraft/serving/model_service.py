@@ -61,7 +61,8 @@ def add_kv_args(parser: argparse.ArgumentParser) -> None:
                              "auto: static")
     parser.add_argument("--max-seqs", type=int, default=64, help="static KV: most sequences held at once "
                         "(`minedraft serve`: 0 sizes it to what two full lanes hold)")
-    parser.add_argument("--max-context", type=int, default=4096, help="static KV: most tokens per sequence")
+    parser.add_argument("--max-context", type=int, default=0, help="static KV: most tokens per sequence, refused at "
+                        "start if it does not fit; 0: the model's context, at most 4096, shrunk to what fits")
     parser.add_argument("--kv-memory-fraction", type=float, default=None,
                         help="static KV: the most of the device's free memory the cache may take; a larger one is "
                              "refused at start (default 0.9 on a GPU, 0.4 on a CPU, whose RAM both services share)")

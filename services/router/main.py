@@ -74,8 +74,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-limit", type=float, default=None, help="most new requests per second")
     parser.add_argument("--default-max-tokens", type=int, default=256)
     parser.add_argument("--max-context", type=int, default=None,
-                        help="tokens per sequence the services hold (their static KV's --max-context); "
-                             "default: the target model's context")
+                        help="most tokens per sequence; default: the target model's context, lowered at start to "
+                             "what the draft's and the target's caches hold")
     parser.add_argument("--draft-timeout", type=float, default=10.0, help="seconds before a draft call counts as "
                         "failed (the round then runs target-only; a Prefill gets "
                         f"{PREFILL_S_PER_TOKEN} s more per token sent)")
@@ -171,9 +171,10 @@ async def serve(args: argparse.Namespace) -> None:
     async def ready() -> None:
         for each in cells.schedulers:
             await asyncio.gather(*(b.wait_serving() for b in (each.target, each.draft) if b is not None))
-            held = await each.target.stub.Renew(common_pb2.RenewRequest(), timeout=10)
-            if held.max_context and held.max_context < servicer.max_context:  # what the target's cache holds
-                servicer.max_context = held.max_context
+            for backend in (each.target, each.draft):  # the longest sequence both services' caches hold
+                held = await backend.stub.Renew(common_pb2.RenewRequest(), timeout=10) if backend else None
+                if held and held.max_context and held.max_context < servicer.max_context:
+                    servicer.max_context = held.max_context
             await each.calibrate()
             each.start()
             host.background.append(asyncio.create_task(keep_leases(each), name=f"keep-leases-{each.target.name}"))
