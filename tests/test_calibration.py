@@ -2,11 +2,12 @@
 far off on a busy host); a long one is measured once. Real draft and target services on loopback, the tiny pair."""
 
 import asyncio
+import json
 
-from minedraft.protos import draft_pb2_grpc, target_pb2_grpc
+from minedraft.protos import common_pb2, draft_pb2_grpc, target_pb2_grpc
 from services.router import calibration
 from services.router.backends import Backend
-from services.router.calibration import calibrate
+from services.router.calibration import CalibrationCache, calibrate
 from services.router.scheduler import Scheduler
 from tests.conftest import internal_channel
 
@@ -29,7 +30,8 @@ class RecordingStub:
         return recorded
 
 
-async def calibrate_on(cluster) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+async def calibrate_on(cluster, cache: CalibrationCache | None = None
+                       ) -> tuple[dict[str, list[float]], dict[str, list[float]], Scheduler]:
     times: dict[str, list[float]] = {}
     observed: dict[str, list[float]] = {"Propose": [], "Verify": []}
     async with internal_channel(cluster, cluster.target_address) as target_channel, \
@@ -43,12 +45,12 @@ async def calibrate_on(cluster) -> tuple[dict[str, list[float]], dict[str, list[
             observed["Propose"].append(ms), propose(b, s, ms, shared))
         scheduler.stages.observe_verify = lambda b, k, ms, shared=False: (
             observed["Verify"].append(ms), verify(b, k, ms, shared))
-        await calibrate(scheduler)
-    return times, observed
+        await calibrate(scheduler, cache)
+    return times, observed, scheduler
 
 
 def test_each_short_stage_time_is_the_faster_of_two_calls(tiny_clusters) -> None:
-    times, observed = asyncio.run(calibrate_on(tiny_clusters["sd"]))
+    times, observed, _ = asyncio.run(calibrate_on(tiny_clusters["sd"]))
     for name in ("Propose", "Verify"):
         calls = times[name]
         assert all(ms < calibration.SECOND_SAMPLE_BELOW_MS for ms in calls)
@@ -58,6 +60,39 @@ def test_each_short_stage_time_is_the_faster_of_two_calls(tiny_clusters) -> None
 
 def test_a_long_stage_time_is_measured_once(tiny_clusters, monkeypatch) -> None:
     monkeypatch.setattr(calibration, "SECOND_SAMPLE_BELOW_MS", 0.0)  # every call counts as long
-    times, observed = asyncio.run(calibrate_on(tiny_clusters["sd"]))
+    times, observed, _ = asyncio.run(calibrate_on(tiny_clusters["sd"]))
     assert observed["Propose"] == times["Propose"] and observed["Verify"] == times["Verify"]
     assert len(observed["Verify"]) > 1
+
+
+def estimates(scheduler: Scheduler) -> list[float]:
+    return [scheduler.stages.draft_step(b) for b in (1, 2)] + [scheduler.stages.verify(b, k) for b in (1, 2)
+                                                                for k in (0, 2, 3)]
+
+
+def test_a_calibration_is_cached_by_engine_and_read_back_instead_of_measured(tiny_clusters, tmp_path) -> None:
+    cache = CalibrationCache(str(tmp_path))
+    times, _, measured = asyncio.run(calibrate_on(tiny_clusters["sd"], cache))
+    (saved,) = tmp_path.glob("*.json")
+    assert times["Propose"] and times["Verify"]
+    times, _, read_back = asyncio.run(calibrate_on(tiny_clusters["sd"], cache))
+    assert times == {} and estimates(read_back) == estimates(measured)  # not one call to either model
+    times, _, _ = asyncio.run(calibrate_on(tiny_clusters["sd"], CalibrationCache(str(tmp_path), refresh=True)))
+    assert times["Propose"] and list(tmp_path.glob("*.json")) == [saved]
+    times, _, _ = asyncio.run(calibrate_on(tiny_clusters["psd"], cache))  # other services, other engines
+    assert times["Propose"] and len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_each_service_names_what_its_speed_depends_on(tiny_clusters, tiny_pair) -> None:
+    async def engines() -> list[dict]:
+        cluster = tiny_clusters["sd"]
+        keys = []
+        for address, stub in ((cluster.target_address, target_pb2_grpc.TargetStub),
+                              (cluster.draft_address, draft_pb2_grpc.DraftStub)):
+            async with internal_channel(cluster, address) as channel:
+                keys.append(json.loads((await stub(channel).Renew(common_pb2.RenewRequest())).engine))
+        return keys
+
+    target, draft = asyncio.run(engines())
+    assert (target["model"], draft["model"]) == (str(tiny_pair[0]), str(tiny_pair[1]))
+    assert target["dtype"] == "torch.float64" and target["threads"] >= 1 and target["cpu"] and target["torch"]

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.utils.mkldnn
@@ -27,7 +28,8 @@ from minedraft.engine import slot_attention
 from minedraft.engine.cuda_graphs import StepGraphs
 from minedraft.engine.dynamic_kv import forward_dynamic
 from minedraft.engine.lean_forward import LeanForward, supported
-from minedraft.engine.precision import quantize_linears, resolve_dtype
+from minedraft.engine.precision import resolve_dtype
+from minedraft.engine.quantized_cache import quantize_cached
 from minedraft.engine.sampling import Sampling
 from minedraft.engine.static_kv import StaticKV, bucket, fit_context, uses_static_kv
 from minedraft.models.random_shapes import is_random, random_model
@@ -150,12 +152,13 @@ class ModelRunner:
     def load(cls, path: str, device: str = "cpu", dtype: str = "auto", threads: int | None = None,
              cpu_linear: str = "onednn", kv: str = "auto", max_seqs: int = 64, max_context: int = 0,
              cuda_graphs: bool = True, quant: str = "none", kv_memory_fraction: float | None = None,
-             graph_tokens: int = 9, **load_kwargs) -> ModelRunner:
+             graph_tokens: int = 9, quant_cache: Path | None = None, **load_kwargs) -> ModelRunner:
         """`dtype`: a DTYPES name or auto (`precision.resolve_dtype`); `quant`: a `precision.QUANTS` format for
-        the linears (CPU); `kv`: dynamic, static, or auto (static); `max_seqs`/`max_context` size the static cache,
-        which must fit in `kv_memory_fraction` of the device's free memory (default 0.9 on a GPU, 0.4 on a CPU;
-        `max_context` 0: the model's limit, at most 4096, shrunk to what fits — `static_kv.fit_context`);
-        CUDA graphs of steps feeding up to `graph_tokens` tokens per row (k_max + 1) are captured before it returns."""
+        the linears (CPU), kept in `quant_cache` (`quantized_cache`); `kv`: dynamic, static, or auto (static);
+        `max_seqs`/`max_context` size the static cache, which must fit in `kv_memory_fraction` of the device's
+        free memory (default 0.9 on a GPU, 0.4 on a CPU; `max_context` 0: the model's limit, at most 4096, shrunk
+        to what fits — `static_kv.fit_context`); CUDA graphs of steps feeding up to `graph_tokens` tokens per row
+        (k_max + 1) are captured before it returns."""
         if threads:
             torch.set_num_threads(threads)
         started = time.perf_counter()
@@ -163,7 +166,8 @@ class ModelRunner:
         model = load_model(path, device, DTYPES[dtype], **load_kwargs)
         if quant != "none" and torch.device(device).type != "cpu":
             raise ValueError(f"--quant {quant} runs on the CPU only (torch's packed CPU kernels)")
-        quantized = quantize_linears(model, quant)
+        model, quantized = quantize_cached(model, quant, path, quant_cache,
+                                           reload=lambda: load_model(path, device, DTYPES[dtype], **load_kwargs))
         swapped = 0
         if cpu_linear == "onednn" and device == "cpu" and dtype == "float32" and torch.backends.mkldnn.is_available():
             swapped = use_onednn_linears(model)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import importlib.metadata
+import json
 import logging
 import os
+import platform
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import torch
@@ -18,7 +22,7 @@ from minedraft.engine.precision import QUANTS, resolve_quant
 from minedraft.engine.sequence_table import DEFAULT_LEASE_S
 from minedraft.metrics import serve_metrics
 from minedraft.models.random_shapes import is_random
-from minedraft.models.store import resolve_model
+from minedraft.models.store import cache_dir, resolve_model
 from minedraft.serving.grpc_server import ServiceHost
 from minedraft.serving.security import add_server_tls_args, add_token_args, read_token, server_credentials
 from minedraft.serving.servicing import EngineServicer
@@ -38,6 +42,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_port: int, role: str
     parser.add_argument("--quant", default="none", choices=("auto", *QUANTS),
                         help="CPU quantised linears (torch's packed int8/int4 kernels, oneDNN's int8 GEMM); auto: "
                              "what this machine's CPU runs fastest for the role (README: The CPU engine)")
+    parser.add_argument("--quant-cache", default=str(cache_dir() / "quantized"),
+                        help="a folder where int4/int8 linears are kept once quantised, and read back at later "
+                             "starts of the same model and format (none: quantise at every start)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: every core the process may run on)")
     parser.add_argument("--cpu-cores", default=None, help="pin the process to these cores, e.g. 0 or 0-3")
@@ -88,7 +95,8 @@ def runner_loader(args: argparse.Namespace, model_path: str) -> Callable[[], Mod
     return functools.partial(ModelRunner.load, model_path, args.device, args.dtype, cpu_linear=args.cpu_linear,
                              quant=resolve_quant(args.quant, args.role, args.device), kv=args.kv,
                              max_seqs=args.max_seqs, max_context=args.max_context, cuda_graphs=args.cuda_graphs,
-                             kv_memory_fraction=args.kv_memory_fraction, graph_tokens=args.graph_tokens)
+                             kv_memory_fraction=args.kv_memory_fraction, graph_tokens=args.graph_tokens,
+                             quant_cache=None if args.quant_cache == "none" else Path(args.quant_cache))
 
 
 def follow_rank_zero(args: argparse.Namespace, build_engine: Callable[[ModelRunner], object]) -> None:
@@ -98,6 +106,26 @@ def follow_rank_zero(args: argparse.Namespace, build_engine: Callable[[ModelRunn
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     engine = build_engine(runner_loader(args, str(resolve_model(args.model)))())
     tensor_parallel.follow(engine)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def engine_key(args: argparse.Namespace, model_path: str, runner: ModelRunner, threads: int) -> str:
+    """Everything a stage's speed depends on here, as one string: measurements keyed by it (the router's cached
+    calibration) stay valid exactly as long as it does."""
+    static = runner.static
+    return json.dumps({"model": model_path, "dtype": str(runner.model.dtype), "device": args.device,
+                       "quant": resolve_quant(args.quant, args.role, args.device), "threads": threads,
+                       # not the context: fitted to free memory, it moves between starts; stage times do not
+                       "kv": f"static {static.max_seqs} slots, {static.attention}" if static else "dynamic",
+                       "cpu": cpu_name(), "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                       "minedraft": importlib.metadata.version("minedraft")}, sort_keys=True)
 
 
 async def serve_model(args: argparse.Namespace, service_name: str, servicer: EngineServicer,
@@ -122,7 +150,7 @@ async def serve_model(args: argparse.Namespace, service_name: str, servicer: Eng
         engine = build_engine(runner) if tensor_parallel.world_size() == 1 else tensor_parallel.Mirror(
             build_engine(runner))
         await servicer.worker.run(engine.warm_up)
-        servicer.engine = engine
+        servicer.engine, servicer.engine_key = engine, engine_key(args, model_path, runner, servicer.worker.threads)
         reaper = asyncio.create_task(servicer.reap_expired(), name="reap-expired")
         host.background.append(reaper)
         log.info("%s ready: %s on %s (loaded in %.1fs)", service_name, args.model, args.device, load_ms / 1e3)

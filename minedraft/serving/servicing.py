@@ -63,6 +63,7 @@ class EngineServicer:
     def __init__(self, worker: DeviceWorker) -> None:
         self.worker = worker
         self.engine = None
+        self.engine_key = ""  # `model_service.engine_key`: set with the engine
         self._releases: set[asyncio.Task] = set()  # running past their callers' deadlines
 
     async def ready_engine(self, context: grpc.aio.ServicerContext):
@@ -96,7 +97,8 @@ class EngineServicer:
         table = engine.table
         return common_pb2.RenewResponse(renewed=table.renew(request.seq_ids, owner_of(context)), lease_s=table.lease_s,
                                         max_context=table.max_context, max_sequences=min(table.max_sequences,
-                                                                                          1 << 31))
+                                                                                          1 << 31),
+                                        engine=self.engine_key)
 
     async def reap_expired(self) -> None:
         """Drops sequences whose owner stopped using and renewing them (a router that crashed or hung)."""

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minedraft.protos import common_pb2
@@ -18,6 +23,7 @@ log = logging.getLogger(__name__)
 # jitter is a small part of it, and a second one would cost seconds each (2 AVX2 cores: a full lane's verify
 # of 8 drafts takes 9 s, and calibrating twice took 3.6 minutes of start-up).
 SECOND_SAMPLE_BELOW_MS = 1000.0
+FORMAT = 1  # of a cached calibration: raise it when what is measured, or how, changes
 
 
 async def _timed(call, request) -> tuple[object, float]:
@@ -29,38 +35,86 @@ async def _timed(call, request) -> tuple[object, float]:
     return second, min(first.stats.forward_ms, second.stats.forward_ms)
 
 
-async def calibrate(scheduler: Scheduler, batches: tuple[int, ...] | None = None, prompt_len: int = 16) -> None:
+Observation = tuple[str, int, int, float, bool]  # ("propose" | "verify", batch, k, ms, shared cores)
+
+
+@dataclass
+class CalibrationCache:
+    """Where calibrations are kept, one file per key; `refresh`: measure anyway and replace the file."""
+
+    folder: str
+    refresh: bool = False
+
+
+async def calibrate(scheduler: Scheduler, cache: CalibrationCache | None = None, batches: tuple[int, ...] | None = None,
+                    prompt_len: int = 16) -> None:
     """Measures a draft step, and a verify of 0, k and k_max drafts, at batch 1, 4 and a full lane, so auto's
     plans rest on this machine's stage times (rounds keep them current). The full lane matters: verify cost
     grows faster with the batch at large k than small batches suggest. On shared cores each is measured with
-    every core and with half."""
+    every core and with half. With a `cache`, a calibration of the same engines (`engine_key`) and settings
+    is read back instead of measured again (2 AVX2 cores: 2.6 minutes of start-up)."""
     batches = batches or tuple(sorted({1, min(4, scheduler.max_batch), scheduler.max_batch}))
     lengths = sorted({0, scheduler.k, scheduler.k_max})
-    for batch in batches:
-        for shared in sorted({False, bool(scheduler.share_cores)}):
-            await _calibrate_batch(scheduler, batch, prompt_len, lengths, shared)
+    path = Path(cache.folder) / f"{await _key(scheduler, batches, lengths, prompt_len)}.json" if cache else None
+    observations = _read(path) if path and not cache.refresh else None
+    cached = observations is not None
+    if not cached:
+        observations = []
+        for batch in batches:
+            observations += await _calibrate_batch(scheduler, batch, prompt_len, lengths)
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            written = path.with_suffix(f".{os.getpid()}.tmp")  # whole or not at all, for another router reading
+            written.write_text(json.dumps(observations))
+            written.replace(path)
+    for stage, batch, k, ms, shared in observations:
+        observe = scheduler.stages.observe_propose if stage == "propose" else scheduler.stages.observe_verify
+        observe(batch, k, ms, shared)
     lo, hi = batches[0], batches[-1]
-    log.info("calibrated: draft step %.1f ms (batch %d) / %.1f ms (batch %d); verify of %s drafts %s ms "
-             "(batch %d) / %s ms (batch %d)", scheduler.stages.draft_step(lo), lo, scheduler.stages.draft_step(hi),
+    log.info("calibrated%s: draft step %.1f ms (batch %d) / %.1f ms (batch %d); verify of %s drafts %s ms "
+             "(batch %d) / %s ms (batch %d)", f" (read from {path})" if cached else "",
+             scheduler.stages.draft_step(lo), lo, scheduler.stages.draft_step(hi),
              hi, lengths, [round(scheduler.stages.verify(lo, k)) for k in lengths], lo,
              [round(scheduler.stages.verify(hi, k)) for k in lengths], hi)
 
 
-async def _calibrate_batch(scheduler: Scheduler, batch: int, prompt_len: int, lengths: list[int],
-                           shared: bool) -> None:
-    """One draft step and verifies of each length at this batch, with all cores or (shared) half."""
-    threads, sampling = scheduler.threads_for(shared), common_pb2.SamplingParams()
+async def _key(scheduler: Scheduler, batches: tuple[int, ...], lengths: list[int], prompt_len: int) -> str:
+    """A digest of both services' engines and everything the measurements above depend on."""
+    engines = [(await backend.stub.Renew(common_pb2.RenewRequest(), timeout=10)).engine
+               for backend in (scheduler.draft, scheduler.target)]
+    settings = [engines, batches, lengths, prompt_len, scheduler.k_max, scheduler.share_cores, FORMAT]
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:32]
+
+
+def _read(path: Path) -> list[Observation] | None:
+    try:
+        return [tuple(each) for each in json.loads(path.read_text())]
+    except (OSError, ValueError):  # absent, or cut short by a crash mid-write: measure again
+        return None
+
+
+async def _calibrate_batch(scheduler: Scheduler, batch: int, prompt_len: int,
+                           lengths: list[int]) -> list[Observation]:
+    """One draft step and verifies of each length at this batch, with all cores and (on shared cores) half;
+    one prefill serves both."""
+    sampling = common_pb2.SamplingParams()
     ids = [f"calibrate-{batch}-{i}" for i in range(batch)]
     prompt = list(range(prompt_len))
     prompts = [(seq_id, prompt, sampling) for seq_id in ids]
+    threads = scheduler.threads_for(False)
     await scheduler.draft.stub.Prefill(messages.draft_prefill(prompts, threads))
     firsts = await scheduler.target.stub.Prefill(messages.target_prefill(prompts, threads))
-    propose = messages.propose([(f.seq_id, prompt_len, [f.token_id], scheduler.k_max) for f in firsts.tokens],
-                               threads)
-    proposed, ms = await _timed(scheduler.draft.stub.Propose, propose)  # the same commit each time
-    scheduler.stages.observe_propose(batch, scheduler.k_max, ms, shared)
-    for k in lengths:  # each verify extends the sequences a little; only its duration matters here
-        verify = messages.verify([(p.seq_id, p.tokens[:k]) for p in proposed.proposals], threads)
-        scheduler.stages.observe_verify(batch, k, (await _timed(scheduler.target.stub.Verify, verify))[1], shared)
+    observations: list[Observation] = []
+    for shared in sorted({False, bool(scheduler.share_cores)}):
+        threads = scheduler.threads_for(shared)
+        propose = messages.propose([(f.seq_id, prompt_len, [f.token_id], scheduler.k_max) for f in firsts.tokens],
+                                   threads)
+        proposed, ms = await _timed(scheduler.draft.stub.Propose, propose)  # the same commit each time
+        observations.append(("propose", batch, scheduler.k_max, ms, shared))
+        for k in lengths:  # each verify extends the sequences a little; only its duration matters here
+            verify = messages.verify([(p.seq_id, p.tokens[:k]) for p in proposed.proposals], threads)
+            observations.append(("verify", batch, k, (await _timed(scheduler.target.stub.Verify, verify))[1],
+                                 shared))
     await asyncio.gather(scheduler.draft.stub.Release(messages.release(ids)),
                          scheduler.target.stub.Release(messages.release(ids)))
+    return observations

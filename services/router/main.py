@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from minedraft.metrics import serve_metrics
 from minedraft.models.compat import check_same_tokenizer
-from minedraft.models.store import resolve_model
+from minedraft.models.store import cache_dir, resolve_model
 from minedraft.protos import common_pb2, draft_pb2_grpc, generate_pb2, monitor_pb2_grpc, target_pb2_grpc
 from minedraft.serving.grpc_server import CHANNEL_OPTIONS, ServiceHost
 from minedraft.serving.security import (
@@ -26,6 +26,7 @@ from minedraft.serving.security import (
 from minedraft.serving.telemetry import client_interceptors, setup_tracing
 from services.router.admission import Admission
 from services.router.backends import Backend
+from services.router.calibration import CalibrationCache
 from services.router.cells import Cells
 from services.router.drafting import DRAFT_STOP_BELOW, PREFILL_S_PER_TOKEN
 from services.router.leases import CallMetadata, keep_leases, new_owner_id, owner_metadata
@@ -73,6 +74,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a lane")
     parser.add_argument("--rate-limit", type=float, default=None, help="most new requests per second")
     parser.add_argument("--default-max-tokens", type=int, default=256)
+    parser.add_argument("--calibration-cache", default=str(cache_dir() / "calibration"),
+                        help="auto: a folder of start-up calibrations, each read back when the draft's and the "
+                             "target's engines and the router's settings are the same again (none: always measure)")
+    parser.add_argument("--recalibrate", action="store_true", help="auto: measure at start even when a cached "
+                        "calibration matches, and cache the new one")
     parser.add_argument("--max-context", type=int, default=None,
                         help="most tokens per sequence; default: the target model's context, lowered at start to "
                              "what the draft's and the target's caches hold")
@@ -175,7 +181,8 @@ async def serve(args: argparse.Namespace) -> None:
                 held = await backend.stub.Renew(common_pb2.RenewRequest(), timeout=10) if backend else None
                 if held and held.max_context and held.max_context < servicer.max_context:
                     servicer.max_context = held.max_context
-            await each.calibrate()
+            await each.calibrate(CalibrationCache(args.calibration_cache, refresh=args.recalibrate)
+                                 if args.calibration_cache != "none" else None)
             each.start()
             host.background.append(asyncio.create_task(keep_leases(each), name=f"keep-leases-{each.target.name}"))
         log.info("router %s ready: mode %s, k %d, %d cell(s) of %d lane(s) of up to %d, context %d", owner,

@@ -23,7 +23,7 @@ from minedraft.protos import common_pb2, monitor_pb2, target_pb2
 from minedraft.serving.telemetry import batch_span
 from services.router import messages
 from services.router.backends import Backend
-from services.router.calibration import calibrate
+from services.router.calibration import CalibrationCache, calibrate
 from services.router.drafting import PREFILL_S_PER_TOKEN, Drafter
 from services.router.faults import target_call_failed, target_refused
 from services.router.k_trial import KTrial
@@ -125,10 +125,10 @@ class Scheduler:
     def round_k(self) -> int:
         return self.plan.k if self.mode == "auto" else self.k
 
-    async def calibrate(self) -> None:
-        """auto: stage times measured before serving (calibration.py), then the first plan."""
+    async def calibrate(self, cache: CalibrationCache | None = None) -> None:
+        """auto: stage times measured before serving (or read from `cache`: calibration.py), then the first plan."""
         if self.mode == "auto" and self.draft is not None:
-            await calibrate(self)
+            await calibrate(self, cache)
             self._replan()
             log.info("calibrated; plan %s", self.plan)
 
