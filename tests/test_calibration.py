@@ -13,24 +13,24 @@ from tests.conftest import internal_channel
 
 
 class RecordingStub:
-    """Passes calls to a real stub and keeps each Propose/Verify's reported forward time, in order."""
+    """Passes calls to a real stub and keeps each Prefill/Propose/Verify's reported forward time, in order."""
 
     def __init__(self, stub, times: dict[str, list[float]]) -> None:
         self.stub, self.times = stub, times
 
     def __getattr__(self, name: str):
         call = getattr(self.stub, name)
-        if name not in ("Propose", "Verify"):
+        if name not in ("Propose", "Verify", "Prefill"):
             return call
 
         async def recorded(request, **kwargs):
             response = await call(request, **kwargs)
-            self.times.setdefault(name, []).append(response.stats.forward_ms)
+            self.times.setdefault(name, []).append(response.stats.forward_ms if response.HasField("stats") else 0.0)
             return response
         return recorded
 
 
-async def calibrate_on(cluster, cache: CalibrationCache | None = None
+async def calibrate_on(cluster, cache: CalibrationCache | None = None, share_cores: int = 0
                        ) -> tuple[dict[str, list[float]], dict[str, list[float]], Scheduler]:
     times: dict[str, list[float]] = {}
     observed: dict[str, list[float]] = {"Propose": [], "Verify": []}
@@ -38,7 +38,7 @@ async def calibrate_on(cluster, cache: CalibrationCache | None = None
             internal_channel(cluster, cluster.draft_address) as draft_channel:
         target = Backend("target", target_channel, target_pb2_grpc.TargetStub)
         draft = Backend("draft", draft_channel, draft_pb2_grpc.DraftStub)
-        scheduler = Scheduler(target, draft, mode="auto", k=2, k_max=3, max_batch=2)
+        scheduler = Scheduler(target, draft, mode="auto", k=2, k_max=3, max_batch=2, share_cores=share_cores)
         target.stub, draft.stub = RecordingStub(target.stub, times), RecordingStub(draft.stub, times)
         propose, verify = scheduler.stages.observe_propose, scheduler.stages.observe_verify
         scheduler.stages.observe_propose = lambda b, s, ms, shared=False: (
@@ -71,16 +71,32 @@ def estimates(scheduler: Scheduler) -> list[float]:
 
 
 def test_a_calibration_is_cached_by_engine_and_read_back_instead_of_measured(tiny_clusters, tmp_path) -> None:
-    cache = CalibrationCache(str(tmp_path))
-    times, _, measured = asyncio.run(calibrate_on(tiny_clusters["sd"], cache))
+    cluster = tiny_clusters["sd"]
+    cache = CalibrationCache(str(tmp_path), engines=["target engine", "draft engine"])
+    times, _, measured = asyncio.run(calibrate_on(cluster, cache))
     (saved,) = tmp_path.glob("*.json")
     assert times["Propose"] and times["Verify"]
-    times, _, read_back = asyncio.run(calibrate_on(tiny_clusters["sd"], cache))
+    times, _, read_back = asyncio.run(calibrate_on(cluster, cache))
     assert times == {} and estimates(read_back) == estimates(measured)  # not one call to either model
-    times, _, _ = asyncio.run(calibrate_on(tiny_clusters["sd"], CalibrationCache(str(tmp_path), refresh=True)))
-    assert times["Propose"] and list(tmp_path.glob("*.json")) == [saved]
-    times, _, _ = asyncio.run(calibrate_on(tiny_clusters["psd"], cache))  # other services, other engines
+    times, _, _ = asyncio.run(calibrate_on(cluster, CalibrationCache(str(tmp_path), True, cache.engines)))
+    assert times["Propose"] and list(tmp_path.glob("*.json")) == [saved]  # refreshed in place
+    other = CalibrationCache(str(tmp_path), engines=["target engine", "another draft engine"])
+    times, _, _ = asyncio.run(calibrate_on(cluster, other))
     assert times["Propose"] and len(list(tmp_path.glob("*.json"))) == 2
+    saved.write_text('[["propose", 1]]')  # misshapen: measured again
+    times, _, _ = asyncio.run(calibrate_on(cluster, cache))
+    assert times["Propose"]
+    unnamed = CalibrationCache(str(tmp_path / "unnamed"), engines=["target engine", ""])  # an engine without a key
+    times, _, _ = asyncio.run(calibrate_on(cluster, unnamed))
+    assert times["Propose"] and not (tmp_path / "unnamed").exists()
+
+
+def test_on_shared_cores_one_prefill_serves_both_core_counts(tiny_clusters) -> None:
+    shared_times, shared, scheduler = asyncio.run(calibrate_on(tiny_clusters["sd"], share_cores=2))
+    alone_times, alone, _ = asyncio.run(calibrate_on(tiny_clusters["sd"]))
+    assert len(shared["Verify"]) == 2 * len(alone["Verify"]) and len(shared["Propose"]) == 2 * len(alone["Propose"])
+    assert len(shared_times["Prefill"]) == len(alone_times["Prefill"]) == 2 * 2  # draft and target, 2 batches
+    assert scheduler.stages.costs(True).verify.known and scheduler.stages.costs(False).verify.known
 
 
 def test_each_service_names_what_its_speed_depends_on(tiny_clusters, tiny_pair) -> None:

@@ -146,26 +146,59 @@ def test_an_unsized_cache_shrinks_to_whole_pages_that_fit_and_a_sized_one_is_ref
         fit_context(config, 16, 0, 1 << 30, torch.float64, cpu, fraction_for_pages(tiny_pair[0], 16, 1.5))
 
 
-def test_the_router_serves_the_least_context_its_services_could_fit(clusters, tiny_pair) -> None:
-    """Swapped roles make the draft the larger model: its cache, shrunk to 4 pages, bounds the router's context."""
+def deeper_copy(model_path, out) -> str:
+    """A random model with twice `model_path`'s layers and its tokenizer: twice the KV bytes per token."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_path)
+    config.num_hidden_layers *= 2
+    config.layer_types = config.layer_types * 2  # one attention type per layer
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(out)
+    return str(out)
+
+
+def held_contexts(cluster) -> list[int]:
+    """What the target's and the draft's caches hold, from their own Renew answers."""
+    import asyncio
+
+    from minedraft.protos import common_pb2, draft_pb2_grpc, target_pb2_grpc
+    from tests.conftest import internal_channel
+
+    async def ask() -> list[int]:
+        held = []
+        for address, stub in ((cluster.target_address, target_pb2_grpc.TargetStub),
+                              (cluster.draft_address, draft_pb2_grpc.DraftStub)):
+            async with internal_channel(cluster, address) as channel:
+                held.append((await stub(channel).Renew(common_pb2.RenewRequest())).max_context)
+        return held
+
+    return asyncio.run(ask())
+
+
+def test_the_router_serves_the_least_context_its_services_could_fit(clusters, tiny_pair, tmp_path) -> None:
+    """A draft with twice the target's layers fits half the context in the same memory: the router serves the
+    draft's, and refuses a request that would outgrow it. (Free memory moves between this test and the load, so
+    each context may be a page off.)"""
     import grpc
 
     from minedraft.app.client import collect, make_request, stream
     from minedraft.protos import generate_pb2, generate_pb2_grpc
     from tests.conftest import channel_to
 
-    swapped = (tiny_pair[1], tiny_pair[0])
-    cluster = clusters.get("sd", swapped, kv="static", max_seqs=16,
-                           kv_memory_fraction=fraction_for_pages(tiny_pair[0], 16, 5.5))
+    deeper = deeper_copy(tiny_pair[1], tmp_path / "deeper")
+    cluster = clusters.get("sd", (tiny_pair[0], deeper), kv="static", max_seqs=16,
+                           kv_memory_fraction=fraction_for_pages(deeper, 16, 3.5))
+    target_holds, draft_holds = held_contexts(cluster)  # the target: 7 pages, capped at its model's 1024 tokens
+    assert draft_holds % PAGE == 0 and PAGE <= draft_holds <= 3 * PAGE < target_holds  # 2 pages, give or take
     with channel_to(cluster) as channel:
         info = generate_pb2_grpc.GenerationStub(channel).GetModelInfo(generate_pb2.ModelInfoRequest())
-        held = info.max_context  # 4 pages, give or take one as free memory moves between this test and the load
-        assert held % PAGE == 0 and 3 * PAGE <= held <= 5 * PAGE
+        assert info.max_context == draft_holds
         fits = collect(stream(channel, make_request(prompt="Hello", max_tokens=8, ignore_eos=True), timeout=60))
         assert len(fits.token_ids) == 8
         with pytest.raises(grpc.RpcError) as error:
-            collect(stream(channel, make_request(prompt="Hello", max_tokens=held), timeout=30))
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"context {held}" in error.value.details()
+            collect(stream(channel, make_request(prompt="Hello", max_tokens=draft_holds), timeout=30))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"context {draft_holds}" in error.value.details()
 
 
 def test_prompts_of_different_lengths_prefill_alone_all_or_nothing(tiny_pair) -> None:

@@ -12,14 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minedraft.cache_files import remove_quietly, source_digest, write_atomically
+from minedraft.engine import precision
 from minedraft.engine.precision import (
     INT4_GROUP,
     Int4WeightOnlyLinear,
@@ -48,37 +49,53 @@ def quantize_cached(model: torch.nn.Module, quant: str, model_path: str, cache: 
     if quant not in CACHED_QUANTS or cache is None or not folder.is_dir():
         return model, quantize_linears(model, quant)
     key = _key(model, folder, quant)
-    path = cache / f"{key[:32]}.safetensors"
+    family = hashlib.sha256(f"{folder.resolve()}|{quant}".encode()).hexdigest()[:16]  # one file per model, format
+    path = cache / f"{family}-{key[:16]}.safetensors"
     if path.exists():
         try:
             return model, _read_back(model, quant, path, key)
-        except (StaleQuantCache, SafetensorError, OSError) as error:  # another model's file, or one cut short
-            log.warning("%s; quantising again", error)
-            path.unlink(missing_ok=True)
+        except Exception as error:
+            log.warning("%s: %s; quantising again", path, error)
+            remove_quietly(path)
             model = reload()
     replaced = quantize_linears(model, quant)
-    buffers = {f"{name}.{buffer_name}": buffer for name, module in model.named_modules()
+    buffers = {f"{name}.{buffer_name}": buffer.contiguous() for name, module in model.named_modules()
                if isinstance(module, QUANTIZED_LAYERS) for buffer_name, buffer in module.named_buffers()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written = path.with_suffix(f".{os.getpid()}.tmp")  # whole or not at all, for another service reading it
-    save_file({name: buffer.contiguous() for name, buffer in buffers.items()}, str(written), metadata={"key": key})
-    written.replace(path)
-    log.info("quantised %d linears (%s) and kept them in %s", replaced, quant, path)
+    if write_atomically(path, lambda temporary: save_file(buffers, str(temporary), metadata={"key": key})):
+        log.info("quantised %d linears (%s) and kept them in %s", replaced, quant, path)
+        for older in cache.glob(f"{family}-*.safetensors"):  # the same model and format, from older code or files
+            if older != path:
+                remove_quietly(older)
     return model, replaced
 
 
 def _key(model: torch.nn.Module, folder: Path, quant: str) -> str:
-    """The weights' files (by name, size and time), the format and the versions that lay the buffers out."""
-    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.glob("*.safetensors"))]
-    settings = [str(folder.resolve()), files, quant, INT4_GROUP, str(model.dtype), torch.__version__,
-                torch.backends.cpu.get_cpu_capability(), FORMAT]
+    """The weights' files (by name, size, time and a sample of their bytes), the model's config, the format, and
+    the code and versions that compute and lay out the buffers."""
+    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns, _sampled_digest(f))
+             for f in sorted(folder.glob("*.safetensors"))]
+    config = folder / "config.json"
+    settings = [str(folder.resolve()), files, config.read_text() if config.exists() else "", quant, INT4_GROUP,
+                str(model.dtype), torch.__version__, torch.backends.cpu.get_cpu_capability(),
+                source_digest(Path(precision.__file__)), FORMAT]
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
+
+
+def _sampled_digest(path: Path, samples: int = 256, size: int = 1 << 16) -> str:
+    """A digest of `samples` evenly spaced slices of a file (16 MiB of a 7 GB one, read in well under a second):
+    a fine-tune copied over the same file with its size and time kept changes every slice."""
+    digest, length = hashlib.sha256(), path.stat().st_size
+    with open(path, "rb") as weights:
+        for i in range(samples):
+            weights.seek(i * max(0, length - size) // max(1, samples - 1))
+            digest.update(weights.read(size))
+    return digest.hexdigest()
 
 
 def _read_back(model: torch.nn.Module, quant: str, path: Path, key: str) -> int:
     with safe_open(str(path), framework="pt") as kept:
         if (kept.metadata() or {}).get("key") != key:  # a file copied or renamed into place
-            raise StaleQuantCache(f"{path} was written for another model or format")
+            raise StaleQuantCache("written for another model or format")
         names = kept.keys()  # safe_open is not iterable
         cached = {name: kept.get_tensor(name) for name in names}
     for module in model.modules():
@@ -87,6 +104,6 @@ def _read_back(model: torch.nn.Module, quant: str, path: Path, key: str) -> int:
     replaced = quantize_linears(model, quant)
     _, unexpected = model.load_state_dict(cached, strict=False, assign=True)
     if unexpected or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        raise StaleQuantCache(f"{path} does not fit the model")
+        raise StaleQuantCache("does not fit the model")
     log.info("read %d quantised linears (%s) from %s", replaced, quant, path)
     return replaced

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import importlib.metadata
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from minedraft.cache_files import source_digest
 from minedraft.engine import tensor_parallel
 from minedraft.engine.model_runner import DTYPES, ModelRunner
 from minedraft.engine.precision import QUANTS, resolve_quant
@@ -71,8 +71,9 @@ def add_kv_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-context", type=int, default=0, help="static KV: most tokens per sequence, refused at "
                         "start if it does not fit; 0: the model's context, at most 4096, shrunk to what fits")
     parser.add_argument("--kv-memory-fraction", type=float, default=None,
-                        help="static KV: the most of the device's free memory the cache may take; a larger one is "
-                             "refused at start (default 0.9 on a GPU, 0.4 on a CPU, whose RAM both services share)")
+                        help="static KV: the most of the device's free memory the cache may take (default 0.9 on a "
+                             "GPU, 0.4 on a CPU, whose RAM both services share); an unsized cache shrinks to it, a "
+                             "--max-context that does not fit is refused at start")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="static KV on CUDA: replay fixed-shape steps as CUDA graphs")
     parser.add_argument("--graph-tokens", type=int, default=9,
@@ -125,7 +126,9 @@ def engine_key(args: argparse.Namespace, model_path: str, runner: ModelRunner, t
                        # not the context: fitted to free memory, it moves between starts; stage times do not
                        "kv": f"static {static.max_seqs} slots, {static.attention}" if static else "dynamic",
                        "cpu": cpu_name(), "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-                       "minedraft": importlib.metadata.version("minedraft")}, sort_keys=True)
+                       "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "",
+                       "cpu_linear": args.cpu_linear, "cuda_graphs": [args.cuda_graphs, args.graph_tokens],
+                       "code": source_digest(Path(__file__).parents[1])}, sort_keys=True)
 
 
 async def serve_model(args: argparse.Namespace, service_name: str, servicer: EngineServicer,

@@ -30,6 +30,7 @@ class Backend:
         self._poll_s = poll_s
         self.up = True
         self.epoch = 0
+        self.max_context = 0  # tokens one sequence may hold there, from its last Renew answer (0: not known yet)
         metrics.BACKEND_UP.labels(name).set(1)
         self._watcher: asyncio.Task | None = None
 

@@ -57,6 +57,7 @@ async def keep_leases(scheduler: Scheduler, interval_s: float = 5.0) -> None:
             try:
                 reply = await backend.stub.Renew(common_pb2.RenewRequest(seq_ids=ids), timeout=max(1.0, interval_s))
                 interval_s = max(0.2, reply.lease_s / 3)
+                backend.max_context = reply.max_context
             except grpc.aio.AioRpcError as error:
                 log.info("lease renewal on %s failed: %s", backend.name, error.code().name)
         await asyncio.sleep(interval_s)

@@ -177,11 +177,13 @@ async def serve(args: argparse.Namespace) -> None:
     async def ready() -> None:
         for each in cells.schedulers:
             await asyncio.gather(*(b.wait_serving() for b in (each.target, each.draft) if b is not None))
-            for backend in (each.target, each.draft):  # the longest sequence both services' caches hold
+            engines = []
+            for backend in (each.target, each.draft):  # what each computes, and the longest sequence it holds
                 held = await backend.stub.Renew(common_pb2.RenewRequest(), timeout=10) if backend else None
-                if held and held.max_context and held.max_context < servicer.max_context:
-                    servicer.max_context = held.max_context
-            await each.calibrate(CalibrationCache(args.calibration_cache, refresh=args.recalibrate)
+                if held:
+                    backend.max_context = held.max_context
+                    engines.append(held.engine)
+            await each.calibrate(CalibrationCache(args.calibration_cache, args.recalibrate, engines)
                                  if args.calibration_cache != "none" else None)
             each.start()
             host.background.append(asyncio.create_task(keep_leases(each), name=f"keep-leases-{each.target.name}"))

@@ -37,9 +37,16 @@ class GenerationServicer:
         self.prompts = PromptEncoder(tokenizer, control_tokens)
         self.info = info
         self.eos_ids = frozenset(info.eos_token_ids)
-        self.max_context = max_context
+        self.context_cap = max_context
         self.admission = admission
         self.default_max_tokens = default_max_tokens
+
+    @property
+    def max_context(self) -> int:
+        """The configured cap, lowered to the least any service holds (each Renew answer says; a service
+        restarted beside a busier one may fit a smaller cache than at first)."""
+        backends = [b for s in self.cells.schedulers for b in (s.target, s.draft) if b is not None]
+        return min([self.context_cap, *(b.max_context for b in backends if b.max_context)])
 
     async def Generate(self, request: generate_pb2.GenerateRequest | Malformed,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[generate_pb2.GenerateResponse]:
