@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class Cells:
-    def __init__(self, schedulers: list[Scheduler]) -> None:
+    def __init__(self, schedulers: list[Scheduler], ready: bool = True) -> None:
         self.schedulers = schedulers
+        self.ready = ready  # every scheduler calibrated and started: requests are taken
         self._releases: set[asyncio.Task] = set()
 
     def __getitem__(self, index: int) -> Scheduler:

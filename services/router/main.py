@@ -157,7 +157,8 @@ async def serve(args: argparse.Namespace) -> None:
                          tetris_extra=args.tetris_extra, draft_stop_below=args.draft_stop_below)
 
     pairs = [parse_cell(spec) for spec in args.cell] or [(args.draft_addr, args.target_addr)]
-    cells = Cells([cell(i, draft_addr, target_addr) for i, (draft_addr, target_addr) in enumerate(pairs)])
+    cells = Cells([cell(i, draft_addr, target_addr) for i, (draft_addr, target_addr) in enumerate(pairs)],
+                  ready=False)
     scheduler = cells.first
     lanes = len(scheduler.lanes)
     admission = Admission(max_sequences=len(cells) * lanes * args.max_batch + args.max_queue,
@@ -187,6 +188,7 @@ async def serve(args: argparse.Namespace) -> None:
                                  if args.calibration_cache != "none" else None)
             each.start()
             host.background.append(asyncio.create_task(keep_leases(each), name=f"keep-leases-{each.target.name}"))
+        cells.ready = True
         log.info("router %s ready: mode %s, k %d, %d cell(s) of %d lane(s) of up to %d, context %d", owner,
                  args.mode, args.k, len(cells), lanes, args.max_batch, servicer.max_context)
 

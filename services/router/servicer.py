@@ -51,6 +51,9 @@ class GenerationServicer:
     async def Generate(self, request: generate_pb2.GenerateRequest | Malformed,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[generate_pb2.GenerateResponse]:
         try:
+            if not self.cells.ready:  # before ready() the services' contexts and auto's stage times are unknown
+                raise Unavailable("the router is starting (services loading, auto calibrating); it takes requests "
+                                  "once its health check says SERVING")
             jobs = await self._build(request)
             if not self.cells.target_up:
                 raise Unavailable("every target service is down; the router is waiting for one to come back")
