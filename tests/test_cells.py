@@ -19,7 +19,7 @@ from services.router.cells import Cells
 from services.router.scheduler import Scheduler
 from tests.conftest import cluster_args
 from tests.test_end_to_end import PROMPTS
-from tests.test_faults import wait_until
+from tests.test_faults import SERVING, router_status, wait_until
 
 LONG = 160  # tokens: long enough that kill -9 lands mid-stream
 
@@ -48,7 +48,7 @@ def two_cells(tiny_pair):
         procs["router"] = subprocess.Popen(router, env=env)
         address = f"127.0.0.1:{router_port}"
         try:
-            wait_until(lambda: cell_rounds(address, 1) is not None, 120, "the two-cell router to serve")
+            wait_until(lambda: router_status(address) == SERVING, 120, "the two-cell router to serve")
             yield cluster, address, procs
         finally:
             for proc in procs.values():

@@ -37,8 +37,12 @@ def wait_until(predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def router_status(cluster: Cluster) -> int:
-    with grpc.insecure_channel(cluster.address) as channel:
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def router_status(cluster: Cluster | str) -> int:
+    """The router's health (by cluster or address); -1 where it does not answer."""
+    with grpc.insecure_channel(cluster if isinstance(cluster, str) else cluster.address) as channel:
         try:
             return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
         except grpc.RpcError:

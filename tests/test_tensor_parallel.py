@@ -9,7 +9,7 @@ import sys
 from minedraft.app.launcher import Cluster, free_port
 from tests.test_cells import cell_rounds, run
 from tests.test_end_to_end import PROMPTS
-from tests.test_faults import wait_until
+from tests.test_faults import SERVING, router_status, wait_until
 
 
 def option(command: list[str], flag: str, value: str) -> list[str]:
@@ -40,7 +40,7 @@ def test_a_two_rank_target_gives_the_single_process_tokens(tiny_pair) -> None:
         front = subprocess.Popen(router, env=env)
         address = f"127.0.0.1:{router_port}"
         try:
-            wait_until(lambda: cell_rounds(address, 0) is not None, 180, "the router over the TP=2 target")
+            wait_until(lambda: router_status(address) == SERVING, 180, "the router over the TP=2 target")
             expected = run(cluster.address, PROMPTS, 24)  # psd over the single-process target
             assert run(address, PROMPTS, 24) == expected
             assert cell_rounds(address, 0) > 0

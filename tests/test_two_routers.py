@@ -16,7 +16,7 @@ from minedraft.app.launcher import Cluster, free_port
 from minedraft.protos import monitor_pb2, monitor_pb2_grpc
 from tests.conftest import channel_to, cluster_args
 from tests.test_end_to_end import PROMPTS
-from tests.test_faults import wait_until
+from tests.test_faults import SERVING, router_status, wait_until
 
 MAX_TOKENS = 24
 
@@ -33,7 +33,7 @@ def two_routers(tiny_pair):
             address = f"127.0.0.1:{port}"
             with grpc.insecure_channel(address) as channel:
                 grpc.channel_ready_future(channel).result(timeout=60)
-            wait_until(lambda: rounds(address) is not None, 60, "the second router to serve")
+            wait_until(lambda: router_status(address) == SERVING, 60, "the second router to serve")
             yield cluster, second, address
         finally:
             if second.poll() is None:
