@@ -9,7 +9,8 @@ import torch
 
 from minedraft.app.bench import gpu_summary, step_bytes, steps
 from minedraft.app.bench.step_bytes import KVGeometry, weight_bytes
-from minedraft.engine.model_runner import ModelRunner, use_onednn_linears
+from minedraft.engine.model_runner import ModelRunner
+from minedraft.engine.precision import use_onednn_linears
 from minedraft.models.random_shapes import random_config
 
 

@@ -3,7 +3,8 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from minedraft.engine.model_runner import ModelRunner, SequenceState, use_onednn_linears
+from minedraft.engine.model_runner import ModelRunner, SequenceState
+from minedraft.engine.precision import use_onednn_linears
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
 

@@ -22,8 +22,9 @@ from minedraft.engine.precision import (
     W8A8Linear,
     int4_dequantize,
     int4_quantize,
+    int8_vnni,
     native_bf16_cpu,
-    onednn_int8_exact,
+    onednn_int8_available,
     resolve_dtype,
     resolve_quant,
 )
@@ -59,15 +60,22 @@ def test_packed_kernels_compute_their_dequantised_weights(dtype: torch.dtype) ->
     assert int8(x).dtype == int4(x).dtype == dtype
 
 
-@pytest.mark.skipif(not onednn_int8_exact(), reason="oneDNN's exact int8 GEMM needs VNNI")
+@pytest.mark.skipif(not onednn_int8_available(), reason="torch built without oneDNN")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w8a8_on_onednn_equals_int_mm_bit_for_bit_and_row_by_row(dtype: torch.dtype) -> None:
     """Both W8A8 GEMMs accumulate exactly in integers and scale in the same order, so the packed oneDNN
-    layout must give torch._int_mm's numbers to the last bit — at full-scale codes (±127 on every input,
-    where an int16 intermediate would saturate) too — and a row alone must equal that row in a batch."""
+    layout must give torch._int_mm's numbers to the last bit — at full-scale codes (±127 on every input and
+    the weights' largest codes, where an int16 intermediate saturates without VNNI unless the weights keep
+    7 bits) too — and a row alone must equal that row in a batch."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 80).to(dtype)
-    packed, plain = W8A8Linear(linear, packed=True), W8A8Linear(linear, packed=False)
+    with torch.no_grad():
+        linear.weight[:8] = linear.weight[:8].abs()  # same-sign weights: every pair of products adds up
+    packed = W8A8Linear(linear, packed=True)
+    assert packed.weight_max == (127 if int8_vnni() else precision.SATURATION_FREE_WEIGHT)
+    plain = W8A8Linear(linear, packed=False, weight_max=packed.weight_max)
+    precision.pack_int8(packed)
+    precision.pack_int8(plain)
     x = (torch.randn(40, 256) * 3).to(dtype)
     x[0] = 5.0
     x[1] = -5.0
@@ -105,6 +113,7 @@ def test_fused_sibling_projections_give_the_separate_linears_numbers(tiny_pair) 
         for name, child in module.named_children():
             if isinstance(child, torch.nn.Linear):
                 setattr(module, name, W8A8Linear(child))
+                getattr(module, name).pack()
             else:
                 quantise_each(child)
 
@@ -129,11 +138,11 @@ def test_quantiser_recovers_weights_already_on_a_4_bit_grid() -> None:
 def test_dtype_and_quant_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_dtype("auto", "cpu") == ("bfloat16" if native_bf16_cpu() else "float32")
     assert resolve_dtype("float64", "cpu") == "float64"
-    vnni = precision.onednn_int8_exact()
-    assert resolve_quant("auto", "draft", "cpu") == ("int4-w8a8" if vnni else "int4")
-    assert resolve_quant("auto", "target", "cpu") == ("w8a8" if vnni else "int4")
-    for exact, draft, target in ((True, "int4-w8a8", "w8a8"), (False, "int4", "int4")):
-        monkeypatch.setattr(precision, "onednn_int8_exact", lambda exact=exact: exact)
+    vnni = precision.int8_vnni()
+    assert resolve_quant("auto", "draft", "cpu") == "int4-w8a8"
+    assert resolve_quant("auto", "target", "cpu") == ("w8a8" if vnni else "int4-w8a8-prompt")
+    for exact, draft, target in ((True, "int4-w8a8", "w8a8"), (False, "int4-w8a8", "int4-w8a8-prompt")):
+        monkeypatch.setattr(precision, "int8_vnni", lambda exact=exact: exact)
         assert (resolve_quant("auto", "draft", "cpu"), resolve_quant("auto", "target", "cpu")) == (draft, target)
     assert resolve_quant("auto", "target", "cuda") == "none"
     assert resolve_quant("int8", "target", "cpu") == "int8"
@@ -161,7 +170,8 @@ def test_quantised_runner_caches_exactly_like_its_uncached_self(tiny_pair, quant
             assert state.tokens == tokens
 
 
-@pytest.mark.parametrize(("draft_quant", "target_quant"), [("int4", "none"), ("int8", "int4")])
+@pytest.mark.parametrize(("draft_quant", "target_quant"),
+                         [("int4", "none"), ("int8", "int4"), ("int8", "int4-w8a8-prompt")])
 def test_quantised_engines_speculate_batched_exactly_as_alone(tiny_pair, draft_quant: str, target_quant: str) -> None:
     """Greedy and sampled sequences, drafted and verified in a batch, equal each run alone (bfloat16)."""
     target = TargetEngine(ModelRunner.load(str(tiny_pair[0]), dtype="bfloat16", quant=target_quant))
@@ -170,7 +180,7 @@ def test_quantised_engines_speculate_batched_exactly_as_alone(tiny_pair, draft_q
         speculate(target, draft, list(PROMPTS), 6, batched=False)
 
 
-@pytest.mark.parametrize("target_quant", ["w8a8", "int4"])
+@pytest.mark.parametrize("target_quant", ["w8a8", "int4", "int4-w8a8-prompt"])
 def test_quantised_cluster_psd_and_sd_equal_target_only(clusters, tiny_pair, target_quant: str) -> None:
     """Real processes, bfloat16: a quantised target verified in psd and sd (int8 draft) streams ar's greedy
     tokens, up to near-ties of bfloat16 rounding (tests/ties.py)."""

@@ -28,14 +28,13 @@ class SharedInputGroup(torch.nn.Module):
     def __init__(self, linears: list[torch.nn.Linear], quantised: Callable[[torch.nn.Linear], torch.nn.Module]) -> None:
         super().__init__()
         first = linears[0]
-        # skip_init: the joined weight is the siblings' own, not a random initialisation overwritten.
-        joined = torch.nn.utils.skip_init(torch.nn.Linear, first.in_features, sum(lin.out_features for lin in linears),
-                                          bias=first.bias is not None, dtype=first.weight.dtype)
-        with torch.no_grad():
-            joined.weight.copy_(torch.cat([lin.weight for lin in linears]))
-            if joined.bias is not None:
-                joined.bias.copy_(torch.cat([lin.bias for lin in linears]))
-        joined.requires_grad_(False)
+        # Built on the meta device, then given the siblings' own tensors joined (meta too where the quantised cache
+        # builds the layers without their weights).
+        joined = torch.nn.Linear(first.in_features, sum(lin.out_features for lin in linears),
+                                 bias=first.bias is not None, device="meta", dtype=first.weight.dtype)
+        joined.weight = torch.nn.Parameter(torch.cat([lin.weight for lin in linears]), requires_grad=False)
+        if first.bias is not None:
+            joined.bias = torch.nn.Parameter(torch.cat([lin.bias for lin in linears]), requires_grad=False)
         self.linear = quantised(joined)
         self.in_features = first.in_features
         self.bounds = [0]

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.utils.mkldnn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from minedraft.engine import slot_attention
 from minedraft.engine.cuda_graphs import StepGraphs
 from minedraft.engine.dynamic_kv import forward_dynamic
 from minedraft.engine.lean_forward import LeanForward, supported
-from minedraft.engine.precision import resolve_dtype
+from minedraft.engine.precision import resolve_dtype, use_onednn_linears
+from minedraft.engine.prompt_rows import feeding
 from minedraft.engine.quantized_cache import quantize_cached
 from minedraft.engine.sampling import Sampling
 from minedraft.engine.static_kv import StaticKV, bucket, fit_context, uses_static_kv
@@ -52,6 +52,10 @@ class SequenceState:
     generator: torch.Generator | None = None  # this sequence's own random stream (sampled decoding)
     owner: str = ""  # the router that made it (its calls' `minedraft-owner` metadata)
     expires_at: float = float("inf")  # time.monotonic() after which an unused sequence is dropped
+    prompt_len: int = -1  # leading tokens that are its prompt (prompt_rows); -1: the tokens it is made with
+
+    def __post_init__(self) -> None:
+        self.prompt_len = len(self.tokens) if self.prompt_len < 0 else self.prompt_len
 
     def truncate(self, length: int) -> None:
         """Forgets every token from `length` on, and their cached keys/values."""
@@ -73,27 +77,9 @@ class SequenceState:
                 self.kv = self.kv[:, :, :, :length].clone() if length else None
 
 
-ONEDNN_MIN_PARAMS = 1 << 20
 LONG_FEED = 16  # tokens fed to one sequence beyond which a call is a prefill, not a decode or verify step
 PREFILL_CHUNK = 512  # a longer prompt runs in chunks of this many tokens (memory linear in its length)
 STATIC_ONLY = frozenset({"gemma2"})  # tests/test_model_families.py: the dynamic layout diverges for these
-
-
-def use_onednn_linears(module: torch.nn.Module, min_params: int = ONEDNN_MIN_PARAMS) -> int:
-    """Swaps large float32 CPU linears for oneDNN (mkldnn) ones; returns how many were swapped.
-
-    On CPU, F.linear takes a much slower GEMM path for a few rows than for one: a 5-token verify of the
-    1.5B target cost 2.0x a 1-token decode at batch 1. oneDNN brings that to 1.3x and cuts batch-8
-    decode by a third. Small layers are left alone: there oneDNN's overhead dominates.
-    """
-    swapped = 0
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.Linear) and child.in_features * child.out_features >= min_params:
-            setattr(module, name, torch.utils.mkldnn.to_mkldnn(torch.nn.Sequential(child))[0])
-            swapped += 1
-        else:
-            swapped += use_onednn_linears(child, min_params)
-    return swapped
 
 
 def load_model(path: str, device: str, dtype: torch.dtype, **load_kwargs) -> PreTrainedModel:
@@ -232,9 +218,10 @@ class ModelRunner:
             return self._all_or_nothing(states, lambda: torch.cat([self.forward([s], logits_to_keep) for s in states]))
         if feeds[0] - logits_to_keep >= PREFILL_CHUNK and len(states) == 1:
             return self._all_or_nothing(states, lambda: self._forward_chunked(states[0], logits_to_keep))
-        if self.static:
-            return self._forward_static(states, logits_to_keep)
-        return forward_dynamic(self.model, self._cache_kwarg, states, logits_to_keep)
+        with feeding(states):
+            if self.static:
+                return self._forward_static(states, logits_to_keep)
+            return forward_dynamic(self.model, self._cache_kwarg, states, logits_to_keep)
 
     def _all_or_nothing(self, states: list[SequenceState], run: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Runs several forwards as one call: if one fails, the slots taken on the way are given back."""

@@ -14,10 +14,12 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.utils.mkldnn
 
+from minedraft.engine import prompt_rows
 from minedraft.engine.fused_linears import GroupMember, fuse_siblings
 
-QUANTS = ("none", "int8", "int4", "w8a8", "int4-w8a8")
+QUANTS = ("none", "int8", "int4", "w8a8", "int4-w8a8", "int4-w8a8-prompt")
 DRAFT_ONLY_QUANTS = frozenset({"int4-w8a8"})
 # `--quant auto` on the CPU, chosen from measurements (README, "Measured"), by what the CPU multiplies natively.
 # With VNNI (oneDNN's exact u8·s8 GEMM): target W8A8, whose integer GEMM is 1.6-1.8x bfloat16's at every row
@@ -25,10 +27,12 @@ DRAFT_ONLY_QUANTS = frozenset({"int4-w8a8"})
 # never depend on the batch; draft int4 for decode steps (the fewest bytes: 2.8x a bfloat16 step at batch 1)
 # and W8A8 for its prefills, where the int4 kernel is slowest; a draft's precision only moves acceptance.
 CPU_DEFAULT_QUANT = {"draft": "int4-w8a8", "target": "w8a8"}
-# Without VNNI (e.g. AVX2 only) W8A8 falls back to torch._int_mm, 10-30x slower than int4 (1536x8960, 2 cores:
-# 16 / 65 / 481 ms at 1 / 5 / 40 rows against int4's 1.2 / 3.0 / 15 and float32's 4.3 / 14 / 18), so both
-# stages take int4, whose rows do not depend on the batch either (tested).
-CPU_DEFAULT_QUANT_NO_VNNI = {"draft": "int4", "target": "int4"}
+# Without VNNI (e.g. AVX2 only) oneDNN's int8 GEMM takes 7-bit weights (W8A8Linear) and is then 1.4-4x int4 from
+# 16 rows on (1536x8960, 2 cores: 6.2 / 9.1 / 34 ms at 16 / 40 / 160 rows against int4's 8.7 / 26 / 113) but
+# 2-3x slower below 8 (2.4 / 6.2 ms at 1 / 5 rows against 1.2 / 3.2). So the target computes its prompts in
+# W8A8 (a prefill is hundreds of rows: 4x faster first tokens) and the tokens it generates, decoded or verified
+# a few rows at a time, in int4 (`PromptSplitLinear`); the draft switches by row count as with VNNI.
+CPU_DEFAULT_QUANT_NO_VNNI = {"draft": "int4-w8a8", "target": "int4-w8a8-prompt"}
 # Formats whose sibling projections share one GEMM (fused_linears): W8A8's integer GEMM gives a column the
 # same value fused or alone; the draft's int4 form may round differently, which moves acceptance only.
 FUSED_QUANTS = frozenset({"w8a8", "int4-w8a8"})
@@ -36,8 +40,8 @@ INT4_GROUP = 32  # input channels sharing one scale and zero: the finest groupin
 
 
 def cpu_default_quant(role: str) -> str:
-    """The CPU's `--quant auto` for a role: W8A8-based where oneDNN's int8 GEMM is exact here, else int4."""
-    return (CPU_DEFAULT_QUANT if onednn_int8_exact() else CPU_DEFAULT_QUANT_NO_VNNI)[role]
+    """The CPU's `--quant auto` for a role, by whether oneDNN multiplies full 8-bit weights here (VNNI)."""
+    return (CPU_DEFAULT_QUANT if int8_vnni() else CPU_DEFAULT_QUANT_NO_VNNI)[role]
 
 
 def resolve_quant(quant: str, role: str, device: str) -> str:
@@ -62,11 +66,11 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if kind == "cpu" and native_bf16_cpu() else "float32"
 
 
-def int8_per_row(values: torch.Tensor, shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes and one scale per row (a weight's output channel, or an activation's token);
-    `shift=128` gives the same codes + 128 as uint8 (oneDNN's u8 activations, zero point 128)."""
-    scales = (values.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
-    codes = torch.round(values / scales).clamp(-127, 127)
+def int8_per_row(values: torch.Tensor, shift: int = 0, limit: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes in [-limit, limit] and one scale per row (a weight's output channel, or an activation's
+    token); `shift=128` gives the same codes + 128 as uint8 (oneDNN's u8 activations, zero point 128)."""
+    scales = (values.abs().amax(dim=1, keepdim=True) / limit).clamp(min=1e-12)
+    codes = torch.round(values / scales).clamp(-limit, limit)
     return (codes + shift).to(torch.uint8) if shift else codes.to(torch.int8), scales
 
 
@@ -129,36 +133,51 @@ class Int4WeightOnlyLinear(torch.nn.Module):
         return _reshaped_with_bias(out, x, self)
 
 
-def onednn_int8_exact() -> bool:
-    """Whether oneDNN's prepacked u8·s8 GEMM is available and exact here: VNNI multiplies u8·s8 into int32
-    without the int16 saturation older AVX-512 paths avoid by halving weights."""
+def onednn_int8_available() -> bool:
+    """Whether torch has oneDNN's prepacked int8 linear here (any x86 CPU with AVX2 or later)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+
+
+def int8_vnni() -> bool:
+    """Whether oneDNN multiplies u8·s8 straight into int32 here (VNNI or AMX). Without it (AVX2, AVX-512 before
+    VNNI) vpmaddubsw adds pairs of u8·s8 products in int16 and saturates past 32767: 2·255·127 would, so the
+    weights then keep 7 bits (2·255·63 = 32130 never does) and the GEMM stays exact."""
     capped = any(os.environ.get(name) for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"))  # may exclude VNNI
-    return (torch.backends.mkldnn.is_available() and torch.cpu._is_vnni_supported() and not capped
-            and hasattr(torch.ops.onednn, "qlinear_prepack"))
+    return onednn_int8_available() and torch.cpu._is_vnni_supported() and not capped
+
+
+SATURATION_FREE_WEIGHT = 63  # the largest weight code whose u8 pair sums fit int16 (int8_vnni)
 
 
 class W8A8Linear(torch.nn.Module):
     """Int8 weights (per output channel) times int8 activations (per token, symmetric, quantised on the fly),
     multiplied exactly in integers and rescaled: y = (x_q · w_qᵀ) · s_w · s_x + b.
 
-    The GEMM is oneDNN's, on weights packed once at load (`onednn.qlinear_prepack`; activations shifted by
-    +128 to u8 with zero point 128, which VNNI takes natively), 1.7-2x torch._int_mm at the few rows of a
-    decode or verify step; `_int_mm` where oneDNN's int8 path is not exact. Integer accumulation is exact
-    either way, so a row's result never depends on the other rows in its batch, and both give the same
-    numbers (tested)."""
+    The GEMM is oneDNN's, on weights packed once (`onednn.qlinear_prepack`; activations shifted by +128 to u8
+    with zero point 128), 1.7-2x torch._int_mm at the few rows of a step with VNNI and 10-70x without; `_int_mm`
+    where torch has no oneDNN. Integer accumulation is exact either way (7-bit weights where oneDNN would
+    saturate: `int8_vnni`), so a row's result never depends on the other rows in its batch, and both give the
+    same numbers for the same codes (tested). The codes are kept (`weight_codes`, what the quantised cache
+    saves) until `pack()` lays them out for the GEMM."""
 
-    def __init__(self, linear: torch.nn.Linear, packed: bool | None = None) -> None:
+    def __init__(self, linear: torch.nn.Linear, packed: bool | None = None, weight_max: int | None = None) -> None:
         super().__init__()
-        codes, scales = int8_per_row(linear.weight.detach().float())
+        self.packed = onednn_int8_available() if packed is None else packed
+        self.weight_max = weight_max or (127 if not self.packed or int8_vnni() else SATURATION_FREE_WEIGHT)
+        codes, scales = int8_per_row(linear.weight.detach().float(), limit=self.weight_max)
+        self.register_buffer("weight_codes", codes)
         self.register_buffer("scales", scales[:, 0].contiguous())
-        self.packed = onednn_int8_exact() if packed is None else packed
-        if self.packed:
-            self.register_buffer("weight_packed", torch.ops.onednn.qlinear_prepack(codes, None))
-            self.register_buffer("zero_points", torch.zeros(linear.out_features, dtype=torch.int64))
-        else:
-            self.register_buffer("weight_kn", codes.t().contiguous())  # [in, out]: _int_mm's fast layout
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def pack(self) -> None:
+        """Lays the codes out for the GEMM, once (the layouts are derived, so not part of the state dict)."""
+        codes, self.weight_codes = self.weight_codes, None
+        if self.packed:
+            self.register_buffer("weight_packed", torch.ops.onednn.qlinear_prepack(codes, None), persistent=False)
+            self.register_buffer("zero_points", torch.zeros(self.out_features, dtype=torch.int64), persistent=False)
+        else:
+            self.register_buffer("weight_kn", codes.t().contiguous(), persistent=False)  # [in, out]: _int_mm's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, row_scale = int8_per_row(x.reshape(-1, self.in_features).float(), shift=128 if self.packed else 0)
@@ -186,21 +205,58 @@ class RowsSwitchedLinear(torch.nn.Module):
         return (self.few if x[..., 0].numel() <= self.max_int4_rows else self.many)(x)
 
 
+class PromptSplitLinear(torch.nn.Module):
+    """W8A8 for the rows of a sequence's prompt, int4 weight-only for the tokens generated after it
+    (`prompt_rows`). Without VNNI int4 is the faster of the two below ~12 rows (a decode or verify step) and
+    W8A8 above (a prefill); which one computes a position depends on that position alone (prompt or not),
+    never on the call or batch it runs in, and both are row-exact: so for the target too, whatever the mode."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.prompt, self.generated = W8A8Linear(linear), Int4WeightOnlyLinear(linear)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = prompt_rows.current(x)
+        if isinstance(rows, bool):
+            return (self.prompt if rows else self.generated)(x)
+        flat = x.reshape(-1, self.in_features)
+        out = flat.new_empty(flat.shape[0], self.out_features)
+        out[rows] = self.prompt(flat[rows])
+        out[~rows] = self.generated(flat[~rows])
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
 def quantizable(linear: torch.nn.Linear, quant: str) -> bool:
     """The int4 kernel takes whole groups of inputs and outputs in multiples of 16."""
     whole = linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
     return not quant.startswith("int4") or whole
 
 
-def quantize_linears(module: torch.nn.Module, quant: str) -> int:
+def quantize_linears(module: torch.nn.Module, quant: str, pack: bool = True) -> int:
     """Replaces every nn.Linear (the output head included) with its quantised form, in place;
-    returns how many were replaced. Embeddings stay in the model's dtype (a lookup reads one row)."""
+    returns how many were replaced. Embeddings stay in the model's dtype (a lookup reads one row).
+    `pack=False` leaves W8A8 codes unpacked, to be saved first (quantized_cache), then `pack_int8`."""
     if quant == "none":
         return 0
     if quant not in QUANTS:
         raise ValueError(f"unknown quantisation {quant!r}; choose from {', '.join(QUANTS)}")
+    replaced = _replace_linears(module, quant)
+    if pack:
+        pack_int8(module)
+    return replaced
+
+
+def pack_int8(module: torch.nn.Module) -> None:
+    """Packs every W8A8 linear's codes for its GEMM (and drops them)."""
+    for child in module.modules():
+        if isinstance(child, W8A8Linear) and child.weight_codes is not None:
+            child.pack()
+
+
+def _replace_linears(module: torch.nn.Module, quant: str) -> int:
     layer = {"int8": Int8WeightOnlyLinear, "int4": Int4WeightOnlyLinear, "w8a8": W8A8Linear,
-             "int4-w8a8": RowsSwitchedLinear}[quant]
+             "int4-w8a8": RowsSwitchedLinear, "int4-w8a8-prompt": PromptSplitLinear}[quant]
     replaced = fuse_siblings(module, layer, lambda linear: quantizable(linear, quant)) if quant in FUSED_QUANTS else 0
     for name, child in module.named_children():
         if isinstance(child, GroupMember):
@@ -209,5 +265,25 @@ def quantize_linears(module: torch.nn.Module, quant: str) -> int:
             setattr(module, name, layer(child))
             replaced += 1
         else:
-            replaced += quantize_linears(child, quant)
+            replaced += _replace_linears(child, quant)
     return replaced
+
+
+ONEDNN_MIN_PARAMS = 1 << 20
+
+
+def use_onednn_linears(module: torch.nn.Module, min_params: int = ONEDNN_MIN_PARAMS) -> int:
+    """Swaps large float32 CPU linears for oneDNN (mkldnn) ones; returns how many were swapped.
+
+    On CPU, F.linear takes a much slower GEMM path for a few rows than for one: a 5-token verify of the
+    1.5B target cost 2.0x a 1-token decode at batch 1. oneDNN brings that to 1.3x and cuts batch-8
+    decode by a third. Small layers are left alone: there oneDNN's overhead dominates.
+    """
+    swapped = 0
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Linear) and child.in_features * child.out_features >= min_params:
+            setattr(module, name, torch.utils.mkldnn.to_mkldnn(torch.nn.Sequential(child))[0])
+            swapped += 1
+        else:
+            swapped += use_onednn_linears(child, min_params)
+    return swapped

@@ -1,6 +1,7 @@
-"""Quantised linears kept on disk: a model's int4/int8 weight-only buffers, computed once per model, format and
-machine and read back at later starts. Quantising the 1.5B target's weights took 20 s of a 2-core start (the
-rounding arithmetic over 1.5 billion weights); reading the buffers back takes about a second.
+"""Quantised linears kept on disk: a model's int4/int8 codes and scales, computed once per model, format and
+machine and read back at later starts. Quantising the 1.5B target's weights took 20 s (int4) and 26 s (W8A8)
+of a 2-core start (the rounding arithmetic over 1.5 billion weights); reading them back takes about a second,
+and packing W8A8's codes for oneDNN (a layout, derived at every start) about two.
 
 On a hit the layers are built from weights moved to the meta device (no arithmetic, no memory), then the
 cached buffers are assigned in their place; a file that does not fit the model is deleted, and the model
@@ -23,17 +24,21 @@ from minedraft.cache_files import remove_quietly, source_digest, write_atomicall
 from minedraft.engine import precision
 from minedraft.engine.precision import (
     INT4_GROUP,
+    QUANTS,
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
+    W8A8Linear,
+    int8_vnni,
+    onednn_int8_available,
+    pack_int8,
     quantizable,
     quantize_linears,
 )
 
 log = logging.getLogger(__name__)
-# Built from the weights alone; W8A8's oneDNN-packed weights are opaque and cannot be built on the meta device.
-CACHED_QUANTS = frozenset({"int4", "int8"})
-QUANTIZED_LAYERS = (Int4WeightOnlyLinear, Int8WeightOnlyLinear)
-FORMAT = 1  # raise when a quantised layer's buffers change
+CACHED_QUANTS = frozenset(QUANTS) - {"none"}
+QUANTIZED_LAYERS = (Int4WeightOnlyLinear, Int8WeightOnlyLinear, W8A8Linear)  # composite formats hold these
+FORMAT = 2  # raise when a quantised layer's buffers change
 
 
 class StaleQuantCache(Exception):
@@ -58,15 +63,21 @@ def quantize_cached(model: torch.nn.Module, quant: str, model_path: str, cache: 
             log.warning("%s: %s; quantising again", path, error)
             remove_quietly(path)
             model = reload()
-    replaced = quantize_linears(model, quant)
-    buffers = {f"{name}.{buffer_name}": buffer.contiguous() for name, module in model.named_modules()
-               if isinstance(module, QUANTIZED_LAYERS) for buffer_name, buffer in module.named_buffers()}
-    if write_atomically(path, lambda temporary: save_file(buffers, str(temporary), metadata={"key": key})):
+    replaced = quantize_linears(model, quant, pack=False)
+    saved = _save(model, path, key)
+    pack_int8(model)  # after saving: packing drops W8A8's codes
+    if saved:
         log.info("quantised %d linears (%s) and kept them in %s", replaced, quant, path)
         for older in cache.glob(f"{family}-*.safetensors"):  # the same model and format, from older code or files
             if older != path:
                 remove_quietly(older)
     return model, replaced
+
+
+def _save(model: torch.nn.Module, path: Path, key: str) -> bool:
+    buffers = {f"{name}.{buffer_name}": buffer.contiguous() for name, module in model.named_modules()
+               if isinstance(module, QUANTIZED_LAYERS) for buffer_name, buffer in module.named_buffers()}
+    return write_atomically(path, lambda temporary: save_file(buffers, str(temporary), metadata={"key": key}))
 
 
 def _key(model: torch.nn.Module, folder: Path, quant: str) -> str:
@@ -76,8 +87,8 @@ def _key(model: torch.nn.Module, folder: Path, quant: str) -> str:
              for f in sorted(folder.glob("*.safetensors"))]
     config = folder / "config.json"
     settings = [str(folder.resolve()), files, config.read_text() if config.exists() else "", quant, INT4_GROUP,
-                str(model.dtype), torch.__version__, torch.backends.cpu.get_cpu_capability(),
-                source_digest(Path(precision.__file__)), FORMAT]
+                str(model.dtype), torch.__version__, torch.backends.cpu.get_cpu_capability(), int8_vnni(),
+                onednn_int8_available(), source_digest(Path(precision.__file__)), FORMAT]
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
 
 
@@ -101,9 +112,10 @@ def _read_back(model: torch.nn.Module, quant: str, path: Path, key: str) -> int:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and quantizable(module, quant):
             module.weight = torch.nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
-    replaced = quantize_linears(model, quant)
+    replaced = quantize_linears(model, quant, pack=False)
     _, unexpected = model.load_state_dict(cached, strict=False, assign=True)
     if unexpected or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise StaleQuantCache("does not fit the model")
+    pack_int8(model)
     log.info("read %d quantised linears (%s) from %s", replaced, quant, path)
     return replaced

@@ -50,7 +50,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_port: int, role: str
     parser.add_argument("--cpu-cores", default=None, help="pin the process to these cores, e.g. 0 or 0-3")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: off)")
     parser.add_argument("--cpu-linear", default="onednn", choices=["onednn", "torch"],
-                        help="CPU float32 linear kernels for large layers (model_runner.use_onednn_linears)")
+                        help="CPU float32 linear kernels for large layers (precision.use_onednn_linears)")
     parser.add_argument("--lease-s", type=float, default=DEFAULT_LEASE_S,
                         help="a sequence its router has neither used nor renewed for this long is dropped (so a "
                              "crashed router leaks nothing)")

@@ -16,7 +16,7 @@ from minedraft.app.bench.peer import parse_peers, run_peer
 from minedraft.app.bench.report import write_all
 from minedraft.app.bench.workloads import load_prompts
 from minedraft.app.launcher import cpu_layout, free_port
-from minedraft.engine.precision import native_bf16_cpu, onednn_int8_exact, resolve_dtype, resolve_quant
+from minedraft.engine.precision import int8_vnni, native_bf16_cpu, resolve_dtype, resolve_quant
 from services.router.drafting import DRAFT_STOP_BELOW
 
 MODES = tuple(MODE_SPECS)
@@ -81,7 +81,7 @@ def engine_record(args: argparse.Namespace) -> dict:
     return {"dtype": resolve_dtype(args.dtype, args.device), "draft_dtype": resolve_dtype(args.dtype, draft_device),
             "draft_quant": resolve_quant(args.draft_quant, "draft", draft_device),
             "target_quant": resolve_quant(args.target_quant, "target", args.device),
-            "cpu_native_bf16": native_bf16_cpu(), "cpu_int8_vnni": onednn_int8_exact(),
+            "cpu_native_bf16": native_bf16_cpu(), "cpu_int8_vnni": int8_vnni(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # what auto chose by: machines differ
 
 
