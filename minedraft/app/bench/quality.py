@@ -2,8 +2,9 @@
 
 The reference is the model in float32 (the GGUF dequantised exactly). It writes a greedy continuation for
 each held-out prompt (HumanEval problems the throughput benchmark does not use); each format under test
-then reads prompt + continuation in one forward, and top-1 agreement is the share of continuation positions
-where its argmax is the reference's token. For a draft this is a proxy for acceptance; for a target, how
+then reads prompt + continuation in one forward (the continuation's rows counted as generated, for formats that
+compute prompts apart: `prompt_rows`), and top-1 agreement is the share of continuation positions where its
+argmax is the reference's token. For a draft this is a proxy for acceptance; for a target, how
 often it would have written something else.
 """
 
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from minedraft.engine.model_runner import ModelRunner
+from minedraft.engine.model_runner import ModelRunner, SequenceState
+from minedraft.engine.prompt_rows import feeding
 from minedraft.models.store import fetch_human_eval, resolve_model
 
 HELD_OUT_FROM = 100  # the benchmark reads HumanEval from problem 0 on
@@ -50,7 +52,8 @@ def reference_continuations(path: str, prompts: list[list[int]], tokens: int) ->
 def agreement(model, prompts: list[list[int]], continuations: list[list[int]]) -> float:
     agree = total = 0
     for prompt, cont in zip(prompts, continuations, strict=True):
-        logits = model(torch.tensor([prompt + cont])).logits[0, len(prompt) - 1:-1]
+        with feeding([SequenceState(prompt + cont, prompt_len=len(prompt))]):
+            logits = model(torch.tensor([prompt + cont])).logits[0, len(prompt) - 1:-1]
         agree += int((logits.argmax(-1) == torch.tensor(cont)).sum())
         total += len(cont)
     return agree / total

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minedraft.engine.precision import RowsSwitchedLinear
+from minedraft.engine.precision import PromptSplitLinear, RowsSwitchedLinear
 from minedraft.engine.static_kv import bucket
 
 NOT_WEIGHTS = frozenset({torch.int64, torch.bool})  # index and mask buffers: bookkeeping, not weights read
@@ -32,11 +32,17 @@ def _storage(tensor: torch.Tensor) -> tuple[object, int]:
 
 def _unread(model: torch.nn.Module, rows: int) -> set[int]:
     """ids of tensors a step over `rows` token rows skips: a RowsSwitchedLinear holds int4 and W8A8 forms of
-    one weight and runs one of them (the bias, shared by both, is read either way)."""
+    one weight and runs one of them, a PromptSplitLinear its generated tokens' form in a decode or verify step
+    (the bias, shared by both, is read either way)."""
     skipped: set[int] = set()
     for module in model.modules():
-        if isinstance(module, RowsSwitchedLinear):
-            used, idle = (module.few, module.many) if rows <= module.max_int4_rows else (module.many, module.few)
+        if isinstance(module, RowsSwitchedLinear | PromptSplitLinear):
+            if isinstance(module, PromptSplitLinear):
+                used, idle = module.generated, module.prompt
+            elif rows <= module.max_int4_rows:
+                used, idle = module.few, module.many
+            else:
+                used, idle = module.many, module.few
             kept = {id(t) for t in [*used.parameters(), *used.buffers()]}
             skipped.update(id(t) for t in [*idle.parameters(), *idle.buffers()] if id(t) not in kept)
     return skipped
