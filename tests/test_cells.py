@@ -34,8 +34,9 @@ def spawn(command: list[str], env: dict, port: int) -> subprocess.Popen:
 @pytest.fixture
 def two_cells(tiny_pair):
     """Cluster A (draft, target, router), a second draft and target (cell B) with A's internal token, and a
-    router over both cells."""
-    with Cluster(cluster_args("psd", *tiny_pair, max_batch=4)) as cluster:
+    router over both cells. The target computes prompts apart (int4-w8a8-prompt): a request moved to another
+    cell must have its output computed there as output, not as prompt, to continue with the same tokens."""
+    with Cluster(cluster_args("psd", *tiny_pair, max_batch=4, target_quant="int4-w8a8-prompt")) as cluster:
         cluster.wait_ready(timeout_s=120)
         env = cluster.env_for("router")
         draft_b, target_b, router_port = free_port(), free_port(), free_port()

@@ -11,6 +11,9 @@ from transformers import DynamicCache
 
 from minedraft.engine import prompt_rows
 from minedraft.engine.model_runner import ModelRunner, SequenceState, cache_kwarg
+from minedraft.engine.sampling import Sampling
+from minedraft.errors import InvalidArgument
+from services.target.engine import TargetEngine
 from tests.test_engines import PROMPTS
 
 QUANT = "int4-w8a8-prompt"
@@ -79,3 +82,16 @@ def test_a_call_feeding_prompt_and_generated_rows_computes_each_in_its_own_forma
     assert torch.allclose(mixed, stepped, atol=1e-5)
     all_prompt = SequenceState(prompt + later)  # the same tokens, all counted as prompt
     assert not torch.allclose(runner.forward([all_prompt], logits_to_keep=3)[0], stepped, atol=1e-3)
+
+
+def test_a_target_prefill_takes_the_prompt_length_it_is_told(tiny_pair) -> None:
+    """A request moved from another cell arrives as prompt + output: the target counts only the prompt as prompt,
+    and refuses a length past the tokens it was sent."""
+    target = TargetEngine(ModelRunner.load(str(tiny_pair[0]), dtype="float32", quant=QUANT))
+    tokens = [*PROMPTS["a"], 11, 12, 13]
+    moved, wrong, fresh = target.prefill([("moved", tokens, Sampling()), ("wrong", tokens, Sampling()),
+                                          ("fresh", tokens, Sampling())], prompt_lens={"moved": 7, "wrong": 11})
+    assert isinstance(wrong, InvalidArgument) and "prompt_len" in str(wrong)
+    assert target.table.get("moved").prompt_len == 7 and target.table.get("fresh").prompt_len == len(tokens)
+    assert moved.next_token == target.table.get("moved").tokens[-1]
+    assert not isinstance(fresh, InvalidArgument)
