@@ -138,11 +138,13 @@ def test_quantiser_recovers_weights_already_on_a_4_bit_grid() -> None:
 def test_dtype_and_quant_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_dtype("auto", "cpu") == ("bfloat16" if native_bf16_cpu() else "float32")
     assert resolve_dtype("float64", "cpu") == "float64"
-    vnni = precision.int8_vnni()
-    assert resolve_quant("auto", "draft", "cpu") == "int4-w8a8"
-    assert resolve_quant("auto", "target", "cpu") == ("w8a8" if vnni else "int4-w8a8-prompt")
-    for exact, draft, target in ((True, "int4-w8a8", "w8a8"), (False, "int4-w8a8", "int4-w8a8-prompt")):
-        monkeypatch.setattr(precision, "int8_vnni", lambda exact=exact: exact)
+    here = {(True, True): "w8a8", (True, False): "int4-w8a8-prompt", (False, False): "int4"}
+    assert resolve_quant("auto", "target", "cpu") == here[(onednn_int8_available(), int8_vnni())]
+    for onednn, vnni, draft, target in ((True, True, "int4-w8a8", "w8a8"),
+                                        (True, False, "int4-w8a8", "int4-w8a8-prompt"),
+                                        (False, False, "int4", "int4")):
+        monkeypatch.setattr(precision, "onednn_int8_available", lambda onednn=onednn: onednn)
+        monkeypatch.setattr(precision, "int8_vnni", lambda vnni=vnni: vnni)
         assert (resolve_quant("auto", "draft", "cpu"), resolve_quant("auto", "target", "cpu")) == (draft, target)
     assert resolve_quant("auto", "target", "cuda") == "none"
     assert resolve_quant("int8", "target", "cpu") == "int8"

@@ -12,7 +12,6 @@ from transformers import DynamicCache
 from minedraft.engine import prompt_rows
 from minedraft.engine.model_runner import ModelRunner, SequenceState, cache_kwarg
 from minedraft.engine.sampling import Sampling
-from minedraft.errors import InvalidArgument
 from services.target.engine import TargetEngine
 from tests.test_engines import PROMPTS
 
@@ -84,14 +83,18 @@ def test_a_call_feeding_prompt_and_generated_rows_computes_each_in_its_own_forma
     assert not torch.allclose(runner.forward([all_prompt], logits_to_keep=3)[0], stepped, atol=1e-3)
 
 
-def test_a_target_prefill_takes_the_prompt_length_it_is_told(tiny_pair) -> None:
-    """A request moved from another cell arrives as prompt + output: the target counts only the prompt as prompt,
-    and refuses a length past the tokens it was sent."""
-    target = TargetEngine(ModelRunner.load(str(tiny_pair[0]), dtype="float32", quant=QUANT))
-    tokens = [*PROMPTS["a"], 11, 12, 13]
-    moved, wrong, fresh = target.prefill([("moved", tokens, Sampling()), ("wrong", tokens, Sampling()),
-                                          ("fresh", tokens, Sampling())], prompt_lens={"moved": 7, "wrong": 11})
-    assert isinstance(wrong, InvalidArgument) and "prompt_len" in str(wrong)
-    assert target.table.get("moved").prompt_len == 7 and target.table.get("fresh").prompt_len == len(tokens)
-    assert moved.next_token == target.table.get("moved").tokens[-1]
-    assert not isinstance(fresh, InvalidArgument)
+def test_a_target_prefill_counts_the_samplings_prompt_length_as_prompt(tiny_pair) -> None:
+    """A request moved from another cell arrives as prompt + output, its sampling saying where the output begins
+    (as the router sets it for every request): the target computes that output as output, so its next token is
+    the one the first cell would have chosen — the prompt, then each token stepped after it."""
+    runner = ModelRunner.load(str(tiny_pair[0]), dtype="float32", quant=QUANT)
+    target = TargetEngine(runner)
+    prompt, output = list(PROMPTS["a"]), [11, 12, 13]
+    moved, _ = target.prefill([("moved", prompt + output, Sampling(prompt_len=len(prompt))),
+                               ("past-end", prompt + output, Sampling(prompt_len=99))])
+    assert target.table.get("moved").prompt_len == len(prompt)
+    assert target.table.get("past-end").prompt_len == len(prompt + output)  # at most every token
+    stepped = SequenceState(list(prompt))
+    runner.forward([stepped], logits_to_keep=1)
+    stepped.tokens += output
+    assert moved.next_token == int(runner.forward([stepped], logits_to_keep=1)[0, -1].argmax())

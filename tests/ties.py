@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from minedraft.engine.model_runner import SequenceState
+from minedraft.engine.prompt_rows import feeding
+
 
 def top2_gap(model, prompt_ids: list[int], generated: list[int]) -> float:
-    with torch.no_grad():
-        top = torch.topk(model(torch.tensor([prompt_ids + generated])).logits[0, -1].float(), 2).values
+    tokens = prompt_ids + generated  # the output's rows computed as output (formats that compute prompts apart)
+    with torch.no_grad(), feeding([SequenceState(tokens, prompt_len=len(prompt_ids))]):
+        top = torch.topk(model(torch.tensor([tokens])).logits[0, -1].float(), 2).values
     return float(top[0] - top[1])
 
 

@@ -33,6 +33,8 @@ CPU_DEFAULT_QUANT = {"draft": "int4-w8a8", "target": "w8a8"}
 # W8A8 (a prefill is hundreds of rows: 4x faster first tokens) and the tokens it generates, decoded or verified
 # a few rows at a time, in int4 (`PromptSplitLinear`); the draft switches by row count as with VNNI.
 CPU_DEFAULT_QUANT_NO_VNNI = {"draft": "int4-w8a8", "target": "int4-w8a8-prompt"}
+# Without oneDNN's int8 linear in torch W8A8 is torch._int_mm, 10-30x slower than int4: int4 for both.
+CPU_DEFAULT_QUANT_NO_ONEDNN = {"draft": "int4", "target": "int4"}
 # Formats whose sibling projections share one GEMM (fused_linears): W8A8's integer GEMM gives a column the
 # same value fused or alone; the draft's int4 form may round differently, which moves acceptance only.
 FUSED_QUANTS = frozenset({"w8a8", "int4-w8a8"})
@@ -40,7 +42,10 @@ INT4_GROUP = 32  # input channels sharing one scale and zero: the finest groupin
 
 
 def cpu_default_quant(role: str) -> str:
-    """The CPU's `--quant auto` for a role, by whether oneDNN multiplies full 8-bit weights here (VNNI)."""
+    """The CPU's `--quant auto` for a role: by whether torch has oneDNN's int8 linear, and whether it multiplies
+    full 8-bit weights here (VNNI)."""
+    if not onednn_int8_available():
+        return CPU_DEFAULT_QUANT_NO_ONEDNN[role]
     return (CPU_DEFAULT_QUANT if int8_vnni() else CPU_DEFAULT_QUANT_NO_VNNI)[role]
 
 
@@ -172,6 +177,8 @@ class W8A8Linear(torch.nn.Module):
 
     def pack(self) -> None:
         """Lays the codes out for the GEMM, once (the layouts are derived, so not part of the state dict)."""
+        if self.weight_codes is None:
+            return
         codes, self.weight_codes = self.weight_codes, None
         if self.packed:
             self.register_buffer("weight_packed", torch.ops.onednn.qlinear_prepack(codes, None), persistent=False)
@@ -180,6 +187,8 @@ class W8A8Linear(torch.nn.Module):
             self.register_buffer("weight_kn", codes.t().contiguous(), persistent=False)  # [in, out]: _int_mm's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_codes is not None:
+            raise RuntimeError("W8A8Linear used before pack() (precision.pack_int8)")
         codes, row_scale = int8_per_row(x.reshape(-1, self.in_features).float(), shift=128 if self.packed else 0)
         if self.packed:
             out = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 128, self.weight_packed, self.scales,
@@ -222,8 +231,9 @@ class PromptSplitLinear(torch.nn.Module):
             return (self.prompt if rows else self.generated)(x)
         flat = x.reshape(-1, self.in_features)
         out = flat.new_empty(flat.shape[0], self.out_features)
-        out[rows] = self.prompt(flat[rows])
-        out[~rows] = self.generated(flat[~rows])
+        for layer, chosen in ((self.prompt, rows), (self.generated, ~rows)):
+            if chosen.any():  # the kernels are not asked for zero rows
+                out[chosen] = layer(flat[chosen])
         return out.reshape(*x.shape[:-1], self.out_features)
 
 

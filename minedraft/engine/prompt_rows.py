@@ -58,8 +58,8 @@ def current(x: torch.Tensor) -> bool | torch.Tensor:
     if isinstance(rows, bool):
         return rows
     count = x[..., 0].numel()
-    if count % rows.shape[0]:
-        raise ValueError(f"{count} rows do not split over a batch of {rows.shape[0]} feeds")
+    if count % rows.shape[0] or (x.dim() > 2 and x.shape[0] != rows.shape[0]):
+        raise ValueError(f"a layer input of shape {tuple(x.shape)} does not match a batch of {rows.shape[0]} feeds")
     width = count // rows.shape[0]
     if width > rows.shape[1]:  # a step padded wider than its feeds: the extra columns are padding
         rows = torch.nn.functional.pad(rows, (width - rows.shape[1], 0))

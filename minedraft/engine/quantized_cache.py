@@ -116,6 +116,7 @@ def _read_back(model: torch.nn.Module, quant: str, path: Path, key: str) -> int:
     _, unexpected = model.load_state_dict(cached, strict=False, assign=True)
     if unexpected or any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise StaleQuantCache("does not fit the model")
+    del cached  # packing drops each W8A8 layer's codes: not held here meanwhile
     pack_int8(model)
     log.info("read %d quantised linears (%s) from %s", replaced, quant, path)
     return replaced

@@ -98,12 +98,13 @@ class SequenceTable:
             raise InvalidArgument("a sequence appears twice in one batch")
 
     def new_state(self, seq_id: str, tokens: list[int], sampling: Sampling, stream: int, device: torch.device,
-                  owner: str = "", room: int = 0, replace: bool = False, prompt_len: int = 0) -> SequenceState:
+                  owner: str = "", room: int = 0, replace: bool = False) -> SequenceState:
         """A checked state for one prefill, with its own sampling generator on `stream`.
 
         `room`: tokens the service adds at once (the target samples a first token). `replace`: a re-sync of an
-        id this owner holds already (its old state is dropped when the new one is put). `prompt_len`: how many
-        leading tokens are the prompt (0: all)."""
+        id this owner holds already (its old state is dropped when the new one is put). The state's prompt is the
+        sampling's `prompt_len` tokens (the router's count; a request moved from another cell brings its output
+        too), else all of them."""
         if not seq_id or len(seq_id.encode()) > MAX_SEQ_ID_BYTES:
             raise InvalidArgument(f"a sequence id must have 1 to {MAX_SEQ_ID_BYTES} bytes")
         held = self._seqs.get(seq_id)
@@ -112,11 +113,9 @@ class SequenceTable:
         if not tokens:
             raise InvalidArgument("empty prompt")
         self.check_tokens(tokens, extra=room)
-        if prompt_len > len(tokens):
-            raise InvalidArgument(f"prompt_len {prompt_len} exceeds the sequence's {len(tokens)} tokens")
         check_sampling(sampling)
         return SequenceState(list(tokens), sampling=sampling, generator=make_generator(sampling.seed, stream, device),
-                             owner=owner, prompt_len=prompt_len or len(tokens))
+                             owner=owner, prompt_len=min(sampling.prompt_len, len(tokens)) or len(tokens))
 
     def check_tokens(self, tokens: list[int], extra: int = 0) -> None:
         if any(t < 0 or t >= self.vocab_size for t in tokens):

@@ -9,14 +9,13 @@ from minedraft.protos import common_pb2, draft_pb2, target_pb2
 PromptSeq = tuple[str, list[int], common_pb2.SamplingParams]  # (seq_id, tokens, sampling)
 
 
-def target_prefill(seqs: Iterable[PromptSeq], threads: int, same_prompt_as: dict[str, str] | None = None,
-                   prompt_lens: dict[str, int] | None = None) -> target_pb2.TargetPrefillRequest:
-    """`same_prompt_as`: a sequence → an earlier one of this call with the same prompt (its cache is copied);
-    `prompt_lens`: a sequence → how many of its tokens are its prompt, where some are output (moved requests)."""
-    same, lens = same_prompt_as or {}, prompt_lens or {}
+def target_prefill(seqs: Iterable[PromptSeq], threads: int,
+                   same_prompt_as: dict[str, str] | None = None) -> target_pb2.TargetPrefillRequest:
+    """`same_prompt_as`: a sequence → an earlier one of this call with the same prompt (its cache is copied)."""
+    same = same_prompt_as or {}
     return target_pb2.TargetPrefillRequest(seqs=[
         target_pb2.TargetPrefillSeq(seq_id=seq_id, tokens=tokens, sampling=sampling,
-                                    same_prompt_as=same.get(seq_id, ""), prompt_len=lens.get(seq_id, 0))
+                                    same_prompt_as=same.get(seq_id, ""))
         for seq_id, tokens, sampling in seqs], threads=threads)
 
 

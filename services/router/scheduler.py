@@ -206,9 +206,8 @@ class Scheduler:
         threads = self.threads_for(shared=bool(with_draft) or overlapped(self.lanes, self.plan.lanes, lane))
         prompts = [(r.seq_id, r.tokens, r.sampling_proto()) for r in joining]
         allowance = tokens * PREFILL_S_PER_TOKEN
-        prefill_call = messages.target_prefill(prompts, threads, messages.shared_prompts(joining),
-                                               {r.seq_id: len(r.prompt_ids) for r in joining if r.generated})
-        calls = [self._target_prefill(prefill_call, allowance)]
+        shared_prompts = messages.shared_prompts(joining)
+        calls = [self._target_prefill(messages.target_prefill(prompts, threads, shared_prompts), allowance)]
         if with_draft:
             calls.append(self.drafter.prefill(with_draft, lane, threads))
         lane.prefilling = True

@@ -40,20 +40,18 @@ class TargetEngine:
                                    max_sequences=max_sequences, lease_s=lease_s)
 
     def prefill(self, seqs: list[tuple[str, list[int], Sampling]], owner: str = "",
-                same_prompt_as: dict[str, str] | None = None,
-                prompt_lens: dict[str, int] | None = None) -> list[Verdict | ServiceError]:
+                same_prompt_as: dict[str, str] | None = None) -> list[Verdict | ServiceError]:
         """Runs each prompt (one batched forward); returns each sequence's first token, or its error.
 
         `same_prompt_as` maps a sequence to an earlier one of this call with the same tokens: it copies that one's
-        cache rather than running the prompt again, and samples its own first token (n samples of one prompt).
-        `prompt_lens`: how many of a sequence's tokens are its prompt, when not all (a request moved here)."""
+        cache rather than running the prompt again, and samples its own first token (n samples of one prompt)."""
         self.table.check_batch([seq_id for seq_id, _, _ in seqs])
         results: list[Verdict | ServiceError] = [Verdict(0, 0)] * len(seqs)
         checked: list[tuple[int, SequenceState]] = []
         for i, (seq_id, tokens, sampling) in enumerate(seqs):
             try:
                 state = self.table.new_state(seq_id, tokens, sampling, TARGET_STREAM, self.runner.device, owner,
-                                             room=1, prompt_len=(prompt_lens or {}).get(seq_id, 0))
+                                             room=1)
                 self.table.check_room(len(checked), self.runner.free_slots)
                 checked.append((i, state))
             except ServiceError as error:

@@ -21,9 +21,8 @@ class TargetServicer(EngineServicer, target_pb2_grpc.TargetServicer):
         engine = await self.ready_engine(context)
         seqs = [(s.seq_id, list(s.tokens), Sampling.from_proto(s.sampling)) for s in request.seqs]
         same = {s.seq_id: s.same_prompt_as for s in request.seqs if s.same_prompt_as}
-        prompt_lens = {s.seq_id: s.prompt_len for s in request.seqs if s.prompt_len}
         firsts, stats = await self.call(context, len(seqs), engine.prefill, seqs, owner_of(context), same,
-                                        prompt_lens, threads=request.threads)
+                                        threads=request.threads)
         ids = [seq_id for seq_id, _, _ in seqs]
         errors = seq_errors(ids, firsts)
         return target_pb2.TargetPrefillResponse(
