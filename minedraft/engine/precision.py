@@ -260,7 +260,7 @@ def quantize_linears(module: torch.nn.Module, quant: str, pack: bool = True) -> 
 def pack_int8(module: torch.nn.Module) -> None:
     """Packs every W8A8 linear's codes for its GEMM (and drops them)."""
     for child in module.modules():
-        if isinstance(child, W8A8Linear) and child.weight_codes is not None:
+        if isinstance(child, W8A8Linear):
             child.pack()
 
 

@@ -1,10 +1,10 @@
 """Which rows of the forward running now are positions of a sequence's prompt.
 
 A layer that computes prompts in one format and generated tokens in another (`precision.PromptSplitLinear`)
-asks here. A position counts as prompt when it lies before the sequence's `prompt_len` (the tokens it was
-created with), whichever call computes it — a prefill, a chunk of one, or a step that also feeds tokens after
-it — so the format of a position never depends on how the calls were cut. A forward outside `feeding` (a
-model called directly) counts every row as generated.
+asks here. A position counts as prompt when it lies before the sequence's `prompt_len` (the sampling's count,
+as the router sets it, else the tokens it was created with), whichever call computes it — a prefill, a chunk
+of one, or a step that also feeds tokens after it — so the format of a position never depends on how the calls
+were cut. A forward outside `feeding` (a model called directly) counts every row as generated.
 """
 
 from __future__ import annotations

@@ -36,15 +36,15 @@ def _unread(model: torch.nn.Module, rows: int) -> set[int]:
     (the bias, shared by both, is read either way)."""
     skipped: set[int] = set()
     for module in model.modules():
-        if isinstance(module, RowsSwitchedLinear | PromptSplitLinear):
-            if isinstance(module, PromptSplitLinear):
-                used, idle = module.generated, module.prompt
-            elif rows <= module.max_int4_rows:
-                used, idle = module.few, module.many
-            else:
-                used, idle = module.many, module.few
-            kept = {id(t) for t in [*used.parameters(), *used.buffers()]}
-            skipped.update(id(t) for t in [*idle.parameters(), *idle.buffers()] if id(t) not in kept)
+        if isinstance(module, PromptSplitLinear):
+            used, idle = module.generated, module.prompt
+        elif isinstance(module, RowsSwitchedLinear):
+            few = rows <= module.max_int4_rows
+            used, idle = (module.few, module.many) if few else (module.many, module.few)
+        else:
+            continue
+        kept = {id(t) for t in [*used.parameters(), *used.buffers()]}
+        skipped.update(id(t) for t in [*idle.parameters(), *idle.buffers()] if id(t) not in kept)
     return skipped
 
 
