@@ -9,11 +9,13 @@ import urllib.request
 
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from minedraft.app.client import Generation, collect, make_request, stream
 from minedraft.app.launcher import Cluster, free_port
 from minedraft.protos.generate_pb2 import TokenizeRequest
 from minedraft.protos.generate_pb2_grpc import GenerationStub
+from services.router.text_stream import TextStream
 from tests.conftest import channel_to, cluster_args
 from tests.test_end_to_end import PROMPTS, held_sequences
 from tests.test_faults import wait_until
@@ -51,7 +53,7 @@ def grpc_generation(cluster: Cluster, **request) -> Generation:
         return collect(stream(channel, make_request(**request)))
 
 
-def test_n_samples_logprobs_and_penalties_match_the_grpc_path(front) -> None:
+def test_n_samples_logprobs_and_penalties_match_the_grpc_path(front, tiny_pair) -> None:
     api = client(front)
     whole = api.completions.create(model="target", prompt=PROMPT, max_tokens=16, temperature=0.9, seed=5, n=2,
                                    logprobs=2)
@@ -77,6 +79,8 @@ def test_n_samples_logprobs_and_penalties_match_the_grpc_path(front) -> None:
     content = chat.choices[0].logprobs.content
     assert [c.logprob for c in content] == pytest.approx([e["logprob"] for e in alone.logprobs], abs=1e-5)
     assert len(content) == len(alone.token_ids) and all(len(c.top_logprobs) == 3 for c in content)
+    own = TextStream(AutoTokenizer.from_pretrained(str(tiny_pair[0])), [])  # a token's bytes, not its lone text's
+    assert [bytes(c.bytes) for c in content] == [own.token_bytes(t) for t in alone.token_ids]
     code, reply = post(f"http://{front.http_address}/v1/chat/completions", json.dumps(
         {"model": "target", "messages": messages, "max_tokens": 4, "logprobs": None}).encode())
     assert code == 200 and reply["choices"][0]["logprobs"] is None  # null is OpenAI's "no logprobs"

@@ -88,6 +88,8 @@ class Request:
         for entry in logprobs:
             entry.token = self.text.token_text(entry.token_id)
             entry.top_tokens[:] = [self.text.token_text(t) for t in entry.top_ids]
+            entry.token_bytes = self.text.token_bytes(entry.token_id)
+            entry.top_token_bytes[:] = [self.text.token_bytes(t) for t in entry.top_ids]
         if consumed or delta:
             self.events.put_nowait(generate_pb2.GenerateResponse(chunk=generate_pb2.Chunk(
                 text=delta, token_ids=consumed, logprobs=logprobs, index=self.index)))

@@ -6,7 +6,14 @@ UTF-8 sequence, merged tokens settled) and it cannot be the beginning of a stop 
 
 from __future__ import annotations
 
+import re
+
+from tokenizers import decoders
 from transformers import PreTrainedTokenizerBase
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}  # byte-level BPE's printable alphabet
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's piece for one raw byte
 
 
 class TextStream:
@@ -20,10 +27,26 @@ class TextStream:
         self._read = 0
         self._held_until = 0  # min_tokens: no stop string may end at or before this character
         self.stopped = False
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._byte_level = isinstance(getattr(backend, "decoder", None), decoders.ByteLevel)
 
     def token_text(self, token_id: int) -> str:
         """One token's text, decoded alone (special tokens included: a logprob names the token it is for)."""
         return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes, as OpenAI's logprobs give them: from the vocabulary's piece (byte-level BPE's
+        alphabet, SentencePiece's byte fallback and word marker), not from its text decoded alone."""
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if not isinstance(piece, str) or token_id in self.tokenizer.added_tokens_decoder:  # special: its text
+            return self.token_text(token_id).encode()
+        if self._byte_level and all(char in BYTE_OF_CHAR for char in piece):
+            return bytes(BYTE_OF_CHAR[char] for char in piece)
+        if raw := BYTE_FALLBACK.fullmatch(piece):
+            return bytes([int(raw[1], 16)])
+        if piece.startswith("\u2581"):  # SentencePiece's word marker stands for a space
+            return piece.replace("\u2581", " ").encode()
+        return self.token_text(token_id).encode()
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

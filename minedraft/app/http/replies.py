@@ -19,10 +19,11 @@ def finite(value: float) -> float:
 
 
 def chat_logprobs(entries: list[common_pb2.TokenLogprob]) -> dict:
-    def one(token: str, logprob: float) -> dict:
-        return {"token": token, "logprob": finite(logprob), "bytes": list(token.encode())}
-    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [
-        one(t, v) for t, v in zip(e.top_tokens, e.top_logprobs, strict=True)]} for e in entries]}
+    def one(token: str, logprob: float, raw: bytes) -> dict:
+        return {"token": token, "logprob": finite(logprob), "bytes": list(raw or token.encode())}
+    return {"content": [{**one(e.token, e.logprob, e.token_bytes), "top_logprobs": [
+        one(t, v, raw) for t, v, raw in zip(e.top_tokens, e.top_logprobs, e.top_token_bytes, strict=True)]}
+        for e in entries]}
 
 
 def completion_logprobs(entries: list[common_pb2.TokenLogprob], offset: int) -> dict:

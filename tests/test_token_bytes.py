@@ -1,0 +1,35 @@
+"""A logprob's `bytes` are the token's own bytes: a piece of a multi-byte character decodes alone to U+FFFD, but
+the pieces' bytes joined make the character (as OpenAI's API gives them)."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, normalizers
+from transformers import PreTrainedTokenizerFast
+
+from minedraft.models.tiny import build_tokenizer
+from services.router.text_stream import TextStream
+
+TEXT = "naïve 🙂 日本 ok"
+
+
+def test_byte_level_pieces_join_to_the_text_bytes() -> None:
+    tokenizer = build_tokenizer()
+    stream = TextStream(tokenizer, [])
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    assert any(stream.token_text(i) == "\ufffd" for i in ids)  # decoded alone, a piece loses its bytes
+    assert b"".join(stream.token_bytes(i) for i in ids) == TEXT.encode()
+    special = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert stream.token_bytes(special) == b"<|im_end|>"
+
+
+def test_sentencepiece_byte_fallback_and_word_marker() -> None:
+    vocab = {"<unk>": 0, "\u2581": 1, "h": 2, "\u2581h": 3, "i": 4, **{f"<0x{b:02X}>": 5 + b for b in range(256)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("\u2581", "h")], byte_fallback=True, unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    stream = TextStream(tokenizer, [])
+    ids = tokenizer.encode("hi é", add_special_tokens=False)
+    assert tokenizer.convert_ids_to_tokens(ids) == ["\u2581h", "i", "\u2581", "<0xC3>", "<0xA9>"]
+    assert [stream.token_bytes(i) for i in ids] == [b" h", b"i", b" ", b"\xc3", b"\xa9"]
