@@ -81,6 +81,8 @@ def test_n_samples_logprobs_and_penalties_match_the_grpc_path(front, tiny_pair) 
     assert len(content) == len(alone.token_ids) and all(len(c.top_logprobs) == 3 for c in content)
     own = TextStream(AutoTokenizer.from_pretrained(str(tiny_pair[0])), [])  # a token's bytes, not its lone text's
     assert [bytes(c.bytes) for c in content] == [own.token_bytes(t) for t in alone.token_ids]
+    assert [[bytes(top.bytes) for top in c.top_logprobs] for c in content] == [
+        [own.token_bytes(int(t)) for t in e["top_ids"]] for e in alone.logprobs]
     code, reply = post(f"http://{front.http_address}/v1/chat/completions", json.dumps(
         {"model": "target", "messages": messages, "max_tokens": 4, "logprobs": None}).encode())
     assert code == 200 and reply["choices"][0]["logprobs"] is None  # null is OpenAI's "no logprobs"

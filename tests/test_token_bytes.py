@@ -20,6 +20,7 @@ def test_byte_level_pieces_join_to_the_text_bytes() -> None:
     assert b"".join(stream.token_bytes(i) for i in ids) == TEXT.encode()
     special = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert stream.token_bytes(special) == b"<|im_end|>"
+    assert stream.token_bytes(len(tokenizer)) == b""  # a padded head row past the vocabulary: no bytes, as no text
 
 
 def test_sentencepiece_byte_fallback_and_word_marker() -> None:

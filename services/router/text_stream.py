@@ -29,6 +29,7 @@ class TextStream:
         self.stopped = False
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._byte_level = isinstance(getattr(backend, "decoder", None), decoders.ByteLevel)
+        self._added = frozenset(tokenizer.added_tokens_decoder)  # built anew at each read of the property
 
     def token_text(self, token_id: int) -> str:
         """One token's text, decoded alone (special tokens included: a logprob names the token it is for)."""
@@ -38,7 +39,7 @@ class TextStream:
         """One token's own bytes, as OpenAI's logprobs give them: from the vocabulary's piece (byte-level BPE's
         alphabet, SentencePiece's byte fallback and word marker), not from its text decoded alone."""
         piece = self.tokenizer.convert_ids_to_tokens(token_id)
-        if not isinstance(piece, str) or token_id in self.tokenizer.added_tokens_decoder:  # special: its text
+        if not isinstance(piece, str) or token_id in self._added:  # special: its text
             return self.token_text(token_id).encode()
         if self._byte_level and all(char in BYTE_OF_CHAR for char in piece):
             return bytes(BYTE_OF_CHAR[char] for char in piece)

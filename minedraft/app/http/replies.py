@@ -22,7 +22,8 @@ def chat_logprobs(entries: list[common_pb2.TokenLogprob]) -> dict:
     def one(token: str, logprob: float, raw: bytes) -> dict:
         return {"token": token, "logprob": finite(logprob), "bytes": list(raw or token.encode())}
     return {"content": [{**one(e.token, e.logprob, e.token_bytes), "top_logprobs": [
-        one(t, v, raw) for t, v, raw in zip(e.top_tokens, e.top_logprobs, e.top_token_bytes, strict=True)]}
+        one(t, v, raw) for t, v, raw in zip(e.top_tokens, e.top_logprobs,
+                                            e.top_token_bytes or [b""] * len(e.top_tokens), strict=True)]}
         for e in entries]}
 
 
