@@ -6,6 +6,7 @@ UTF-8 sequence, merged tokens settled) and it cannot be the beginning of a stop 
 
 from __future__ import annotations
 
+import functools
 import re
 
 from tokenizers import decoders
@@ -14,6 +15,14 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}  # byte-level BPE's printable alphabet
 BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's piece for one raw byte
+
+
+@functools.cache
+def _vocabulary(tokenizer: PreTrainedTokenizerBase) -> tuple[bool, frozenset[int]]:
+    """(whether its pieces are byte-level BPE's alphabet, its added tokens' ids): read once per tokenizer, not per
+    stream (the added tokens' property is rebuilt at every read)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return isinstance(getattr(backend, "decoder", None), decoders.ByteLevel), frozenset(tokenizer.added_tokens_decoder)
 
 
 class TextStream:
@@ -27,9 +36,6 @@ class TextStream:
         self._read = 0
         self._held_until = 0  # min_tokens: no stop string may end at or before this character
         self.stopped = False
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._byte_level = isinstance(getattr(backend, "decoder", None), decoders.ByteLevel)
-        self._added = frozenset(tokenizer.added_tokens_decoder)  # built anew at each read of the property
 
     def token_text(self, token_id: int) -> str:
         """One token's text, decoded alone (special tokens included: a logprob names the token it is for)."""
@@ -38,10 +44,11 @@ class TextStream:
     def token_bytes(self, token_id: int) -> bytes:
         """One token's own bytes, as OpenAI's logprobs give them: from the vocabulary's piece (byte-level BPE's
         alphabet, SentencePiece's byte fallback and word marker), not from its text decoded alone."""
+        byte_level, added = _vocabulary(self.tokenizer)
         piece = self.tokenizer.convert_ids_to_tokens(token_id)
-        if not isinstance(piece, str) or token_id in self._added:  # special: its text
+        if not isinstance(piece, str) or token_id in added:  # special: its text
             return self.token_text(token_id).encode()
-        if self._byte_level and all(char in BYTE_OF_CHAR for char in piece):
+        if byte_level and all(char in BYTE_OF_CHAR for char in piece):
             return bytes(BYTE_OF_CHAR[char] for char in piece)
         if raw := BYTE_FALLBACK.fullmatch(piece):
             return bytes([int(raw[1], 16)])
