@@ -3,6 +3,7 @@ the pieces' bytes joined make the character (as OpenAI's API gives them)."""
 
 from __future__ import annotations
 
+import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import PreTrainedTokenizerFast
 
@@ -12,8 +13,12 @@ from services.router.text_stream import TextStream
 TEXT = "naïve 🙂 日本 ok"
 
 
-def test_byte_level_pieces_join_to_the_text_bytes() -> None:
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_byte_level_pieces_join_to_the_text_bytes(wrapped: bool) -> None:
     tokenizer = build_tokenizer()
+    if wrapped:  # some tokenizers put ByteLevel inside a Sequence of decoders
+        tokenizer.backend_tokenizer.decoder = decoders.Sequence([decoders.ByteLevel()])
+        assert tokenizer.decode(tokenizer.encode(TEXT, add_special_tokens=False)) == TEXT
     stream = TextStream(tokenizer, [])
     ids = tokenizer.encode(TEXT, add_special_tokens=False)
     assert any(stream.token_text(i) == "\ufffd" for i in ids)  # decoded alone, a piece loses its bytes

@@ -7,6 +7,7 @@ UTF-8 sequence, merged tokens settled) and it cannot be the beginning of a stop 
 from __future__ import annotations
 
 import functools
+import json
 import re
 
 from tokenizers import decoders
@@ -21,8 +22,20 @@ BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's piece for
 def _vocabulary(tokenizer: PreTrainedTokenizerBase) -> tuple[bool, frozenset[int]]:
     """(whether its pieces are byte-level BPE's alphabet, its added tokens' ids): read once per tokenizer, not per
     stream (the added tokens' property is rebuilt at every read)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return isinstance(getattr(backend, "decoder", None), decoders.ByteLevel), frozenset(tokenizer.added_tokens_decoder)
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    return _is_byte_level(decoder), frozenset(tokenizer.added_tokens_decoder)
+
+
+def _is_byte_level(decoder: object) -> bool:
+    """Whether the decoder maps pieces through byte-level BPE's alphabet, alone or as a step of a Sequence
+    (whose steps Python cannot list: read from the decoder's own JSON)."""
+    if not isinstance(decoder, decoders.Decoder):
+        return False
+    return _names_byte_level(json.loads(decoder.__getstate__()))
+
+
+def _names_byte_level(step: dict) -> bool:
+    return step.get("type") == "ByteLevel" or any(_names_byte_level(inner) for inner in step.get("decoders", []))
 
 
 class TextStream:
