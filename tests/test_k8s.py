@@ -48,3 +48,7 @@ def test_manifests_render_and_validate(folder: str) -> None:
         assert gpus == ["1", "1"] and devices == ["cuda", "cuda"]
     else:
         assert gpus == [None, None] and devices == ["cpu", "cpu"]
+    http = objects[("Deployment", "http")]["spec"]["template"]["spec"]
+    (certs,) = [volume["secret"] for volume in http["volumes"] if volume["name"] == "certs"]
+    named = {word for word in http["containers"][0]["command"] if word.startswith("/certs/")}
+    assert {"/certs/" + item["path"] for item in certs["items"]} == named == {"/certs/ca.pem"}  # no key, no token

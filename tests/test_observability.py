@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from minedraft.app.client import collect, make_request, stream
@@ -174,5 +175,12 @@ def test_compose_files_validate(compose_file: str) -> None:
     result = subprocess.run([tool, "-f", str(ROOT / compose_file), "config"], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
-    for service in ("draft", "target", "router", "jaeger"):
-        assert f"  {service}:" in result.stdout
+    services = yaml.safe_load(result.stdout)["services"]
+    assert {"draft", "target", "router", "http", "jaeger"} <= set(services)
+    for name, service in services.items():  # each holds the files of ./certs it names, and no others
+        named = {word for word in service.get("command", []) + service.get("healthcheck", {}).get("test", [])
+                 if word.startswith("/certs/")}
+        given = {secret["target"] for secret in service.get("secrets", [])}
+        assert given == named, name
+        assert not any("certs" in volume for volume in service.get("volumes", [])), name
+    assert {secret["target"] for secret in services["http"]["secrets"]} == {"/certs/ca.pem"}
