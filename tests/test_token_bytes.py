@@ -39,3 +39,18 @@ def test_sentencepiece_byte_fallback_and_word_marker() -> None:
     ids = tokenizer.encode("hi é", add_special_tokens=False)
     assert tokenizer.convert_ids_to_tokens(ids) == ["\u2581h", "i", "\u2581", "<0xC3>", "<0xA9>"]
     assert [stream.token_bytes(i) for i in ids] == [b" h", b"i", b" ", b"\xc3", b"\xa9"]
+
+
+class Joiner:
+    """A decoder written in Python (tokenizers' Decoder.custom), which cannot be serialised."""
+
+    def decode_chain(self, tokens: list[str]) -> list[str]:
+        return ["".join(tokens)]
+
+
+def test_a_custom_decoder_falls_back_to_the_text() -> None:
+    tokenizer = build_tokenizer()
+    tokenizer.backend_tokenizer.decoder = decoders.Decoder.custom(Joiner())
+    stream = TextStream(tokenizer, [])
+    token = tokenizer.encode("ok", add_special_tokens=False)[0]
+    assert stream.token_bytes(token) == stream.token_text(token).encode()

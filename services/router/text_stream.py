@@ -31,7 +31,11 @@ def _is_byte_level(decoder: object) -> bool:
     (whose steps Python cannot list: read from the decoder's own JSON)."""
     if not isinstance(decoder, decoders.Decoder):
         return False
-    return _names_byte_level(json.loads(decoder.__getstate__()))
+    try:
+        state = json.loads(decoder.__getstate__())
+    except Exception:  # a custom (Python) decoder cannot be serialised, so it cannot be read either
+        return isinstance(decoder, decoders.ByteLevel)
+    return _names_byte_level(state)
 
 
 def _names_byte_level(step: dict) -> bool:
