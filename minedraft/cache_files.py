@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,3 +52,20 @@ def source_digest(*roots: Path) -> str:
         for source in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
             digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def older_than(path: Path, seconds: float) -> bool:
+    """Whether `path` was last written more than `seconds` ago (a file that cannot be read counts as old)."""
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return True
+
+
+def prune_older_than(folder: Path, pattern: str, seconds: float) -> int:
+    """Removes the files in `folder` matching `pattern` last written more than `seconds` ago, so a folder keyed
+    by code and engine does not grow with every commit; how many were removed."""
+    old = [path for path in folder.glob(pattern) if older_than(path, seconds)]
+    for path in old:
+        remove_quietly(path)
+    return len(old)

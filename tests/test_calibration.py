@@ -3,6 +3,8 @@ far off on a busy host); a long one is measured once. Real draft and target serv
 
 import asyncio
 import json
+import os
+import time
 
 from minedraft.protos import common_pb2, draft_pb2_grpc, target_pb2_grpc
 from services.router import calibration
@@ -89,6 +91,28 @@ def test_a_calibration_is_cached_by_engine_and_read_back_instead_of_measured(tin
     unnamed = CalibrationCache(str(tmp_path / "unnamed"), engines=["target engine", ""])  # an engine without a key
     times, _, _ = asyncio.run(calibrate_on(cluster, unnamed))
     assert times["Propose"] and not (tmp_path / "unnamed").exists()
+
+
+def test_an_old_calibration_is_measured_again_and_old_files_are_removed(tiny_clusters, tmp_path) -> None:
+    """Each commit's code makes a new key, so without an age limit the folder would only grow; and a host's
+    speed drifts, so a week-old calibration is not trusted."""
+    cluster = tiny_clusters["sd"]
+    cache = CalibrationCache(str(tmp_path), engines=["target engine", "draft engine"], max_age_days=1.0)
+    asyncio.run(calibrate_on(cluster, cache))
+    (saved,) = tmp_path.glob("*.json")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(saved, (two_days_ago, two_days_ago))
+    stale, recent, foreign = tmp_path / f"{'a' * 32}.json", tmp_path / f"{'b' * 32}.json", tmp_path / "notes.json"
+    for path in (stale, recent, foreign):  # an older commit's key, another engine's, a file that is not ours
+        path.write_text("[]")
+    for path in (stale, foreign):
+        os.utime(path, (two_days_ago, two_days_ago))
+    times, _, _ = asyncio.run(calibrate_on(cluster, cache))
+    assert times["Propose"] and times["Verify"]  # measured, not read back
+    assert sorted(tmp_path.glob("*.json")) == sorted([saved, recent, foreign])  # the old key's file is gone
+    assert time.time() - saved.stat().st_mtime < 3600  # and the kept one rewritten
+    times, _, _ = asyncio.run(calibrate_on(cluster, cache))
+    assert times == {}  # fresh again: read back
 
 
 def test_on_shared_cores_one_prefill_serves_both_core_counts(tiny_clusters) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from minedraft.cache_files import source_digest, write_atomically
+from minedraft.cache_files import older_than, prune_older_than, source_digest, write_atomically
 from minedraft.protos import common_pb2
 from services.router import messages
 
@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 # of 8 drafts takes 9 s, and calibrating twice took 3.6 minutes of start-up).
 SECOND_SAMPLE_BELOW_MS = 1000.0
 FORMAT = 1  # of a cached calibration: raise it when what is measured, or how, changes
+# A kept calibration older than this is measured again: a host's speed drifts (a VM moved, a neighbour came),
+# and each commit's code makes a new key, so older files would otherwise stay forever.
+MAX_AGE_DAYS = 7.0
+KEPT_FILES = "[0-9a-f]" * 32 + ".json"  # what `_key` names: nothing else in a user's folder is removed
 
 
 async def _timed(call, request) -> tuple[object, float]:
@@ -45,6 +49,11 @@ class CalibrationCache:
     folder: str
     refresh: bool = False
     engines: list[str] = field(default_factory=list)  # the services' `engine_key`s, from their Renew answers
+    max_age_days: float = MAX_AGE_DAYS
+
+    @property
+    def max_age_s(self) -> float:
+        return self.max_age_days * 86400.0
 
 
 async def calibrate(scheduler: Scheduler, cache: CalibrationCache | None = None, batches: tuple[int, ...] | None = None,
@@ -59,14 +68,15 @@ async def calibrate(scheduler: Scheduler, cache: CalibrationCache | None = None,
     known = cache is not None and len(cache.engines) == 2 and all(cache.engines)  # an unnamed engine: no key
     path = Path(cache.folder) / f"{_key(scheduler, cache.engines, batches, lengths, prompt_len)}.json" \
         if known else None
-    observations = _read(path) if path and not cache.refresh else None
+    fresh = path is not None and not cache.refresh and not older_than(path, cache.max_age_s)
+    observations = _read(path) if fresh else None
     cached = observations is not None
     if not cached:
         observations = []
         for batch in batches:
             observations += await _calibrate_batch(scheduler, batch, prompt_len, lengths)
-        if path:
-            write_atomically(path, lambda temporary: temporary.write_text(json.dumps(observations)))
+        if path and write_atomically(path, lambda temporary: temporary.write_text(json.dumps(observations))):
+            prune_older_than(path.parent, KEPT_FILES, cache.max_age_s)
     for stage, batch, k, ms, shared in observations:
         observe = scheduler.stages.observe_propose if stage == "propose" else scheduler.stages.observe_verify
         observe(batch, k, ms, shared)

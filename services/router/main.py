@@ -26,7 +26,7 @@ from minedraft.serving.security import (
 from minedraft.serving.telemetry import client_interceptors, setup_tracing
 from services.router.admission import Admission
 from services.router.backends import Backend
-from services.router.calibration import CalibrationCache
+from services.router.calibration import MAX_AGE_DAYS, CalibrationCache
 from services.router.cells import Cells
 from services.router.drafting import DRAFT_STOP_BELOW, PREFILL_S_PER_TOKEN
 from services.router.leases import CallMetadata, keep_leases, new_owner_id, owner_metadata
@@ -47,6 +47,14 @@ def probability(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:  # NaN fails too
         raise argparse.ArgumentTypeError(f"{text} is not a probability (0 to 1)")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0 (NaN fails too)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
     return value
 
 
@@ -79,6 +87,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "target's engines and the router's settings are the same again (none: always measure)")
     parser.add_argument("--recalibrate", action="store_true", help="auto: measure at start even when a cached "
                         "calibration matches, and cache the new one")
+    parser.add_argument("--calibration-max-age", type=positive_float, default=MAX_AGE_DAYS, metavar="DAYS",
+                        help="auto: a cached calibration older than this is measured again, and removed")
     parser.add_argument("--max-context", type=int, default=None,
                         help="most tokens per sequence; default: the target model's context, lowered at start to "
                              "what the draft's and the target's caches hold")
@@ -184,7 +194,8 @@ async def serve(args: argparse.Namespace) -> None:
                 if held:
                     backend.max_context = held.max_context
                     engines.append(held.engine)
-            await each.calibrate(CalibrationCache(args.calibration_cache, args.recalibrate, engines)
+            await each.calibrate(CalibrationCache(args.calibration_cache, args.recalibrate, engines,
+                                                  args.calibration_max_age)
                                  if args.calibration_cache != "none" else None)
             each.start()
             host.background.append(asyncio.create_task(keep_leases(each), name=f"keep-leases-{each.target.name}"))
