@@ -14,6 +14,7 @@ from minedraft.app.bench.metrics import (
     summarise_mode,
     summarise_runs,
 )
+from minedraft.app.bench.report import markdown
 
 
 def test_percentiles_interpolate_between_ranks() -> None:
@@ -58,6 +59,23 @@ def test_summary_of_a_synthetic_run() -> None:
     assert steady_window(records) == (1.0, 3.0)
     assert summary["busy_fraction"] == {"draft": 0.25, "target": 0.5}
     assert summary["router_overhead_frac"] == pytest.approx(1 - 1200 / 1600)
+
+
+def test_failed_requests_are_counted_and_named_in_the_report() -> None:
+    """A request the cluster refused (a prompt longer than the context a mode's caches held) is left out of
+    throughput, so the report must say so, with the context that mode held."""
+    records = [RequestRecord(0.0, 1.0, 3.0, 11, drafted=16, accepted=12, rounds=4),
+               RequestRecord(0.0, None, 0.1, 0, error="INVALID_ARGUMENT: prompt too long")]
+    summary = summarise_mode(records, [lane(4, 200.0, 400.0, 800.0, 1)], [])
+    assert summary["errors"] == 1 and summary["requests"] == 2 and summary["generated_tokens"] == 11
+    summary["context"] = 1792
+    clean = summarise_mode(records[:1], [lane(4, 200.0, 400.0, 800.0, 1)], [])
+    results = {"settings": {"workload": "humaneval"}, "machine": "test",
+               "runs": {"32": {"modes": {"ar": clean, "sd": summary}, "comparison": {}}}}
+    report = markdown(results)
+    assert "Failed requests, left out of every column: sd 1 of 2 (context 1792)" in report
+    assert "ar 0" not in report
+    assert "Failed requests" not in markdown({**results, "runs": {"32": {"modes": {"ar": clean}, "comparison": {}}}})
 
 
 def test_comparison_ratios() -> None:

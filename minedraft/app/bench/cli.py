@@ -20,6 +20,7 @@ from minedraft.engine.precision import int8_vnni, native_bf16_cpu, resolve_dtype
 from services.router.drafting import DRAFT_STOP_BELOW
 
 MODES = tuple(MODE_SPECS)
+SHAREGPT_CONTEXT = 2048  # the longest prompt + max tokens drawn from ShareGPT when the context is sized to fit
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +60,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-device", default=None)
     parser.add_argument("--tokenizer", default=None, help="the router's tokenizer (needed with random: models)")
     parser.add_argument("--kv", default="auto", choices=["auto", "dynamic", "static"])
-    parser.add_argument("--max-context", type=int, default=2048, help="static KV: most tokens per sequence")
+    parser.add_argument("--max-context", type=int, default=0,
+                        help="static KV: most tokens per sequence (0: up to 4096, shrunk to what fits in memory, as "
+                             "`minedraft serve` sizes it; a float32 cache of 66 sequences x 2048 missed at C = 32)")
     parser.add_argument("--warmup-requests", type=int, default=2,
                         help="requests run (4 tokens each) before measuring; on a GPU use the concurrency, so "
                              "every batch shape's CUDA graph is captured before the clock starts")
@@ -109,7 +112,7 @@ def load(args: argparse.Namespace, count: int) -> list[dict]:
         from minedraft.models.store import resolve_model
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.tokenizer or args.target_model))
-        room = args.max_context - args.max_tokens
+        room = (args.max_context or SHAREGPT_CONTEXT) - args.max_tokens
         fits = lambda text: 4 <= len(tokenizer.encode(text)) <= room  # noqa: E731
     return load_prompts(args.workload, count, seed=args.seed, fits=fits)
 
@@ -165,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
             summaries[mode] = summarise_runs(raws[mode])
             summaries[mode]["concurrency"] = concurrency * scaled.get(mode, 1)
             summaries[mode]["layout"] = peers[mode] or f"peer {mode}" if mode in peers else layout_of(args, mode)
+            if mode not in peers:
+                summaries[mode]["context"] = min(run["context"] for run in raws[mode])
         results["runs"][str(concurrency)] = {"modes": summaries, "comparison": compare_modes(summaries, list(peers))}
         # The last concurrency is the headline; written after every level so a late failure keeps the rest.
         results["modes"] = summaries

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import logging
 import random
 import time
 
@@ -16,7 +17,9 @@ from minedraft.app.bench.metrics import Event, RequestRecord
 from minedraft.app.client import make_request
 from minedraft.app.cluster_config import ClusterConfig
 from minedraft.app.launcher import Cluster, free_port
-from minedraft.protos import generate_pb2_grpc, monitor_pb2, monitor_pb2_grpc
+from minedraft.protos import generate_pb2, generate_pb2_grpc, monitor_pb2, monitor_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 # A bench mode: the cluster's router mode, how many times the concurrency it holds (the seed paper's psd at 2C),
 # and whether TETRIS selection is on.
@@ -75,6 +78,13 @@ async def drive(address: str, items: list[dict], concurrency: int, max_tokens: i
     return records
 
 
+async def held_context(address: str) -> int:
+    """The tokens one sequence may hold in this cluster: its caches are sized to what fits in memory."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        info = await generate_pb2_grpc.GenerationStub(channel).GetModelInfo(generate_pb2.ModelInfoRequest())
+    return info.max_context
+
+
 async def router_stats(address: str, clear: bool) -> monitor_pb2.RouterStats:
     async with grpc.aio.insecure_channel(address) as channel:
         return await monitor_pb2_grpc.RouterMonitorStub(channel).GetStats(monitor_pb2.StatsRequest(clear=clear))
@@ -103,10 +113,15 @@ def run_mode(args: argparse.Namespace, mode: str, items: list[dict], concurrency
         records = asyncio.run(drive(cluster.address, items, concurrency, args.max_tokens, args.rate,
                                     f"{mode} C={concurrency}", ignore_eos=args.ignore_eos))
         stats = asyncio.run(router_stats(cluster.address, clear=False))
+        context = asyncio.run(held_context(cluster.address))
+    failed = [r.error for r in records if r.error]
+    if failed:  # left out of the throughput: a comparison with them is not like for like
+        log.warning("%s: %d of %d requests failed (context %d), first: %s", mode, len(failed), len(records),
+                    context, failed[0])
     lanes = [MessageToDict(lane, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
              for lane in stats.lanes]
     for lane in lanes:
         for key in ("rounds", "propose_calls", "verify_calls", "sequences_in_rounds"):
             lane[key] = int(lane[key])
     events = [Event(e.device, e.kind, e.lane, e.start, e.end) for e in stats.events]
-    return {"records": records, "lanes": lanes, "events": events}
+    return {"records": records, "lanes": lanes, "events": events, "context": context}

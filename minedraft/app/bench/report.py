@@ -55,6 +55,10 @@ def markdown(results: dict) -> str:
         lines += _runs_table(run["modes"])
         lines += ["", "Cores: " + "; ".join(f"{mode}: {summary['layout']}" for mode, summary in run["modes"].items()
                                           if "layout" in summary)]
+        failed = [f"{mode} {summary['errors']} of {summary['requests']} (context {summary.get('context', '–')})"
+                  for mode, summary in run["modes"].items() if summary.get("errors")]
+        if failed:
+            lines += ["", "Failed requests, left out of every column: " + ", ".join(failed)]
         lines += ["", "| ratio | value |", "|---|---|"]
         lines += [f"| {name} | {_fmt(value)} |" for name, value in run["comparison"].items()]
         lines.append("")
