@@ -66,6 +66,13 @@ def test_int8_weights_are_half_bfloat16_and_a_quarter_float32() -> None:
     assert 0.25 < int8 / fp32 < 0.255
 
 
+def test_fbgemm_packed_weights_count_their_int8_codes() -> None:
+    """fbgemm's packed weight is not a tensor; its codes (two anchor columns more) still count, as int8."""
+    fbgemm = weight_bytes(tiny_target("float32", quant="w8a8-fbgemm"))
+    int8 = weight_bytes(tiny_target("float32", quant="int8"))  # codes as a tensor, a scale per output channel
+    assert 0.98 < fbgemm / int8 < 1.05
+
+
 def test_int4_w8a8_counts_the_form_a_step_runs() -> None:
     switched = tiny_target("bfloat16", quant="int4-w8a8")
     assert weight_bytes(switched, rows=1) == weight_bytes(tiny_target("bfloat16", quant="int4"), rows=1)

@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 
 from minedraft.app.bench.step_bytes import weight_bytes
 from minedraft.app.client import collect, make_request, stream
-from minedraft.engine import precision
+from minedraft.engine import fbgemm_w8a8, precision
+from minedraft.engine.fbgemm_w8a8 import fbgemm_available
 from minedraft.engine.fused_linears import GroupMember
 from minedraft.engine.model_runner import ModelRunner, SequenceState
 from minedraft.engine.precision import (
@@ -38,7 +39,7 @@ from tests.test_end_to_end import PROMPTS as TEXT_PROMPTS
 from tests.test_engines import PROMPTS, speculate
 from tests.ties import assert_same_or_tie
 
-QUANTS = ["int8", "int4", "w8a8"]
+QUANTS = ["int8", "int4", "w8a8", "w8a8-fbgemm"]
 BF16_TIE = 0.1  # logits: a few bfloat16 rounding steps at the tiny model's logit scale
 
 
@@ -138,13 +139,13 @@ def test_quantiser_recovers_weights_already_on_a_4_bit_grid() -> None:
 def test_dtype_and_quant_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_dtype("auto", "cpu") == ("bfloat16" if native_bf16_cpu() else "float32")
     assert resolve_dtype("float64", "cpu") == "float64"
-    here = {(True, True): "w8a8", (True, False): "int4-w8a8-prompt", (False, False): "int4"}
-    assert resolve_quant("auto", "target", "cpu") == here[(onednn_int8_available(), int8_vnni())]
-    for onednn, vnni, draft, target in ((True, True, "int4-w8a8", "w8a8"),
-                                        (True, False, "int4-w8a8", "int4-w8a8-prompt"),
+    here = "w8a8" if int8_vnni() else "w8a8-fbgemm" if fbgemm_available() else "int4"
+    assert resolve_quant("auto", "target", "cpu") == here
+    for vnni, fbgemm, draft, target in ((True, True, "int4-w8a8", "w8a8"),
+                                        (False, True, "w8a8-fbgemm", "w8a8-fbgemm"),
                                         (False, False, "int4", "int4")):
-        monkeypatch.setattr(precision, "onednn_int8_available", lambda onednn=onednn: onednn)
         monkeypatch.setattr(precision, "int8_vnni", lambda vnni=vnni: vnni)
+        monkeypatch.setattr(fbgemm_w8a8, "fbgemm_available", lambda fbgemm=fbgemm: fbgemm)
         assert (resolve_quant("auto", "draft", "cpu"), resolve_quant("auto", "target", "cpu")) == (draft, target)
     assert resolve_quant("auto", "target", "cuda") == "none"
     assert resolve_quant("int8", "target", "cpu") == "int8"
@@ -173,7 +174,8 @@ def test_quantised_runner_caches_exactly_like_its_uncached_self(tiny_pair, quant
 
 
 @pytest.mark.parametrize(("draft_quant", "target_quant"),
-                         [("int4", "none"), ("int8", "int4"), ("int8", "int4-w8a8-prompt")])
+                         [("int4", "none"), ("int8", "int4"), ("int8", "int4-w8a8-prompt"),
+                          ("w8a8-fbgemm", "w8a8-fbgemm")])
 def test_quantised_engines_speculate_batched_exactly_as_alone(tiny_pair, draft_quant: str, target_quant: str) -> None:
     """Greedy and sampled sequences, drafted and verified in a batch, equal each run alone (bfloat16)."""
     target = TargetEngine(ModelRunner.load(str(tiny_pair[0]), dtype="bfloat16", quant=target_quant))
@@ -182,7 +184,7 @@ def test_quantised_engines_speculate_batched_exactly_as_alone(tiny_pair, draft_q
         speculate(target, draft, list(PROMPTS), 6, batched=False)
 
 
-@pytest.mark.parametrize("target_quant", ["w8a8", "int4", "int4-w8a8-prompt"])
+@pytest.mark.parametrize("target_quant", ["w8a8", "int4", "int4-w8a8-prompt", "w8a8-fbgemm"])
 def test_quantised_cluster_psd_and_sd_equal_target_only(clusters, tiny_pair, target_quant: str) -> None:
     """Real processes, bfloat16: a quantised target verified in psd and sd (int8 draft) streams ar's greedy
     tokens, up to near-ties of bfloat16 rounding (tests/ties.py)."""

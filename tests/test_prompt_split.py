@@ -1,4 +1,4 @@
-"""`--quant int4-w8a8-prompt` (the target's default without VNNI): a sequence's prompt positions run in W8A8, the
+"""`--quant int4-w8a8-prompt` (a target format for CPUs without VNNI): a sequence's prompt positions run in W8A8, the
 tokens generated after it in int4. Which format computes a position must depend on that position alone —
 never on how the service batched or cut its calls — or speculation could change the target's tokens."""
 

@@ -3,10 +3,10 @@
 Weight-only quantisation keeps activations in the model's dtype and stores each linear's weight as int8 (one
 scale per output channel) or int4 (asymmetric, a scale and a zero per group of input channels); W8A8 also
 quantises activations, per token. All multiply with torch's own kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`, `_int_mm`, oneDNN's int8 `qlinear`) — no hand-written kernels. A decode step
-reads every weight once, so fewer weight bytes means a faster step where the step is bound by memory; the cost
-is a small, measured change in the model's logits (`minedraft bench-quality`). Speculation stays lossless for a
-given configuration: the target's own numbers decide every token, whatever format the draft runs in.
+`_weight_int4pack_mm_for_cpu`, `_int_mm`, oneDNN's int8 `qlinear`, fbgemm's in fbgemm_w8a8) — none hand-written.
+A decode step reads every weight once: fewer bytes, a faster step where memory bounds it (not a kernel's
+arithmetic, as AVX2's int4); the cost is a small, measured change in the logits (`minedraft bench-quality`).
+Speculation stays lossless for a configuration: the target's own numbers decide every token, whatever the draft's.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.utils.mkldnn
 from minedraft.engine import prompt_rows
 from minedraft.engine.fused_linears import GroupMember, fuse_siblings
 
-QUANTS = ("none", "int8", "int4", "w8a8", "int4-w8a8", "int4-w8a8-prompt")
+QUANTS = ("none", "int8", "int4", "w8a8", "w8a8-fbgemm", "int4-w8a8", "int4-w8a8-prompt")
 DRAFT_ONLY_QUANTS = frozenset({"int4-w8a8"})
 # `--quant auto` on the CPU, chosen from measurements (README, "Measured"), by what the CPU multiplies natively.
 # With VNNI (oneDNN's exact u8·s8 GEMM): target W8A8, whose integer GEMM is 1.6-1.8x bfloat16's at every row
@@ -27,26 +27,25 @@ DRAFT_ONLY_QUANTS = frozenset({"int4-w8a8"})
 # never depend on the batch; draft int4 for decode steps (the fewest bytes: 2.8x a bfloat16 step at batch 1)
 # and W8A8 for its prefills, where the int4 kernel is slowest; a draft's precision only moves acceptance.
 CPU_DEFAULT_QUANT = {"draft": "int4-w8a8", "target": "w8a8"}
-# Without VNNI (e.g. AVX2 only) oneDNN's int8 GEMM takes 7-bit weights (W8A8Linear) and is then 1.4-4x int4 from
-# 16 rows on (1536x8960, 2 cores: 6.2 / 9.1 / 34 ms at 16 / 40 / 160 rows against int4's 8.7 / 26 / 113) but
-# 2-3x slower below 8 (2.4 / 6.2 ms at 1 / 5 rows against 1.2 / 3.2). So the target computes its prompts in
-# W8A8 (a prefill is hundreds of rows: 4x faster first tokens) and the tokens it generates, decoded or verified
-# a few rows at a time, in int4 (`PromptSplitLinear`); the draft switches by row count as with VNNI.
-CPU_DEFAULT_QUANT_NO_VNNI = {"draft": "int4-w8a8", "target": "int4-w8a8-prompt"}
-# Without oneDNN's int8 linear in torch W8A8 is torch._int_mm, 10-30x slower than int4: int4 for both.
+# Without VNNI (AVX2) oneDNN's int8 GEMM is 2-3x slower than int4 below 8 rows and int4 is bound by its arithmetic;
+# fbgemm's int8 GEMM made row-exact (fbgemm_w8a8) is 2-3x int4 from decode to prefill rows: both roles run it.
+CPU_DEFAULT_QUANT_NO_VNNI = {"draft": "w8a8-fbgemm", "target": "w8a8-fbgemm"}
+# Without either int8 GEMM in torch: int4 for both (W8A8 would be torch._int_mm, 10-30x slower than int4).
 CPU_DEFAULT_QUANT_NO_ONEDNN = {"draft": "int4", "target": "int4"}
 # Formats whose sibling projections share one GEMM (fused_linears): W8A8's integer GEMM gives a column the
 # same value fused or alone; the draft's int4 form may round differently, which moves acceptance only.
-FUSED_QUANTS = frozenset({"w8a8", "int4-w8a8"})
+FUSED_QUANTS = frozenset({"w8a8", "w8a8-fbgemm", "int4-w8a8"})
 INT4_GROUP = 32  # input channels sharing one scale and zero: the finest grouping torch's kernel takes
 
 
 def cpu_default_quant(role: str) -> str:
-    """The CPU's `--quant auto` for a role: by whether torch has oneDNN's int8 linear, and whether it multiplies
-    full 8-bit weights here (VNNI)."""
-    if not onednn_int8_available():
-        return CPU_DEFAULT_QUANT_NO_ONEDNN[role]
-    return (CPU_DEFAULT_QUANT if int8_vnni() else CPU_DEFAULT_QUANT_NO_VNNI)[role]
+    """The CPU's `--quant auto` for a role: by whether it multiplies full 8-bit weights here (VNNI), else
+    whether torch has fbgemm's int8 linear."""
+    from minedraft.engine.fbgemm_w8a8 import fbgemm_available  # imports this module
+
+    if int8_vnni():
+        return CPU_DEFAULT_QUANT[role]
+    return (CPU_DEFAULT_QUANT_NO_VNNI if fbgemm_available() else CPU_DEFAULT_QUANT_NO_ONEDNN)[role]
 
 
 def resolve_quant(quant: str, role: str, device: str) -> str:
@@ -79,7 +78,7 @@ def int8_per_row(values: torch.Tensor, shift: int = 0, limit: int = 127) -> tupl
     return (codes + shift).to(torch.uint8) if shift else codes.to(torch.int8), scales
 
 
-def _reshaped_with_bias(out: torch.Tensor, x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+def reshaped_with_bias(out: torch.Tensor, x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     """A kernel's [rows, out] result back in x's shape and dtype, plus the layer's bias."""
     out = out.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
     return out + layer.bias if layer.bias is not None else out
@@ -101,7 +100,7 @@ class Int8WeightOnlyLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.scales.dtype).contiguous()
-        return _reshaped_with_bias(torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales), x, self)
+        return reshaped_with_bias(torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales), x, self)
 
 
 def int4_quantize(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,7 +134,7 @@ class Int4WeightOnlyLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scale_zero)
-        return _reshaped_with_bias(out, x, self)
+        return reshaped_with_bias(out, x, self)
 
 
 def onednn_int8_available() -> bool:
@@ -158,12 +157,11 @@ class W8A8Linear(torch.nn.Module):
     """Int8 weights (per output channel) times int8 activations (per token, symmetric, quantised on the fly),
     multiplied exactly in integers and rescaled: y = (x_q · w_qᵀ) · s_w · s_x + b.
 
-    The GEMM is oneDNN's, on weights packed once (`onednn.qlinear_prepack`; activations shifted by +128 to u8
-    with zero point 128), 1.7-2x torch._int_mm at the few rows of a step with VNNI and 10-70x without; `_int_mm`
-    where torch has no oneDNN. Integer accumulation is exact either way (7-bit weights where oneDNN would
-    saturate: `int8_vnni`), so a row's result never depends on the other rows in its batch, and both give the
-    same numbers for the same codes (tested). The codes are kept (`weight_codes`, what the quantised cache
-    saves) until `pack()` lays them out for the GEMM."""
+    The GEMM is oneDNN's, on weights packed once (`onednn.qlinear_prepack`; activations shifted by +128 to u8,
+    zero point 128), 1.7-2x torch._int_mm at a step's few rows with VNNI, 10-70x without; else `_int_mm`.
+    Integer accumulation is exact either way (7-bit weights where oneDNN would saturate: `int8_vnni`), so a row's
+    result never depends on the other rows in its batch, and both give the same numbers for the same codes.
+    The codes (`weight_codes`, what the quantised cache saves) are kept until `pack()` lays them out."""
 
     def __init__(self, linear: torch.nn.Linear, packed: bool | None = None, weight_max: int | None = None) -> None:
         super().__init__()
@@ -195,7 +193,7 @@ class W8A8Linear(torch.nn.Module):
                                                      self.zero_points, None, 1.0, 0, torch.float32, "none", [], "")
         else:
             out = torch._int_mm(codes, self.weight_kn).float() * self.scales
-        return _reshaped_with_bias(out * row_scale, x, self)
+        return reshaped_with_bias(out * row_scale, x, self)
 
 
 class RowsSwitchedLinear(torch.nn.Module):
@@ -265,8 +263,11 @@ def pack_int8(module: torch.nn.Module) -> None:
 
 
 def _replace_linears(module: torch.nn.Module, quant: str) -> int:
+    from minedraft.engine.fbgemm_w8a8 import FbgemmW8A8Linear  # a W8A8Linear: imports this module
+
     layer = {"int8": Int8WeightOnlyLinear, "int4": Int4WeightOnlyLinear, "w8a8": W8A8Linear,
-             "int4-w8a8": RowsSwitchedLinear, "int4-w8a8-prompt": PromptSplitLinear}[quant]
+             "w8a8-fbgemm": FbgemmW8A8Linear, "int4-w8a8": RowsSwitchedLinear,
+             "int4-w8a8-prompt": PromptSplitLinear}[quant]
     replaced = fuse_siblings(module, layer, lambda linear: quantizable(linear, quant)) if quant in FUSED_QUANTS else 0
     for name, child in module.named_children():
         if isinstance(child, GroupMember):

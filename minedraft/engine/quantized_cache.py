@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minedraft.cache_files import remove_quietly, source_digest, write_atomically
-from minedraft.engine import precision
+from minedraft.engine import fbgemm_w8a8, precision
 from minedraft.engine.precision import (
     INT4_GROUP,
     QUANTS,
@@ -88,7 +88,8 @@ def _key(model: torch.nn.Module, folder: Path, quant: str) -> str:
     config = folder / "config.json"
     settings = [str(folder.resolve()), files, config.read_text() if config.exists() else "", quant, INT4_GROUP,
                 str(model.dtype), torch.__version__, torch.backends.cpu.get_cpu_capability(), int8_vnni(),
-                onednn_int8_available(), source_digest(Path(precision.__file__)), FORMAT]
+                onednn_int8_available(), source_digest(Path(precision.__file__)),
+                source_digest(Path(fbgemm_w8a8.__file__)), FORMAT]
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minedraft.engine.fbgemm_w8a8 import ANCHORS, FbgemmW8A8Linear
 from minedraft.engine.precision import PromptSplitLinear, RowsSwitchedLinear
 from minedraft.engine.static_kv import bucket
 
@@ -92,7 +93,14 @@ def weight_bytes(model: torch.nn.Module, rows: int = 1, exclude: Iterable[torch.
         key, nbytes = _storage(table)
         if uses[key] == 1:
             sizes[key] = min(nbytes, rows * table.shape[-1] * table.element_size())
-    return sum(sizes.values())
+    return sum(sizes.values()) + sum(_fbgemm_bytes(m) for m in model.modules())
+
+
+def _fbgemm_bytes(module: torch.nn.Module) -> int:
+    """fbgemm's packed int8 weight is not a tensor (no storage to count): its codes, anchor columns included."""
+    if not isinstance(module, FbgemmW8A8Linear) or module.weight_fbgemm is None:
+        return 0
+    return module.out_features * (module.in_features + len(ANCHORS))
 
 
 @dataclass(frozen=True)

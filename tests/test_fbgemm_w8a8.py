@@ -1,0 +1,78 @@
+"""`--quant w8a8-fbgemm` (the CPU default without VNNI): fbgemm's int8 linear, whose own quantisation spans the
+whole call, must give every row the numbers it gets alone — or a verify batch could change a token — and its
+integer GEMM must be exact at full-scale codes (no int16 saturation on AVX2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minedraft.engine.fbgemm_w8a8 import ANCHORS, FbgemmW8A8Linear, fbgemm_available
+from minedraft.engine.precision import SATURATION_FREE_WEIGHT
+
+pytestmark = pytest.mark.skipif(not fbgemm_available(), reason="torch built without fbgemm")
+
+
+def packed(linear: torch.nn.Linear) -> FbgemmW8A8Linear:
+    layer = FbgemmW8A8Linear(linear)
+    layer.pack()
+    return layer
+
+
+def mixed_rows(features: int) -> torch.Tensor:
+    """Rows whose ranges differ wildly: one call's shared quantisation would round each differently."""
+    torch.manual_seed(0)
+    rows = torch.randn(6, features)
+    rows[1] *= 300.0
+    rows[2] = -rows[2].abs()  # all negative: alone, its range would not reach +1
+    rows[3] = 0.0
+    rows[4] *= 1e-4
+    return rows
+
+
+def test_each_row_equals_itself_alone_in_any_batch() -> None:
+    linear = torch.nn.Linear(256, 96)
+    layer, rows = packed(linear), mixed_rows(256)
+    alone = torch.cat([layer(rows[i:i + 1]) for i in range(len(rows))])
+    assert torch.equal(layer(rows), alone)
+    assert torch.equal(layer(rows.flip(0)), alone.flip(0))
+    assert torch.equal(layer(rows[None, 1:4])[0], alone[1:4])  # [batch, width, features] as a model feeds it
+    plain = torch.ops.quantized.linear_dynamic(torch.nn.functional.pad(rows, (0, 2)), layer.weight_fbgemm, False)
+    lone = torch.ops.quantized.linear_dynamic(torch.nn.functional.pad(rows[:1], (0, 2)), layer.weight_fbgemm, False)
+    assert not torch.equal(plain[:1], lone), "without the row scaling and anchors, rows would depend on the batch"
+
+
+def test_results_are_the_exact_integer_gemm_at_full_scale_codes() -> None:
+    """Every weight at the 7-bit limit and activations near the u8 ends: the pair sums AVX2 adds in int16 would
+    saturate at 8-bit weights; here the result must be the float64 product of the codes."""
+    features, outputs = 512, 32
+    linear = torch.nn.Linear(features, outputs, bias=False)
+    signs = torch.randint(0, 2, (outputs, features)) * 2 - 1
+    signs[:, 0] = 0  # the rows' largest inputs (scaled to ±1, a rounding tie) meet zero weights
+    with torch.no_grad():
+        linear.weight.copy_(signs * 0.01)
+    layer = packed(linear)
+    x = torch.full((3, features), 0.9)  # scaled by 1/1: codes 128 ± 115, pair sums up to 2·243·63 = 30618
+    x[1] = -0.9
+    x[2, ::2] = -0.9
+    x[:, 0] = 1.0
+    scale_x, zero = torch._choose_qparams_per_tensor(torch.tensor(ANCHORS), False)  # the anchored range's
+    codes_x = torch.clamp(torch.round(x.double() / scale_x) + zero, 0, 255) - zero
+    weights = signs.double() * SATURATION_FREE_WEIGHT * (0.01 / SATURATION_FREE_WEIGHT)
+    expected = (codes_x * scale_x) @ weights.T
+    assert torch.allclose(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_close_to_the_float_linear_with_bias_and_dtype_kept() -> None:
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(320, 64).to(torch.bfloat16)
+    layer, x = packed(linear), torch.randn(2, 5, 320, dtype=torch.bfloat16)
+    exact = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+    out = layer(x)
+    assert out.shape == exact.shape and out.dtype == torch.bfloat16
+    assert (out.float() - exact).norm() < 0.03 * exact.norm()
+
+
+def test_an_unpacked_layer_refuses_to_run() -> None:
+    with pytest.raises(RuntimeError, match="before pack"):
+        FbgemmW8A8Linear(torch.nn.Linear(64, 16))(torch.randn(1, 64))
