@@ -12,6 +12,7 @@ from minedraft.app.bench.step_bytes import KVGeometry, weight_bytes
 from minedraft.engine.model_runner import ModelRunner
 from minedraft.engine.precision import use_onednn_linears
 from minedraft.models.random_shapes import random_config
+from tests.formats import NEEDS_FBGEMM
 
 
 def test_step_bench_measures_layouts_and_skips_graphs_without_cuda(tmp_path, capsys) -> None:
@@ -66,6 +67,7 @@ def test_int8_weights_are_half_bfloat16_and_a_quarter_float32() -> None:
     assert 0.25 < int8 / fp32 < 0.255
 
 
+@NEEDS_FBGEMM
 def test_fbgemm_packed_weights_count_their_int8_codes() -> None:
     """fbgemm's packed weight is not a tensor; its codes (two anchor columns more) still count, as int8."""
     fbgemm = weight_bytes(tiny_target("float32", quant="w8a8-fbgemm"))

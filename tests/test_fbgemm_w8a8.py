@@ -30,34 +30,59 @@ def mixed_rows(features: int) -> torch.Tensor:
     return rows
 
 
-def test_each_row_equals_itself_alone_in_any_batch() -> None:
-    linear = torch.nn.Linear(256, 96)
-    layer, rows = packed(linear), mixed_rows(256)
-    alone = torch.cat([layer(rows[i:i + 1]) for i in range(len(rows))])
-    assert torch.equal(layer(rows), alone)
-    assert torch.equal(layer(rows.flip(0)), alone.flip(0))
-    assert torch.equal(layer(rows[None, 1:4])[0], alone[1:4])  # [batch, width, features] as a model feeds it
-    plain = torch.ops.quantized.linear_dynamic(torch.nn.functional.pad(rows, (0, 2)), layer.weight_fbgemm, False)
-    lone = torch.ops.quantized.linear_dynamic(torch.nn.functional.pad(rows[:1], (0, 2)), layer.weight_fbgemm, False)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_row_equals_itself_alone_in_any_batch(threads: int) -> None:
+    """Across fbgemm's blocks (12-row kernels, 120-row blocks, 512-input and 8-output blocks, tails of each)
+    and thread counts (a service's workers change them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        layer, rows = packed(torch.nn.Linear(1100, 97)), mixed_rows(1100)
+        alone = torch.cat([layer(rows[i:i + 1]) for i in range(len(rows))])
+        assert torch.equal(layer(rows), alone)
+        assert torch.equal(layer(rows.flip(0)), alone.flip(0))
+        assert torch.equal(layer(rows[None, 1:4])[0], alone[1:4])  # [batch, width, features] as a model feeds it
+        for others in (7, 115, 244):  # the rows land in the first, second and third 120-row blocks
+            batch = torch.cat([torch.randn(others, 1100) * 7, rows])
+            assert torch.equal(layer(batch)[others:], alone)
+    finally:
+        torch.set_num_threads(before)
+    padded = torch.nn.functional.pad(rows, (0, len(ANCHORS)))
+    plain = torch.ops.quantized.linear_dynamic(padded, layer.weight_fbgemm, False)
+    lone = torch.ops.quantized.linear_dynamic(padded[:1], layer.weight_fbgemm, False)
     assert not torch.equal(plain[:1], lone), "without the row scaling and anchors, rows would depend on the batch"
 
 
+def test_a_non_finite_row_spoils_itself_alone() -> None:
+    """fbgemm would take a NaN as the call's range and refuse the call: every other row must be untouched."""
+    layer, rows = packed(torch.nn.Linear(64, 16)), mixed_rows(64)
+    alone = torch.cat([layer(rows[i:i + 1]) for i in range(len(rows))])
+    for bad in (0, 2):
+        for value in (float("nan"), float("inf")):
+            spoilt = rows.clone()
+            spoilt[bad, 5 * bad] = value
+            out = layer(spoilt)
+            kept = [i for i in range(len(rows)) if i != bad]
+            assert torch.equal(out[kept], alone[kept])
+            assert not out[bad].isfinite().all()
+
+
 def test_results_are_the_exact_integer_gemm_at_full_scale_codes() -> None:
-    """Every weight at the 7-bit limit and activations near the u8 ends: the pair sums AVX2 adds in int16 would
-    saturate at 8-bit weights; here the result must be the float64 product of the codes."""
+    """Every weight at the 7-bit limit and every input at the u8 ends (a row scaled to ±1): the pair sums AVX2
+    adds in int16 would saturate at 8-bit weights; here the result must be the float64 product of the codes."""
     features, outputs = 512, 32
     linear = torch.nn.Linear(features, outputs, bias=False)
     signs = torch.randint(0, 2, (outputs, features)) * 2 - 1
-    signs[:, 0] = 0  # the rows' largest inputs (scaled to ±1, a rounding tie) meet zero weights
     with torch.no_grad():
         linear.weight.copy_(signs * 0.01)
     layer = packed(linear)
-    x = torch.full((3, features), 0.9)  # scaled by 1/1: codes 128 ± 115, pair sums up to 2·243·63 = 30618
-    x[1] = -0.9
-    x[2, ::2] = -0.9
-    x[:, 0] = 1.0
+    x = torch.ones(3, features)
+    x[1] = -1.0
+    x[2, ::2] = -1.0
     scale_x, zero = torch._choose_qparams_per_tensor(torch.tensor(ANCHORS), False)  # the anchored range's
-    codes_x = torch.clamp(torch.round(x.double() / scale_x) + zero, 0, 255) - zero
+    inverse = (1 / torch.tensor(scale_x, dtype=torch.float32)).double()  # fbgemm's 127.49999: ±1 to zero ± 127
+    codes_x = torch.clamp(torch.round(x.double() * inverse) + zero, 0, 255) - zero
+    assert codes_x.abs().max() == 127
     weights = signs.double() * SATURATION_FREE_WEIGHT * (0.01 / SATURATION_FREE_WEIGHT)
     expected = (codes_x * scale_x) @ weights.T
     assert torch.allclose(layer(x).double(), expected, rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ from minedraft.engine.lean_forward import LeanForward
 from minedraft.engine.model_runner import ModelRunner, SequenceState
 from minedraft.engine.precision import quantize_linears
 from minedraft.engine.static_kv import StaticKV
+from tests.formats import FBGEMM
 from tests.test_model_families import FAMILIES, SHAPE
 
 LEAN = ["llama", "mistral", "qwen2"]
@@ -48,7 +49,7 @@ def steps(runner: ModelRunner, lean: LeanForward | None) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("quant", ["none", "w8a8", "w8a8-fbgemm", "int4", "int8", "int4-w8a8"])
+@pytest.mark.parametrize("quant", ["none", "w8a8", FBGEMM, "int4", "int8", "int4-w8a8"])
 @pytest.mark.parametrize("family", LEAN)
 def test_lean_forward_gives_transformers_logits_bit_for_bit(family: str, quant: str) -> None:
     dtype = torch.float32 if quant == "none" else torch.bfloat16

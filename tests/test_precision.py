@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from minedraft.app.bench.step_bytes import weight_bytes
 from minedraft.app.client import collect, make_request, stream
 from minedraft.engine import fbgemm_w8a8, precision
-from minedraft.engine.fbgemm_w8a8 import fbgemm_available
+from minedraft.engine.fbgemm_w8a8 import FbgemmW8A8Linear, fbgemm_available
 from minedraft.engine.fused_linears import GroupMember
 from minedraft.engine.model_runner import ModelRunner, SequenceState
 from minedraft.engine.precision import (
@@ -35,11 +35,12 @@ from services.draft.engine import DraftEngine
 from services.target import main as target_main
 from services.target.engine import TargetEngine
 from tests.conftest import channel_to
+from tests.formats import FBGEMM, NEEDS_FBGEMM
 from tests.test_end_to_end import PROMPTS as TEXT_PROMPTS
 from tests.test_engines import PROMPTS, speculate
 from tests.ties import assert_same_or_tie
 
-QUANTS = ["int8", "int4", "w8a8", "w8a8-fbgemm"]
+QUANTS = ["int8", "int4", "w8a8", FBGEMM]
 BF16_TIE = 0.1  # logits: a few bfloat16 rounding steps at the tiny model's logit scale
 
 
@@ -103,17 +104,19 @@ def test_int4_rows_do_not_depend_on_the_batch(dtype: torch.dtype) -> None:
     assert torch.equal(down(wide)[:5], torch.cat([down(wide[i:i + 1]) for i in range(5)]))
 
 
-def test_fused_sibling_projections_give_the_separate_linears_numbers(tiny_pair) -> None:
+@pytest.mark.parametrize(("quant", "layer"), [("w8a8", W8A8Linear), pytest.param("w8a8-fbgemm", FbgemmW8A8Linear,
+                                                                                  marks=NEEDS_FBGEMM)])
+def test_fused_sibling_projections_give_the_separate_linears_numbers(tiny_pair, quant: str, layer: type) -> None:
     """W8A8 q/k/v and gate/up share one GEMM (fused_linears); the model's logits must equal those of the same
     model with every linear quantised on its own, bit for bit, in a batch and token by token."""
-    fused = ModelRunner.load(str(tiny_pair[0]), dtype="bfloat16", quant="w8a8").model
+    fused = ModelRunner.load(str(tiny_pair[0]), dtype="bfloat16", quant=quant).model
     assert any(isinstance(m, GroupMember) for m in fused.modules())
     separate = ModelRunner.load(str(tiny_pair[0]), dtype="bfloat16").model
 
     def quantise_each(module: torch.nn.Module) -> None:
         for name, child in module.named_children():
             if isinstance(child, torch.nn.Linear):
-                setattr(module, name, W8A8Linear(child))
+                setattr(module, name, layer(child))
                 getattr(module, name).pack()
             else:
                 quantise_each(child)
@@ -175,7 +178,7 @@ def test_quantised_runner_caches_exactly_like_its_uncached_self(tiny_pair, quant
 
 @pytest.mark.parametrize(("draft_quant", "target_quant"),
                          [("int4", "none"), ("int8", "int4"), ("int8", "int4-w8a8-prompt"),
-                          ("w8a8-fbgemm", "w8a8-fbgemm")])
+                          pytest.param("w8a8-fbgemm", "w8a8-fbgemm", marks=NEEDS_FBGEMM)])
 def test_quantised_engines_speculate_batched_exactly_as_alone(tiny_pair, draft_quant: str, target_quant: str) -> None:
     """Greedy and sampled sequences, drafted and verified in a batch, equal each run alone (bfloat16)."""
     target = TargetEngine(ModelRunner.load(str(tiny_pair[0]), dtype="bfloat16", quant=target_quant))
@@ -184,7 +187,7 @@ def test_quantised_engines_speculate_batched_exactly_as_alone(tiny_pair, draft_q
         speculate(target, draft, list(PROMPTS), 6, batched=False)
 
 
-@pytest.mark.parametrize("target_quant", ["w8a8", "int4", "int4-w8a8-prompt", "w8a8-fbgemm"])
+@pytest.mark.parametrize("target_quant", ["w8a8", "int4", "int4-w8a8-prompt", FBGEMM])
 def test_quantised_cluster_psd_and_sd_equal_target_only(clusters, tiny_pair, target_quant: str) -> None:
     """Real processes, bfloat16: a quantised target verified in psd and sd (int8 draft) streams ar's greedy
     tokens, up to near-ties of bfloat16 rounding (tests/ties.py)."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from minedraft.engine.model_runner import ModelRunner, SequenceState
+from tests.formats import FBGEMM
 
 PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26]]
 
@@ -29,7 +30,7 @@ def buffers(runner: ModelRunner) -> dict[str, torch.Tensor]:
     return {name: b for name, b in runner.model.named_buffers() if b.layout == torch.strided}
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8", "w8a8", "w8a8-fbgemm", "int4-w8a8", "int4-w8a8-prompt"])
+@pytest.mark.parametrize("quant", ["int4", "int8", "w8a8", FBGEMM, "int4-w8a8", "int4-w8a8-prompt"])
 def test_read_back_linears_equal_fresh_ones_bit_for_bit(tiny_pair, tmp_path, quant: str) -> None:
     fresh = load(tiny_pair[0], quant, None)
     written = load(tiny_pair[0], quant, tmp_path)

@@ -39,9 +39,10 @@ class ClusterConfig:
     dtype: str = option("auto", "both models (auto: bfloat16 where the device multiplies it natively, else float32)")
     draft_quant: str = option("auto", "CPU weight format of the draft (its precision moves acceptance, never "
                               f"output); auto on the CPU: {CPU_DEFAULT_QUANT['draft']} with VNNI, else "
-                              f"{CPU_DEFAULT_QUANT_NO_VNNI['draft']}", choices=("auto", *QUANTS))
+                              f"{CPU_DEFAULT_QUANT_NO_VNNI['draft']} (int4 without fbgemm)", choices=("auto", *QUANTS))
     target_quant: str = option("auto", "CPU weight format of the target; auto on the CPU: "
-                               f"{CPU_DEFAULT_QUANT['target']} with VNNI, else {CPU_DEFAULT_QUANT_NO_VNNI['target']}",
+                               f"{CPU_DEFAULT_QUANT['target']} with VNNI, else "
+                               f"{CPU_DEFAULT_QUANT_NO_VNNI['target']} (int4 without fbgemm)",
                                choices=("auto", *TARGET_QUANTS))
     tokenizer: str | None = option(None, "the router's tokenizer (default: the target model's)", type=str)
     lease_s: float = option(DEFAULT_LEASE_S, "the services drop sequences the router has not used or renewed for "

@@ -46,6 +46,8 @@ class FbgemmW8A8Linear(W8A8Linear):
     """y = dequant(q(x / m) · w_qᵀ) · m + b per row, m = the row's largest |x| (module docstring)."""
 
     def __init__(self, linear: torch.nn.Linear) -> None:
+        if not fbgemm_available():
+            raise ValueError("--quant w8a8-fbgemm needs a torch built with fbgemm (x86-64)")
         super().__init__(linear, packed=False, weight_max=SATURATION_FREE_WEIGHT)
         self.weight_fbgemm = None
 
@@ -65,6 +67,8 @@ class FbgemmW8A8Linear(W8A8Linear):
             raise RuntimeError("FbgemmW8A8Linear used before pack() (precision.pack_int8)")
         flat = x.reshape(-1, self.in_features).float()
         row_max = torch.linalg.vector_norm(flat, float("inf"), dim=1, keepdim=True).clamp_(min=TINY)
-        unit = torch.cat([flat / row_max, ANCHOR_ROW.expand(flat.shape[0], -1)], dim=1)
+        # A NaN would become the call's min or max (fbgemm scans from the first element) and fail every row
+        # in it: as zeros here, a bad row still comes out non-finite (times its NaN scale), alone.
+        unit = torch.cat([flat / row_max, ANCHOR_ROW.expand(flat.shape[0], -1)], dim=1).nan_to_num_(0.0, 1.0, -1.0)
         out = torch.ops.quantized.linear_dynamic(unit, self.weight_fbgemm, False).mul_(row_max)  # 8-bit inputs
         return reshaped_with_bias(out, x, self)

@@ -31,7 +31,7 @@ CPU_DEFAULT_QUANT = {"draft": "int4-w8a8", "target": "w8a8"}
 # fbgemm's int8 GEMM made row-exact (fbgemm_w8a8) is 2-3x int4 from decode to prefill rows: both roles run it.
 CPU_DEFAULT_QUANT_NO_VNNI = {"draft": "w8a8-fbgemm", "target": "w8a8-fbgemm"}
 # Without either int8 GEMM in torch: int4 for both (W8A8 would be torch._int_mm, 10-30x slower than int4).
-CPU_DEFAULT_QUANT_NO_ONEDNN = {"draft": "int4", "target": "int4"}
+CPU_DEFAULT_QUANT_NO_INT8 = {"draft": "int4", "target": "int4"}
 # Formats whose sibling projections share one GEMM (fused_linears): W8A8's integer GEMM gives a column the
 # same value fused or alone; the draft's int4 form may round differently, which moves acceptance only.
 FUSED_QUANTS = frozenset({"w8a8", "w8a8-fbgemm", "int4-w8a8"})
@@ -45,7 +45,7 @@ def cpu_default_quant(role: str) -> str:
 
     if int8_vnni():
         return CPU_DEFAULT_QUANT[role]
-    return (CPU_DEFAULT_QUANT_NO_VNNI if fbgemm_available() else CPU_DEFAULT_QUANT_NO_ONEDNN)[role]
+    return (CPU_DEFAULT_QUANT_NO_VNNI if fbgemm_available() else CPU_DEFAULT_QUANT_NO_INT8)[role]
 
 
 def resolve_quant(quant: str, role: str, device: str) -> str:

@@ -1,7 +1,7 @@
 """Quantised linears kept on disk: a model's int4/int8 codes and scales, computed once per model, format and
 machine and read back at later starts. Quantising the 1.5B target's weights took 20 s (int4) and 26 s (W8A8)
 of a 2-core start (the rounding arithmetic over 1.5 billion weights); reading them back takes about a second,
-and packing W8A8's codes for oneDNN (a layout, derived at every start) about two.
+and packing W8A8's codes for oneDNN or fbgemm (a layout, derived at every start) about two.
 
 On a hit the layers are built from weights moved to the meta device (no arithmetic, no memory), then the
 cached buffers are assigned in their place; a file that does not fit the model is deleted, and the model
@@ -88,8 +88,9 @@ def _key(model: torch.nn.Module, folder: Path, quant: str) -> str:
     config = folder / "config.json"
     settings = [str(folder.resolve()), files, config.read_text() if config.exists() else "", quant, INT4_GROUP,
                 str(model.dtype), torch.__version__, torch.backends.cpu.get_cpu_capability(), int8_vnni(),
-                onednn_int8_available(), source_digest(Path(precision.__file__)),
-                source_digest(Path(fbgemm_w8a8.__file__)), FORMAT]
+                onednn_int8_available(), source_digest(Path(precision.__file__)), FORMAT]
+    if quant == "w8a8-fbgemm":  # its codes are laid out there too
+        settings.append(source_digest(Path(fbgemm_w8a8.__file__)))
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
 
 
