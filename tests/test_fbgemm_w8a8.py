@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minedraft.engine.fbgemm_w8a8 import ANCHORS, FbgemmW8A8Linear, fbgemm_available
+from minedraft.engine.fbgemm_w8a8 import ANCHORS, FbgemmW8A8Linear
 from minedraft.engine.precision import SATURATION_FREE_WEIGHT
+from tests.formats import NEEDS_FBGEMM
 
-pytestmark = pytest.mark.skipif(not fbgemm_available(), reason="torch built without fbgemm")
+pytestmark = NEEDS_FBGEMM
 
 
 def packed(linear: torch.nn.Linear) -> FbgemmW8A8Linear:
