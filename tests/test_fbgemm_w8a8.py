@@ -1,4 +1,4 @@
-"""`--quant w8a8-fbgemm` (the CPU default without VNNI): fbgemm's int8 linear, whose own quantisation spans the
+"""`--quant w8a8-fbgemm` (the CPU default without VNNI): fbgemm's int8 linear, whose dynamic quantisation spans the
 whole call, must give every row the numbers it gets alone — or a verify batch could change a token — and its
 integer GEMM must be exact at full-scale codes (no int16 saturation on AVX2)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minedraft.engine.fbgemm_w8a8 import ANCHORS, FbgemmW8A8Linear
+from minedraft.engine.fbgemm_w8a8 import INPUT_SCALE, INPUT_ZERO_POINT, FbgemmW8A8Linear
 from minedraft.engine.precision import SATURATION_FREE_WEIGHT
 from tests.formats import NEEDS_FBGEMM
 
@@ -48,14 +48,13 @@ def test_each_row_equals_itself_alone_in_any_batch(threads: int) -> None:
             assert torch.equal(layer(batch)[others:], alone)
     finally:
         torch.set_num_threads(before)
-    padded = torch.nn.functional.pad(rows, (0, len(ANCHORS)))
-    plain = torch.ops.quantized.linear_dynamic(padded, layer.weight_fbgemm, False)
-    lone = torch.ops.quantized.linear_dynamic(padded[:1], layer.weight_fbgemm, False)
-    assert not torch.equal(plain[:1], lone), "without the row scaling and anchors, rows would depend on the batch"
+    plain = torch.ops.quantized.linear_dynamic(rows, layer.weight_fbgemm, False)
+    lone = torch.ops.quantized.linear_dynamic(rows[:1], layer.weight_fbgemm, False)
+    assert not torch.equal(plain[:1], lone), "fbgemm's dynamic linear: a row would depend on its batch"
 
 
 def test_a_non_finite_row_spoils_itself_alone() -> None:
-    """fbgemm would take a NaN as the call's range and refuse the call: every other row must be untouched."""
+    """A NaN or inf must not reach the other rows (fbgemm's dynamic linear would take it as the call's range)."""
     layer, rows = packed(torch.nn.Linear(64, 16)), mixed_rows(64)
     alone = torch.cat([layer(rows[i:i + 1]) for i in range(len(rows))])
     for bad in (0, 2):
@@ -80,12 +79,10 @@ def test_results_are_the_exact_integer_gemm_at_full_scale_codes() -> None:
     x = torch.ones(3, features)
     x[1] = -1.0
     x[2, ::2] = -1.0
-    scale_x, zero = torch._choose_qparams_per_tensor(torch.tensor(ANCHORS), False)  # the anchored range's
-    inverse = (1 / torch.tensor(scale_x, dtype=torch.float32)).double()  # fbgemm's 127.49999: ±1 to zero ± 127
-    codes_x = torch.clamp(torch.round(x.double() * inverse) + zero, 0, 255) - zero
+    codes_x = torch.clamp(torch.round(x.double() / INPUT_SCALE) + INPUT_ZERO_POINT, 0, 255) - INPUT_ZERO_POINT
     assert codes_x.abs().max() == 127
     weights = signs.double() * SATURATION_FREE_WEIGHT * (0.01 / SATURATION_FREE_WEIGHT)
-    expected = (codes_x * scale_x) @ weights.T
+    expected = (codes_x * INPUT_SCALE) @ weights.T
     assert torch.allclose(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minedraft.engine.fbgemm_w8a8 import ANCHORS, FbgemmW8A8Linear
+from minedraft.engine.fbgemm_w8a8 import FbgemmW8A8Linear
 from minedraft.engine.precision import PromptSplitLinear, RowsSwitchedLinear
 from minedraft.engine.static_kv import bucket
 
@@ -97,10 +97,10 @@ def weight_bytes(model: torch.nn.Module, rows: int = 1, exclude: Iterable[torch.
 
 
 def _fbgemm_bytes(module: torch.nn.Module) -> int:
-    """fbgemm's packed int8 weight is not a tensor (no storage to count): its codes, anchor columns included."""
+    """fbgemm's packed int8 weight is not a tensor (no storage to count): one byte a code."""
     if not isinstance(module, FbgemmW8A8Linear) or module.weight_fbgemm is None:
         return 0
-    return module.out_features * (module.in_features + len(ANCHORS))
+    return module.out_features * module.in_features
 
 
 @dataclass(frozen=True)
