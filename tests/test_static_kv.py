@@ -10,6 +10,7 @@ from minedraft.engine.static_kv import available_bytes, bucket, fit_context, kv_
 from minedraft.errors import ResourceExhausted
 from services.draft.engine import DraftEngine
 from services.target.engine import TargetEngine, Verdict
+from tests.formats import NEEDS_FBGEMM
 from tests.test_engines import PROMPTS as ENGINE_PROMPTS
 from tests.test_engines import speculate
 from tests.test_model_runner import PROMPTS, reference_greedy
@@ -232,16 +233,22 @@ def test_a_long_verify_beside_a_short_one_keeps_its_logits_aligned(tiny_pair) ->
 
 @pytest.mark.skipif(torch.cpu._is_amx_tile_supported(), reason="with AMX, torch's bf16 GEMM and SDPA may pick "
                     "another kernel by row count; not measured there (tests/ties.py covers such CPUs)")
-@pytest.mark.parametrize("quant", ["none", "w8a8"])
-def test_a_querys_numbers_do_not_depend_on_the_rest_of_its_feed(tiny_pair, quant: str) -> None:
-    """bfloat16 on the in-place (rows) path: a position's logits are the same bits whether it is decoded alone,
-    verified among k + 1 positions, or prefilled with its prompt, for prompts ending on and off a vector
-    boundary. This is what makes target-only and speculative decoding agree token for token, ties included
-    (CPU SDPA rounds a ragged key count differently: slot_attention.KEY_BLOCK)."""
-    runner = ModelRunner.load(str(tiny_pair[0]), dtype="bfloat16", quant=quant, kv="static", max_seqs=4,
+# float32 with dense linears is left out: MKL's float32 GEMM rounds a row by its call's row count (tests/ties.py)
+@pytest.mark.parametrize(("quant", "dtype"), [
+    ("none", "bfloat16"), ("w8a8", "bfloat16"), ("w8a8", "float32"),
+    pytest.param("w8a8-fbgemm", "bfloat16", marks=NEEDS_FBGEMM),
+    pytest.param("w8a8-fbgemm", "float32", marks=NEEDS_FBGEMM)])
+def test_a_querys_numbers_do_not_depend_on_the_rest_of_its_feed(tiny_pair, quant: str, dtype: str) -> None:
+    """On the in-place (rows) path: a position's logits are the same bits whether it is decoded alone or
+    verified among k + 1 positions (and, in bfloat16, prefilled with its prompt), for prompts ending on and off
+    a vector boundary and verifies that cross a key block. This is what makes target-only and speculative
+    decoding agree token for token, ties included (CPU SDPA rounds by the key and query counts it is given:
+    slot_attention.KEY_BLOCK; in float32 on AVX2 a verify's bits differed from a decode's before, and a C = 32
+    bench's sd wrote other tokens than ar)."""
+    runner = ModelRunner.load(str(tiny_pair[0]), dtype=dtype, quant=quant, kv="static", max_seqs=4,
                               max_context=96)
     generator = torch.Generator().manual_seed(0)
-    for length in (14, 15, 16, 31, 33):
+    for length in (14, 15, 16, 28, 31, 33, 60):
         prompt = torch.randint(3, 200, (length,), generator=generator).tolist()
         feed = torch.randint(3, 200, (5,), generator=generator).tolist()
         one_shot = SequenceState(prompt + feed)
@@ -256,5 +263,6 @@ def test_a_querys_numbers_do_not_depend_on_the_rest_of_its_feed(tiny_pair, quant
         state.tokens.extend(feed)
         verified = runner.forward([state], logits_to_keep=5)[0].clone()  # a verify of 5: after each fed token
         runner.drop(state)
-        assert torch.equal(torch.stack(decoded), whole), length
-        assert torch.equal(verified, whole[1:]), length
+        assert torch.equal(verified, torch.stack(decoded[1:])), length
+        if dtype == "bfloat16":  # float32 SDPA rounds a prompt's query blocks its own way; no mode differs there
+            assert torch.equal(torch.stack(decoded), whole), length

@@ -21,12 +21,17 @@ from transformers import AttentionInterface
 
 NAME = "minedraft_slots"
 PAGE = 256  # Flash-Attention's paged KV wants pages of a multiple of 256 tokens
-# The rows path reads a row's keys in whole blocks of KEY_BLOCK columns, masking those past its length. CPU
-# SDPA rounds differently for a key count with a ragged vector tail, so a query attending to 15 keys alone
-# and the same query in a prefill or verify over 16 (the 16th masked) could differ in the last bit, and a
-# greedy token flip at a near-tie between target-only and speculative decoding. Whole blocks give a query
-# the same numbers whatever the rest of its feed (tested on the real pair, bit for bit).
+# The rows path reads a query's keys in whole blocks of KEY_BLOCK columns, masking those past its length. CPU
+# SDPA's rounding depends on the key count it is given, masked columns included (a ragged vector tail; on AVX2
+# float32, any other count), so a query attending to 15 keys alone and the same query in a prefill or verify
+# over 16 could differ in the last bit, and a greedy token flip at a near-tie between target-only and
+# speculative decoding. Each query reads its own whole blocks, and a feed's queries are attended in runs that
+# share a width. The query count matters too in float32 (MKL's GEMM inside SDPA rounds a block of 2 or 3 query
+# rows its own way), so there a verify's queries are attended one per call, exactly as decodes of their
+# positions (`_query_runs`): a token is the same bits decoded or verified (tested bit for bit; a C = 32 bench
+# on AVX2 had sd write other tokens than ar before). bfloat16 keeps one call per run (tested, prefills too).
 KEY_BLOCK = 32
+QUERY_AT_A_TIME = 16  # float32 feeds up to this long (decodes, verifies) are attended a query per call
 
 
 def varlen_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -89,31 +94,52 @@ def _varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling
 
 
 def rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
-          sliding_window: int | None, softcap: float | None, step: dict[str, torch.Tensor],
-          memo: dict) -> torch.Tensor:
+         sliding_window: int | None, softcap: float | None, step: dict[str, torch.Tensor],
+         memo: dict) -> torch.Tensor:
     batch, heads, n, head_dim = query.shape
     kv_heads = key.shape[2]
     groups = heads // kv_heads
     out = query.new_zeros(batch, n, heads, head_dim)
+    one_at_a_time = query.dtype == torch.float32  # QUERY_AT_A_TIME's note
     if "rows" not in memo:  # the same for every layer of this forward: worked out once
         memo["rows"] = [(row, slot, length, feed) for row, (slot, length, feed) in enumerate(zip(
             step["slots"].tolist(), step["lengths"].tolist(), step["feeds"].tolist(), strict=True)) if feed]
     for row, slot, length, feed in memo["rows"]:
-        # The row's real (right-aligned) queries, each KV head's query heads packed as extra query rows
-        # (GQA without repeating keys): [1, kv_heads, groups * feed, head_dim], row g * feed + i is query i.
-        q = query[row, :, n - feed:].reshape(1, kv_heads, groups * feed, head_dim)
-        width = min(-(-length // KEY_BLOCK) * KEY_BLOCK, key.shape[1])
-        k, v = key[slot, :width].transpose(0, 1)[None], value[slot, :width].transpose(0, 1)[None]  # views
-        window = sliding_window if sliding_window and length > sliding_window else None
-        if (row, window) not in memo:
-            memo[row, window] = _allowed(length, feed, window, groups, width, q.device)
-        allowed = memo[row, window]
-        if softcap:
-            attended = _softcapped(q, k, v, allowed, scaling, softcap)
-        else:
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
-        out[row, n - feed:] = attended[0].reshape(heads, feed, head_dim).transpose(0, 1)
+        if ("runs", row) not in memo:
+            memo["runs", row] = _query_runs(length, feed, key.shape[1], one_at_a_time)
+        for first, last, width in memo["runs", row]:
+            # Queries first..last-1 of the row's real (right-aligned) feed, each KV head's query heads packed as
+            # extra query rows (GQA without repeating keys): [1, kv_heads, groups * m, head_dim].
+            m = last - first
+            start = n - feed + first
+            q = query[row, :, start:start + m].reshape(1, kv_heads, groups * m, head_dim)
+            k, v = key[slot, :width].transpose(0, 1)[None], value[slot, :width].transpose(0, 1)[None]  # views
+            run_length = length - feed + last  # the keys the run's last query sees
+            window = sliding_window if sliding_window and run_length > sliding_window else None
+            if (row, first, window) not in memo:
+                memo[row, first, window] = _allowed(run_length, m, window, groups, width, q.device)
+            allowed = memo[row, first, window]
+            if softcap:
+                attended = _softcapped(q, k, v, allowed, scaling, softcap)
+            else:
+                attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
+            out[row, start:start + m] = attended[0].reshape(heads, m, head_dim).transpose(0, 1)
     return out
+
+
+def _query_runs(length: int, feed: int, capacity: int, one_at_a_time: bool) -> list[tuple[int, int, int]]:
+    """The feed's queries in the calls that attend them: (first, last, width), query i seeing
+    length - feed + i + 1 keys, read in whole KEY_BLOCKs up to the cache's capacity: runs of queries that
+    share a width, or in float32 a decode or verify (feed <= QUERY_AT_A_TIME) one call per query, with the
+    arguments a decode of that position has."""
+    runs: list[tuple[int, int, int]] = []
+    for i in range(feed):
+        width = min(-(-(length - feed + i + 1) // KEY_BLOCK) * KEY_BLOCK, capacity)
+        if not (one_at_a_time and feed <= QUERY_AT_A_TIME) and runs and runs[-1][2] == width:
+            runs[-1] = (runs[-1][0], i + 1, width)
+        else:
+            runs.append((i, i + 1, width))
+    return runs
 
 
 def _allowed(length: int, feed: int, window: int | None, groups: int, width: int,
