@@ -2,8 +2,8 @@
 CPU multiplies it natively, W8A8 target, int4/W8A8 draft), speculative output equals target-only output,
 token for token, exact ties included.
 
-On the CPU's in-place attention a position's logits are the same bits whether it is decoded, verified or
-prefilled (W8A8 accumulates in integers; keys are read in whole blocks: slot_attention.KEY_BLOCK), so no
+On the CPU's in-place attention a position's logits are the same bits whether it is decoded or verified (and,
+in bfloat16, prefilled: W8A8 accumulates in integers; slot_attention.KEY_BLOCK says how the attention does), so no
 tolerance is needed here. Were the configuration to round differently (another dtype), a divergence would
 have to be shown to be a near-tie at its first position (tests/ties.py), never ignored.
 """

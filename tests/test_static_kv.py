@@ -266,3 +266,31 @@ def test_a_querys_numbers_do_not_depend_on_the_rest_of_its_feed(tiny_pair, quant
         assert torch.equal(verified, torch.stack(decoded[1:])), length
         if dtype == "bfloat16":  # float32 SDPA rounds a prompt's query blocks its own way; no mode differs there
             assert torch.equal(torch.stack(decoded), whole), length
+
+
+@pytest.mark.parametrize("quant", ["w8a8", pytest.param("w8a8-fbgemm", marks=NEEDS_FBGEMM)])
+def test_a_batched_float32_verify_of_uneven_feeds_equals_each_rows_decodes(tiny_pair, quant: str) -> None:
+    """Rows verifying 5 and 2 tokens in one forward (the shorter right-aligned in the padded feed), one of them
+    across a key block: every position the bits its own decode gives (slot_attention's float32 rule)."""
+    runner = ModelRunner.load(str(tiny_pair[0]), dtype="float32", quant=quant, kv="static", max_seqs=4,
+                              max_context=96)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 200, (length,), generator=generator).tolist() for length in (30, 17)]
+    feeds = [torch.randint(3, 200, (count,), generator=generator).tolist() for count in (5, 2)]
+    decoded = []
+    for prompt, feed in zip(prompts, feeds, strict=True):
+        state = SequenceState(list(prompt))
+        runner.forward([state], logits_to_keep=1)
+        rows = []
+        for token in feed:
+            state.tokens.append(token)
+            rows.append(runner.forward([state], logits_to_keep=1)[0, -1].clone())
+        runner.drop(state)
+        decoded.append(torch.stack(rows))  # the logits after each fed token
+    states = [SequenceState(list(prompt)) for prompt in prompts]
+    runner.forward(states, logits_to_keep=1)
+    for state, feed in zip(states, feeds, strict=True):
+        state.tokens.extend(feed)
+    verified = runner.forward(states, logits_to_keep=5)
+    assert torch.equal(verified[0], decoded[0])
+    assert torch.equal(verified[1, -2:], decoded[1])

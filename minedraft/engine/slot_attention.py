@@ -31,7 +31,7 @@ PAGE = 256  # Flash-Attention's paged KV wants pages of a multiple of 256 tokens
 # positions (`_query_runs`): a token is the same bits decoded or verified (tested bit for bit; a C = 32 bench
 # on AVX2 had sd write other tokens than ar before). bfloat16 keeps one call per run (tested, prefills too).
 KEY_BLOCK = 32
-QUERY_AT_A_TIME = 16  # float32 feeds up to this long (decodes, verifies) are attended a query per call
+QUERY_AT_A_TIME = 64  # float32 feeds up to this long (decodes; verifies: a target takes 32 drafts at most)
 
 
 def varlen_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
