@@ -132,10 +132,11 @@ def _query_runs(length: int, feed: int, capacity: int, one_at_a_time: bool) -> l
     length - feed + i + 1 keys, read in whole KEY_BLOCKs up to the cache's capacity: runs of queries that
     share a width, or in float32 a decode or verify (feed <= QUERY_AT_A_TIME) one call per query, with the
     arguments a decode of that position has."""
+    merge = not (one_at_a_time and feed <= QUERY_AT_A_TIME)
     runs: list[tuple[int, int, int]] = []
     for i in range(feed):
         width = min(-(-(length - feed + i + 1) // KEY_BLOCK) * KEY_BLOCK, capacity)
-        if not (one_at_a_time and feed <= QUERY_AT_A_TIME) and runs and runs[-1][2] == width:
+        if merge and runs and runs[-1][2] == width:
             runs[-1] = (runs[-1][0], i + 1, width)
         else:
             runs.append((i, i + 1, width))
