@@ -4,31 +4,23 @@ token for token, exact ties included.
 
 On the CPU's in-place attention a position's logits are the same bits whether it is decoded or verified (and,
 in bfloat16, prefilled: W8A8 accumulates in integers; slot_attention.KEY_BLOCK says how the attention does), so no
-tolerance is needed here. Were the configuration to round differently (another dtype), a divergence would
-have to be shown to be a near-tie at its first position (tests/ties.py), never ignored.
+tolerance is needed here, on AMX CPUs too (oneDNN's AMX kernels give a row the same bits whatever the call's
+row count: tests/test_static_kv.py runs on them).
 """
 
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoTokenizer
 
 from minedraft.app.client import collect, make_request, stream
 from minedraft.app.launcher import Cluster
-from minedraft.engine.model_runner import ModelRunner
-from minedraft.engine.precision import resolve_dtype, resolve_quant
-from minedraft.models.store import resolve_model
 from services.router.drafting import DRAFT_STOP_BELOW
 from tests.conftest import channel_to, cluster_args
 from tests.test_models import needs_default_pair
-from tests.ties import assert_same_or_tie
 
 PROMPTS = ["def is_prime(n: int) -> bool:\n", "Explain in one sentence what a hash map is.",
            "from typing import List\n\ndef mean(xs: List[float]) -> float:\n"]
 MAX_TOKENS = 24
-# A few rounding steps of the logits: float32 rounds at ~1e-5, bfloat16 at 2^-8 of a logit of ~20.
-TIE_TOLERANCE = {"float32": 0.05, "bfloat16": 0.5}
 
 
 def generate(mode: str) -> list:
@@ -49,14 +41,5 @@ def test_psd_on_real_pair_equals_target_only() -> None:
     accepted = sum(int(r.stats["accepted_tokens"]) for r in speculative)
     assert drafted > 0 and accepted / drafted > 0.3, "a real pair should agree often"
     expected, actual = [r.token_ids for r in target_only], [r.token_ids for r in speculative]
-    dtype = resolve_dtype("auto", "cpu")
-    # Bit-exact on this CPU class (AVX-512 BF16 and VNNI, no AMX: tests/test_static_kv.py); an AMX CPU's
-    # bf16 attention kernels may switch by size, not measured, so there a divergence must be a near-tie.
-    if not torch.cpu._is_amx_tile_supported():
-        assert actual == expected
-    elif expected != actual:
-        path = str(resolve_model("default-target"))
-        model = ModelRunner.load(path, dtype=dtype, quant=resolve_quant("auto", "target", "cpu"),
-                                   kv="dynamic").model
-        assert_same_or_tie(model, AutoTokenizer.from_pretrained(path), PROMPTS, expected, actual,
-                           TIE_TOLERANCE[dtype])
+    # Bit-exact on every CPU class measured: AVX2 (float32), AVX-512 BF16 with VNNI, and AMX (bfloat16).
+    assert actual == expected

@@ -231,8 +231,6 @@ def test_a_long_verify_beside_a_short_one_keeps_its_logits_aligned(tiny_pair) ->
     assert torch.allclose(logits[1, -3:], alone[0, -3:], atol=1e-10)  # its 3 fed tokens, right-aligned
 
 
-@pytest.mark.skipif(torch.cpu._is_amx_tile_supported(), reason="with AMX, torch's bf16 GEMM and SDPA may pick "
-                    "another kernel by row count; not measured there (tests/ties.py covers such CPUs)")
 # float32 with dense linears is left out: MKL's float32 GEMM rounds a row by its call's row count (tests/ties.py)
 @pytest.mark.parametrize(("quant", "dtype"), [
     ("none", "bfloat16"), ("w8a8", "bfloat16"), ("w8a8", "float32"),
