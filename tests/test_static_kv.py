@@ -231,6 +231,15 @@ def test_a_long_verify_beside_a_short_one_keeps_its_logits_aligned(tiny_pair) ->
     assert torch.allclose(logits[1, -3:], alone[0, -3:], atol=1e-10)  # its 3 fed tokens, right-aligned
 
 
+def decode_one_at_a_time(runner: ModelRunner, state: SequenceState, feed: list[int]) -> list[torch.Tensor]:
+    """The last logits of the state's prompt, then those after each fed token: one decode call each."""
+    decoded = [runner.forward([state], logits_to_keep=1)[0, -1].clone()]
+    for token in feed:
+        state.tokens.append(token)
+        decoded.append(runner.forward([state], logits_to_keep=1)[0, -1].clone())
+    return decoded
+
+
 # float32 with dense linears is left out: MKL's float32 GEMM rounds a row by its call's row count (tests/ties.py)
 @pytest.mark.parametrize(("quant", "dtype"), [
     ("none", "bfloat16"), ("w8a8", "bfloat16"), ("w8a8", "float32"),
@@ -253,10 +262,7 @@ def test_a_querys_numbers_do_not_depend_on_the_rest_of_its_feed(tiny_pair, quant
         whole = runner.forward([one_shot], logits_to_keep=6)[0].clone()
         runner.drop(one_shot)
         state = SequenceState(list(prompt))
-        decoded = [runner.forward([state], logits_to_keep=1)[0, -1].clone()]
-        for token in feed:
-            state.tokens.append(token)
-            decoded.append(runner.forward([state], logits_to_keep=1)[0, -1].clone())
+        decoded = decode_one_at_a_time(runner, state, feed)
         state.truncate(length)
         state.tokens.extend(feed)
         verified = runner.forward([state], logits_to_keep=5)[0].clone()  # a verify of 5: after each fed token
@@ -278,13 +284,8 @@ def test_a_batched_float32_verify_of_uneven_feeds_equals_each_rows_decodes(tiny_
     decoded = []
     for prompt, feed in zip(prompts, feeds, strict=True):
         state = SequenceState(list(prompt))
-        runner.forward([state], logits_to_keep=1)
-        rows = []
-        for token in feed:
-            state.tokens.append(token)
-            rows.append(runner.forward([state], logits_to_keep=1)[0, -1].clone())
+        decoded.append(torch.stack(decode_one_at_a_time(runner, state, feed)[1:]))  # the logits after each fed token
         runner.drop(state)
-        decoded.append(torch.stack(rows))  # the logits after each fed token
     states = [SequenceState(list(prompt)) for prompt in prompts]
     runner.forward(states, logits_to_keep=1)
     for state, feed in zip(states, feeds, strict=True):
