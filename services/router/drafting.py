@@ -66,6 +66,7 @@ class Drafter:
                 draft_call_failed(self.draft, chunk, error, "prefill")
                 return
             self.recorder.device_call("draft", "prefill", lane, response.stats, sum(lengths))
+            self.stages.observe_draft_sent(sum(lengths), response.stats.forward_ms)
             if catching_up and new_tokens:  # beside the target's prefill it costs no round any time
                 # Only new prompts count as a per-round cost of speculating: re-sending sequences the draft lost
                 # (down, or a spell of target-only decoding) is paid once, when speculation resumes.

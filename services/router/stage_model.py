@@ -102,10 +102,13 @@ class StageModel:
     reached: list[float] = field(default_factory=lambda: [0.0] * (MAX_POSITIONS + 1))
     survived: list[float] = field(default_factory=lambda: [0.0] * (MAX_POSITIONS + 1))
     drafted_to: list[float] = field(default_factory=lambda: [0.0] * (MAX_POSITIONS + 1))
-    rounds: int = 0  # sequence rounds observed (with at least one draft)
+    rounds: int = 0  # sequence rounds observed (with at least one draft) since acceptance was last discounted
     # The draft's own prefill of new prompts, per sequence round (decayed alike): a cost only speculation pays.
     draft_prefill_ms: float = 0.0
     draft_prefill_rounds: float = 0.0
+    # Every token the draft was sent (prompts, and the tokens it missed), decayed: what re-sending costs.
+    draft_sent_ms: float = 0.0
+    draft_sent_tokens: float = 0.0
 
     def costs(self, shared: bool) -> StageCosts:
         wanted, other = (self.shared, self.alone) if shared else (self.alone, self.shared)
@@ -162,6 +165,24 @@ class StageModel:
 
     def observe_draft_prefill(self, ms: float) -> None:
         self.draft_prefill_ms += ms
+
+    def observe_draft_sent(self, tokens: int, ms: float, decay: float = 0.9) -> None:
+        """A draft prefill of `tokens` that took `ms`."""
+        self.draft_sent_tokens = decay * self.draft_sent_tokens + tokens
+        self.draft_sent_ms = decay * self.draft_sent_ms + ms
+
+    @property
+    def draft_ms_per_token(self) -> float | None:
+        """ms the draft takes to cache a token it is sent (None: it has not been sent any)."""
+        return self.draft_sent_ms / self.draft_sent_tokens if self.draft_sent_tokens > 0 else None
+
+    def discount_acceptance(self, keep: float) -> None:
+        """Weighs the acceptance measured so far by `keep` and counts its rounds afresh, so that what is measured
+        next decides (a probe after target-only decoding: probe.py)."""
+        for table in (self.reached, self.survived, self.drafted_to):
+            table[:] = [keep * value for value in table]
+        self.drafted, self.accepted = keep * self.drafted, keep * self.accepted
+        self.rounds = 0
 
     @property
     def draft_prefill_per_round(self) -> float:

@@ -1,0 +1,106 @@
+"""After a spell of target-only decoding, auto speculates again to measure acceptance afresh
+(services/router/probe.py): a drop judged on a few untypical rounds must not stand for good, and where
+target-only is right the probes must grow rare."""
+
+import math
+import random
+from types import SimpleNamespace
+
+from services.router.policy import Plan, next_plan, predicted_rate
+from services.router.probe import PROBE_RATIO, Probe, draft_backlog
+from services.router.stage_model import StageModel
+from tests.test_policy import model
+
+SEQUENCES, RESUME_K, K_MAX = 4, 4, 8
+
+
+def stages() -> StageModel:
+    """Verify and draft costs (k = 0 calibrated too) under which a draft accepted 80 % of the time beats
+    target-only by 1.25x at 4 sequences (in two lanes) and one accepted 60 % of the time loses to it by 1.18x."""
+    costs = model(lambda b: 10.0 + b, lambda b, k: 50.0 + 2 * b + 3 * k * b, alpha=0.7, verified_k=(0, 4))
+    fresh = StageModel(alone=costs.alone, shared=costs.shared)
+    fresh.observe_draft_sent(100, 50.0)  # 0.5 ms a token re-sent
+    return fresh
+
+
+def speculate(stages_: StageModel, alpha: float, rounds: int, seed: int = 0) -> None:
+    draws = random.Random(seed)
+    for _ in range(rounds):
+        stages_.observe_round(RESUME_K, next((i for i in range(RESUME_K) if draws.random() >= alpha), RESUME_K))
+
+
+def replan(probe: Probe, stages_: StageModel, current: Plan, backlog: int = 40) -> Plan:
+    wanted = next_plan(stages_, current, SEQUENCES, K_MAX, resume_k=RESUME_K)
+    return probe.revise(stages_, current, wanted, SEQUENCES, K_MAX, RESUME_K, backlog)
+
+
+def drop(probe: Probe, stages_: StageModel, current: Plan) -> Plan:
+    speculate(stages_, alpha=0.6, rounds=40, seed=1)
+    dropped = replan(probe, stages_, current)
+    assert dropped.k == 0, "premise: measured acceptance this low drops to target-only"
+    return dropped
+
+
+def round_ms(stages_: StageModel) -> float:
+    """A target-only lane round of all the sequences."""
+    return SEQUENCES / predicted_rate(stages_, SEQUENCES, 1, 0) * 1e3
+
+
+def spell(probe: Probe, stages_: StageModel, plan: Plan, limit: int = 1000) -> tuple[Plan, int]:
+    """Target-only rounds until the plan speculates again; returns it and the rounds run."""
+    for rounds in range(limit):
+        probe.observe(0, SEQUENCES, round_ms(stages_))
+        plan = replan(probe, stages_, plan)
+        if plan.k:
+            return plan, rounds + 1
+    return plan, limit
+
+
+def test_a_drop_on_low_early_acceptance_is_probed_and_undone_when_acceptance_rises() -> None:
+    stages_, probe = stages(), Probe()
+    dropped = drop(probe, stages_, Plan(1, RESUME_K, 0.0))
+    assert replan(probe, stages_, dropped).k == 0, "the stale estimate alone does not resume"
+    probed, rounds = spell(probe, stages_, dropped)
+    assert probed.k == RESUME_K and probe.probing
+    # Due once the spell's device time is PROBE_RATIO times the probe's cost: re-sending 40 tokens at 0.5 ms and
+    # 16 sequence rounds at the spell's pace.
+    ms = round_ms(stages_)
+    assert rounds == math.ceil(PROBE_RATIO * (40 * 0.5 + 16 * ms / SEQUENCES) / ms)
+    assert stages_.rounds == 0, "the probe's own rounds decide"
+    speculate(stages_, alpha=0.8, rounds=16, seed=2)
+    kept = replan(probe, stages_, probed)
+    assert kept.k > 0 and not probe.probing and probe.failed == 0
+
+
+def test_probes_that_end_in_a_drop_double_the_next_spell() -> None:
+    stages_, probe = stages(), Probe()
+    plan = drop(probe, stages_, Plan(1, RESUME_K, 0.0))
+    spells = []
+    for _ in range(3):
+        plan, rounds = spell(probe, stages_, plan)
+        spells.append(rounds)
+        assert plan.k == RESUME_K
+        plan = drop(probe, stages_, plan)
+    assert probe.failed == 3
+    assert spells[1] >= 2 * spells[0] - 1 and spells[2] >= 2 * spells[1] - 1
+
+
+def test_no_probe_where_target_only_is_far_ahead() -> None:
+    """At high load a batched decode wins by far: the stale estimate is trusted and no probe runs."""
+    costs = model(lambda b: 25.0 + 2 * b, lambda b, k: 50.0 + 2 * b + 12.0 * k * b, alpha=0.8, verified_k=(0, 4))
+    costs.observe_draft_sent(100, 50.0)
+    probe = Probe()
+    plan = probe.revise(costs, Plan(1, 4, 0.0), Plan(1, 0, 0.0), 16, K_MAX, RESUME_K, 0)
+    for _ in range(200):
+        probe.observe(0, 16, 100.0)
+        plan = probe.revise(costs, plan, next_plan(costs, plan, 16, K_MAX, resume_k=RESUME_K), 16, K_MAX,
+                            RESUME_K, 0)
+        assert plan.k == 0
+    assert probe.failed > 0
+
+
+def test_the_backlog_is_what_the_draft_has_not_been_sent() -> None:
+    held = SimpleNamespace(tokens=list(range(30)), draft_len=25, draft_epoch=2)  # the draft holds 25 of 30
+    lost = SimpleNamespace(tokens=list(range(30)), draft_len=25, draft_epoch=1)  # held before the draft restarted
+    new = SimpleNamespace(tokens=list(range(12)), draft_len=0, draft_epoch=-1)
+    assert draft_backlog([held, lost, new], epoch=2) == 5 + 30 + 12
