@@ -6,12 +6,14 @@ import math
 import random
 from types import SimpleNamespace
 
+import pytest
+
 from services.router.policy import Plan, next_plan, predicted_rate
-from services.router.probe import PROBE_RATIO, Probe, draft_backlog
-from services.router.stage_model import StageModel
+from services.router.probe import PROBE_RATIO, STALE_ROUNDS, Probe, draft_backlog
+from services.router.stage_model import MIN_ROUNDS_TO_REPLAN, StageModel
 from tests.test_policy import model
 
-SEQUENCES, RESUME_K, K_MAX = 4, 4, 8
+SEQUENCES, RESUME_K, K_MAX, BACKLOG = 4, 4, 8, 40
 
 
 def stages() -> StageModel:
@@ -29,13 +31,13 @@ def speculate(stages_: StageModel, alpha: float, rounds: int, seed: int = 0) -> 
         stages_.observe_round(RESUME_K, next((i for i in range(RESUME_K) if draws.random() >= alpha), RESUME_K))
 
 
-def replan(probe: Probe, stages_: StageModel, current: Plan, backlog: int = 40) -> Plan:
-    wanted = next_plan(stages_, current, SEQUENCES, K_MAX, resume_k=RESUME_K)
-    return probe.revise(stages_, current, wanted, SEQUENCES, K_MAX, RESUME_K, backlog)
+def replan(probe: Probe, stages_: StageModel, current: Plan, sequences: int = SEQUENCES) -> Plan:
+    wanted = next_plan(stages_, current, sequences, K_MAX, resume_k=RESUME_K)
+    return probe.revise(stages_, current, wanted, sequences, K_MAX, RESUME_K, lambda: BACKLOG)
 
 
-def drop(probe: Probe, stages_: StageModel, current: Plan) -> Plan:
-    speculate(stages_, alpha=0.6, rounds=40, seed=1)
+def drop(probe: Probe, stages_: StageModel, current: Plan, rounds: int = 40) -> Plan:
+    speculate(stages_, alpha=0.6, rounds=rounds, seed=1)
     dropped = replan(probe, stages_, current)
     assert dropped.k == 0, "premise: measured acceptance this low drops to target-only"
     return dropped
@@ -46,7 +48,7 @@ def round_ms(stages_: StageModel) -> float:
     return SEQUENCES / predicted_rate(stages_, SEQUENCES, 1, 0) * 1e3
 
 
-def spell(probe: Probe, stages_: StageModel, plan: Plan, limit: int = 1000) -> tuple[Plan, int]:
+def spell(probe: Probe, stages_: StageModel, plan: Plan, limit: int = 2000) -> tuple[Plan, int]:
     """Target-only rounds until the plan speculates again; returns it and the rounds run."""
     for rounds in range(limit):
         probe.observe(0, SEQUENCES, round_ms(stages_))
@@ -56,23 +58,23 @@ def spell(probe: Probe, stages_: StageModel, plan: Plan, limit: int = 1000) -> t
     return plan, limit
 
 
-def test_a_drop_on_low_early_acceptance_is_probed_and_undone_when_acceptance_rises() -> None:
+@pytest.mark.parametrize("history", [40, 600], ids=["early drop", "long history"])
+def test_a_drop_on_low_acceptance_is_probed_and_undone_when_acceptance_rises(history: int) -> None:
     stages_, probe = stages(), Probe()
-    dropped = drop(probe, stages_, Plan(1, RESUME_K, 0.0))
+    dropped = drop(probe, stages_, Plan(1, RESUME_K, 0.0), rounds=history)
     assert replan(probe, stages_, dropped).k == 0, "the stale estimate alone does not resume"
     probed, rounds = spell(probe, stages_, dropped)
     assert probed.k == RESUME_K and probe.probing
-    # Due once the spell's device time is PROBE_RATIO times the probe's cost: re-sending 40 tokens at 0.5 ms and
-    # 16 sequence rounds at the spell's pace.
+    # Due once the spell's device time is PROBE_RATIO times the probe's cost: re-sending the backlog at 0.5 ms a
+    # token and 16 sequence rounds at the spell's pace.
     ms = round_ms(stages_)
-    assert rounds == math.ceil(PROBE_RATIO * (40 * 0.5 + 16 * ms / SEQUENCES) / ms)
-    assert stages_.rounds == 0, "the probe's own rounds decide"
+    assert rounds == math.ceil(PROBE_RATIO * (BACKLOG * 0.5 + 16 * ms / SEQUENCES) / ms)
+    assert stages_.rounds == 0 and stages_.reached[1] == pytest.approx(STALE_ROUNDS), "the probe's rounds decide"
     speculate(stages_, alpha=0.8, rounds=16, seed=2)
-    kept = replan(probe, stages_, probed)
-    assert kept.k > 0 and not probe.probing and probe.failed == 0
+    assert replan(probe, stages_, probed).k > 0, "the probe measured drafting paying: it goes on"
 
 
-def test_probes_that_end_in_a_drop_double_the_next_spell() -> None:
+def test_probes_that_end_in_a_drop_double_the_next_spell_until_one_holds() -> None:
     stages_, probe = stages(), Probe()
     plan = drop(probe, stages_, Plan(1, RESUME_K, 0.0))
     spells = []
@@ -81,26 +83,47 @@ def test_probes_that_end_in_a_drop_double_the_next_spell() -> None:
         spells.append(rounds)
         assert plan.k == RESUME_K
         plan = drop(probe, stages_, plan)
-    assert probe.failed == 3
+    assert probe.failed_in_a_row == 3
     assert spells[1] >= 2 * spells[0] - 1 and spells[2] >= 2 * spells[1] - 1
+    plan, _ = spell(probe, stages_, plan)
+    speculate(stages_, alpha=0.8, rounds=MIN_ROUNDS_TO_REPLAN, seed=3)
+    assert replan(probe, stages_, plan).k > 0
+    assert probe.failed_in_a_row == 0 and not probe.probing, "a probe that holds resets the doubling"
 
 
-def test_no_probe_where_target_only_is_far_ahead() -> None:
-    """At high load a batched decode wins by far: the stale estimate is trusted and no probe runs."""
+def test_no_probe_where_target_only_is_far_ahead_nor_when_idle() -> None:
+    """At high load a batched decode wins by far: the stale estimate is trusted and no probe runs, without
+    making later spells longer; an idle router (no sequences) never probes."""
     costs = model(lambda b: 25.0 + 2 * b, lambda b, k: 50.0 + 2 * b + 12.0 * k * b, alpha=0.8, verified_k=(0, 4))
     costs.observe_draft_sent(100, 50.0)
     probe = Probe()
-    plan = probe.revise(costs, Plan(1, 4, 0.0), Plan(1, 0, 0.0), 16, K_MAX, RESUME_K, 0)
+    plan = probe.revise(costs, Plan(1, 4, 0.0), Plan(1, 0, 0.0), 16, K_MAX, RESUME_K, lambda: 0)
     for _ in range(200):
         probe.observe(0, 16, 100.0)
         plan = probe.revise(costs, plan, next_plan(costs, plan, 16, K_MAX, resume_k=RESUME_K), 16, K_MAX,
-                            RESUME_K, 0)
+                            RESUME_K, lambda: 0)
         assert plan.k == 0
-    assert probe.failed > 0
+    assert probe.failed_in_a_row == 0 and probe.spell_ms < 200 * 100.0, "checked, and the spell started over"
+    probe.observe(0, 1000, 1e6)  # a spell long enough to be due
+    assert probe.revise(costs, plan, plan, 0, K_MAX, RESUME_K, lambda: 0) == plan and probe.spell_ms >= 1e6
 
 
-def test_the_backlog_is_what_the_draft_has_not_been_sent() -> None:
-    held = SimpleNamespace(tokens=list(range(30)), draft_len=25, draft_epoch=2)  # the draft holds 25 of 30
-    lost = SimpleNamespace(tokens=list(range(30)), draft_len=25, draft_epoch=1)  # held before the draft restarted
-    new = SimpleNamespace(tokens=list(range(12)), draft_len=0, draft_epoch=-1)
-    assert draft_backlog([held, lost, new], epoch=2) == 5 + 30 + 12
+def test_discounting_keeps_the_survival_curve_and_its_prior() -> None:
+    stages_ = stages()
+    speculate(stages_, alpha=0.7, rounds=300)
+    before = [*(stages_.tokens_per_round(k) for k in range(1, 5)), stages_.alpha]
+    stages_.discount_acceptance(0.1)
+    assert [*(stages_.tokens_per_round(k) for k in range(1, 5)), stages_.alpha] == pytest.approx(before)
+    assert stages_.rounds == 0
+
+
+def test_the_backlog_is_what_the_draft_would_be_sent() -> None:
+    def request(tokens: int, draft_len: int, epoch: int, speculate: bool = True, remaining: int = 10):
+        return SimpleNamespace(tokens=list(range(tokens)), draft_len=draft_len, draft_epoch=epoch,
+                               speculate=speculate, remaining=remaining)
+
+    held = request(30, 25, epoch=2)  # the draft holds 25 of its 30 tokens
+    lost = request(30, 25, epoch=1)  # held before the draft restarted
+    new = request(12, 0, epoch=-1)
+    never = [request(50, 0, -1, speculate=False), request(50, 0, -1, remaining=1)]  # decoded by the target alone
+    assert draft_backlog([held, lost, new, *never], epoch=2) == 5 + 30 + 12

@@ -142,10 +142,10 @@ class Scheduler:
                 self.resume_k = self.plan.k
             wanted = next_plan(self.stages, self.plan, self.in_flight, self.k_max, resume_k=self.resume_k)
             wanted = self.probe.revise(self.stages, self.plan, wanted, self.in_flight, self.k_max, self.resume_k,
-                                       draft_backlog(self.live(), self.draft.epoch))
+                                       lambda: draft_backlog(self.live(), self.draft.epoch))
             plan = self.k_trial.decide(self.plan, wanted, self.in_flight)
-        else:
-            plan = Plan(1, 0, 0.0)
+        else:  # the draft is down: when it is back, any spell starts afresh
+            plan, self.probe = Plan(1, 0, 0.0), Probe()
         if (plan.lanes, plan.k) != (self.plan.lanes, self.plan.k):
             log.info("plan for %d sequences: %d lane(s), k=%d, %.2f tokens/s predicted (alpha %.2f)",
                      self.in_flight, plan.lanes, plan.k, plan.tokens_per_s, self.stages.alpha)

@@ -167,7 +167,7 @@ class StageModel:
         self.draft_prefill_ms += ms
 
     def observe_draft_sent(self, tokens: int, ms: float, decay: float = 0.9) -> None:
-        """A draft prefill of `tokens` that took `ms`."""
+        """A draft prefill of `tokens` that took `ms` (decayed fast: the last few calls price a re-send)."""
         self.draft_sent_tokens = decay * self.draft_sent_tokens + tokens
         self.draft_sent_ms = decay * self.draft_sent_ms + ms
 
