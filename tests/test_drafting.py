@@ -69,3 +69,43 @@ def test_the_router_stops_drafting_early_but_not_under_tetris(tiny_clusters, tin
     tetris, _ = asyncio.run(propose_with(tiny_clusters["psd"], tokenizer, 0.5, extra=2))
     assert sum(map(len, tetris.values())) == 8, "TETRIS keeps k x size of the k + extra positions it drafted"
     assert stages.alone.draft_step.known
+
+
+class CountingStages(StageModel):
+    """Counts the draft steps the stage model is shown."""
+
+    proposes_seen: int = 0
+
+    def observe_propose(self, *args, **kwargs) -> None:
+        self.proposes_seen += 1
+        super().observe_propose(*args, **kwargs)
+
+
+async def propose_around_a_spell(cluster, tokenizer) -> list[int]:
+    """Proposes once, then after five target-only tokens (the draft missed them), then after a normal round."""
+    async with internal_channel(cluster, cluster.draft_address) as channel:
+        stages = CountingStages()
+        drafter = Drafter(Backend("draft", channel, draft_pb2_grpc.DraftStub), stages, Recorder(), 30.0, 512)
+        requests = [Request(seq_id=f"spell-{i}", sampling=Sampling(), max_tokens=32, text=TextStream(tokenizer, []),
+                            prompt_ids=tokenizer.encode(p, add_special_tokens=False), eos_ids=frozenset())
+                    for i, p in enumerate(["def add(a, b):", "Hello there"])]
+        seen = []
+        try:
+            for new_tokens in ([], [11, 12, 13, 14, 15], [16]):
+                for request in requests:
+                    request.add_tokens(new_tokens)
+                await drafter.propose(Lane(0), requests, k=4, shared=False, threads=0)
+                seen.append(stages.proposes_seen)
+                for request in requests:  # a verify that accepted none of the drafts
+                    request.draft_len = len(request.tokens)
+        finally:
+            await drafter.draft.stub.Release(messages.release(r.seq_id for r in requests))
+        assert stages.draft_ms_per_token is not None, "the prompts' prefill prices a re-send"
+        return seen
+
+
+def test_a_propose_that_catches_the_draft_up_is_not_a_draft_steps_cost(tiny_clusters, tiny_pair) -> None:
+    """After target-only rounds the first propose also caches the tokens the draft missed: timed as draft steps
+    it would make speculating look dearer than it is, just when a probe is measuring whether it pays."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
+    assert asyncio.run(propose_around_a_spell(tiny_clusters["psd"], tokenizer)) == [1, 1, 2]

@@ -100,7 +100,8 @@ class Drafter:
             draft_call_failed(self.draft, ready, error, "propose")
             return {}
         steps = max((len(p.tokens) for p in response.proposals), default=0)  # fewer than k on an early stop
-        self.stages.observe_propose(len(seqs), steps, response.stats.forward_ms, shared)
+        if max(len(new) for _, _, new, _ in seqs) <= 1:  # else it also cached tokens it missed (target-only rounds)
+            self.stages.observe_propose(len(seqs), steps, response.stats.forward_ms, shared)
         self.recorder.propose(lane, response.stats, sum(len(p.tokens) for p in response.proposals))
         drafts = {}
         for request, proposal in zip(ready, response.proposals, strict=True):
