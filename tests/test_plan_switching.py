@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 
 from minedraft.engine.sampling import Sampling
 from minedraft.protos import draft_pb2_grpc, target_pb2_grpc
+from services.router import probe as probe_module
 from services.router import scheduler as scheduler_module
 from services.router.backends import Backend
 from services.router.policy import Plan
@@ -64,3 +65,31 @@ def test_forced_plan_changes_every_boundary_change_no_token(tiny_clusters, tiny_
     assert 0 < accepted < drafted, "premise: drafts were proposed, and some rejected"
     assert len(chosen) >= 2 * len(PLANS), "the plan must have moved through every layout and k, more than once"
 
+
+
+def test_probes_after_target_only_change_no_token(tiny_clusters, tiny_pair, monkeypatch) -> None:
+    """The plan drops to target-only after every speculating round and only a probe brings it back (due after
+    any target-only round here): each probe re-sends the draft what it missed, and the output stays
+    target-only's."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
+    prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    cluster = tiny_clusters["psd"]
+    expected = [r.generated for r in asyncio.run(generate(cluster, tokenizer, "ar", prompt_ids, max_tokens=30))]
+
+    monkeypatch.setattr(scheduler_module, "next_plan", lambda model, current, *_args, **_kwargs:
+                        Plan(1, 0, 0.0) if current.k and model.known else current)  # a round timed: drop
+    monkeypatch.setattr(probe_module, "PROBE_RATIO", 0.0)
+    monkeypatch.setattr(probe_module, "PROBE_WITHIN", float("inf"))
+    probes = []
+    revise = probe_module.Probe.revise
+
+    def counted(self, model, current, *args) -> Plan:
+        plan = revise(self, model, current, *args)
+        probes.extend([plan] if plan.k and not current.k else [])
+        return plan
+
+    monkeypatch.setattr(probe_module.Probe, "revise", counted)
+    probed = asyncio.run(generate(cluster, tokenizer, "auto", prompt_ids, max_tokens=30))
+    assert [r.generated for r in probed] == expected
+    assert len(probes) >= 3, "premise: the plan went back to speculating through probes, again and again"
+    assert sum(r.drafted for r in probed) > 0

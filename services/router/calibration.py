@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # jitter is a small part of it, and a second one would cost seconds each (2 AVX2 cores: a full lane's verify
 # of 8 drafts takes 9 s, and calibrating twice took 3.6 minutes of start-up).
 SECOND_SAMPLE_BELOW_MS = 1000.0
-FORMAT = 1  # of a cached calibration: raise it when what is measured, or how, changes
+FORMAT = 2  # of a cached calibration: raise it when what is measured, or how, changes
 # A kept calibration older than this is measured again: a host's speed drifts (a VM moved, a neighbour came),
 # and each commit's code makes a new key, so older files would otherwise stay forever.
 MAX_AGE_DAYS = 7.0
@@ -39,7 +39,8 @@ async def _timed(call, request) -> tuple[object, float]:
     return second, min(first.stats.forward_ms, second.stats.forward_ms)
 
 
-Observation = tuple[str, int, int, float, bool]  # ("propose" | "verify", batch, k, ms, shared cores)
+Observation = tuple[str, int, int, float, bool]  # ("propose" | "verify", batch, k, ms, shared cores),
+# or ("prefill", batch, tokens, ms, False): the draft caching prompts prices re-sending it tokens (probe.py)
 
 
 @dataclass
@@ -77,9 +78,12 @@ async def calibrate(scheduler: Scheduler, cache: CalibrationCache | None = None,
             observations += await _calibrate_batch(scheduler, batch, prompt_len, lengths)
         if path and write_atomically(path, lambda temporary: temporary.write_text(json.dumps(observations))):
             prune_older_than(path.parent, KEPT_FILES, cache.max_age_s)
+    stages = scheduler.stages
     for stage, batch, k, ms, shared in observations:
-        observe = scheduler.stages.observe_propose if stage == "propose" else scheduler.stages.observe_verify
-        observe(batch, k, ms, shared)
+        if stage == "prefill":
+            stages.observe_draft_sent(k, ms)
+        else:
+            (stages.observe_propose if stage == "propose" else stages.observe_verify)(batch, k, ms, shared)
     lo, hi = batches[0], batches[-1]
     log.info("calibrated%s: draft step %.1f ms (batch %d) / %.1f ms (batch %d); verify of %s drafts %s ms "
              "(batch %d) / %s ms (batch %d)", f" (read from {path})" if cached else "",
@@ -103,7 +107,7 @@ def _read(path: Path) -> list[Observation] | None:
                 for stage, batch, k, ms, shared in json.loads(path.read_text())]
     except (OSError, ValueError, TypeError):
         return None
-    return kept if kept and all(stage in ("propose", "verify") for stage, *_ in kept) else None
+    return kept if kept and all(stage in ("propose", "verify", "prefill") for stage, *_ in kept) else None
 
 
 async def _calibrate_batch(scheduler: Scheduler, batch: int, prompt_len: int,
@@ -115,9 +119,9 @@ async def _calibrate_batch(scheduler: Scheduler, batch: int, prompt_len: int,
     prompt = list(range(prompt_len))
     prompts = [(seq_id, prompt, sampling) for seq_id in ids]
     threads = scheduler.threads_for(False)
-    await scheduler.draft.stub.Prefill(messages.draft_prefill(prompts, threads))
+    cached = await scheduler.draft.stub.Prefill(messages.draft_prefill(prompts, threads))
     firsts = await scheduler.target.stub.Prefill(messages.target_prefill(prompts, threads))
-    observations: list[Observation] = []
+    observations: list[Observation] = [("prefill", batch, batch * prompt_len, cached.stats.forward_ms, False)]
     for shared in sorted({False, bool(scheduler.share_cores)}):
         threads = scheduler.threads_for(shared)
         propose = messages.propose([(f.seq_id, prompt_len, [f.token_id], scheduler.k_max) for f in firsts.tokens],

@@ -63,7 +63,7 @@ class Probe:
             return wanted
         if current.k and model.rounds >= MIN_ROUNDS_TO_REPLAN:  # speculating has held up
             self.probing, self.failed_in_a_row = False, 0
-        if current.k or wanted.k or sequences <= 0 or not self._due(model, backlog()):
+        if current.k or wanted.k or sequences <= 0 or not model.known or not self._due(model, backlog()):
             return wanted
         self.spell_ms, self.spell_rounds = 0.0, 0
         probe = best_plan(model, sequences, k_max, ks=range(resume_k, resume_k + 1))
