@@ -82,7 +82,7 @@ class CountingStages(StageModel):
 
 
 async def propose_around_a_spell(cluster, tokenizer) -> list[int]:
-    """Proposes once, then after five target-only tokens (the draft missed them), then after a normal round."""
+    """Proposes once, then after twelve target-only tokens (the draft missed them), then after a normal round."""
     async with internal_channel(cluster, cluster.draft_address) as channel:
         stages = CountingStages()
         drafter = Drafter(Backend("draft", channel, draft_pb2_grpc.DraftStub), stages, Recorder(), 30.0, 512)
@@ -91,7 +91,7 @@ async def propose_around_a_spell(cluster, tokenizer) -> list[int]:
                     for i, p in enumerate(["def add(a, b):", "Hello there"])]
         seen = []
         try:
-            for new_tokens in ([], [11, 12, 13, 14, 15], [16]):
+            for new_tokens in ([], list(range(11, 23)), [23]):
                 for request in requests:
                     request.add_tokens(new_tokens)
                 await drafter.propose(Lane(0), requests, k=4, shared=False, threads=0)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.router.policy import Plan, next_plan, predicted_rate
+from services.router.policy import MIN_ROUNDS_TO_JUMP, Plan, next_plan, predicted_rate
 from services.router.probe import PROBE_RATIO, STALE_ROUNDS, Probe, draft_backlog
 from services.router.stage_model import MIN_ROUNDS_TO_REPLAN, StageModel
 from tests.test_policy import model
@@ -89,6 +89,18 @@ def test_probes_that_end_in_a_drop_double_the_next_spell_until_one_holds() -> No
     speculate(stages_, alpha=0.8, rounds=MIN_ROUNDS_TO_REPLAN, seed=3)
     assert replan(probe, stages_, plan).k > 0
     assert probe.failed_in_a_row == 0 and not probe.probing, "a probe that holds resets the doubling"
+
+
+def test_a_probe_runs_its_rounds_before_it_is_judged() -> None:
+    """Until the probe has measured MIN_ROUNDS_TO_JUMP rounds a drop waits (the stale curve alone, cut to a few
+    rounds' weight, says little); then it drops, and that counts as a failed probe."""
+    stages_, probe = stages(), Probe()
+    plan, _ = spell(probe, stages_, drop(probe, stages_, Plan(1, RESUME_K, 0.0)))
+    assert plan.k == RESUME_K
+    speculate(stages_, alpha=0.3, rounds=MIN_ROUNDS_TO_JUMP - 1, seed=4)
+    assert probe.revise(stages_, plan, Plan(1, 0, 0.0), SEQUENCES, K_MAX, RESUME_K, lambda: BACKLOG) == plan
+    speculate(stages_, alpha=0.3, rounds=1, seed=5)
+    assert replan(probe, stages_, plan).k == 0 and probe.failed_in_a_row == 1
 
 
 def test_no_probe_where_target_only_is_far_ahead_nor_when_idle() -> None:

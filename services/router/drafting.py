@@ -38,6 +38,9 @@ DRAFT_STOP_BELOW = 0.0
 # need it: on 2 AVX2 cores with a core per stage (psd) the 1.5B target prefills ~0.07 s a token, and a draft
 # chunk of 512 tokens outlasted a flat 10 s, and so did the re-sync after it, over and over.
 PREFILL_S_PER_TOKEN = 0.1
+# A propose whose sequences bring more new tokens than this first caches tokens the draft missed (a spell of
+# target-only rounds): not a draft step's cost. A few (a round whose drafts TETRIS cut) ride along at about a step's.
+CATCH_UP_TOKENS = 8
 
 
 class Drafter:
@@ -100,7 +103,7 @@ class Drafter:
             draft_call_failed(self.draft, ready, error, "propose")
             return {}
         steps = max((len(p.tokens) for p in response.proposals), default=0)  # fewer than k on an early stop
-        if max(len(new) for _, _, new, _ in seqs) <= 1:  # else it also cached tokens it missed (target-only rounds)
+        if max(len(new) for _, _, new, _ in seqs) <= CATCH_UP_TOKENS:  # else it cached many it missed, too
             self.stages.observe_propose(len(seqs), steps, response.stats.forward_ms, shared)
         self.recorder.propose(lane, response.stats, sum(len(p.tokens) for p in response.proposals))
         drafts = {}

@@ -7,8 +7,9 @@ rounds at C = 4, where sd measured 1.07x target-only, and never came back (0.88x
 plan speculates again, a probe, with the acceptance measured before it cut to at most half the weight of the
 probe's own first rounds: the drop is judged again (policy.jump_gain) mostly on what the probe measures.
 
-A probe costs what re-sending the draft the tokens it missed takes, and its rounds, which may run slower
-than target-only would. A spell lasts PROBE_RATIO times that, doubled for each probe in a row that ended in
+A probe costs what re-sending the draft the tokens it missed takes, and its rounds (priced at the spell's
+pace: they may run slower, which is what the probe finds out). A probe runs all its MIN_ROUNDS_TO_JUMP rounds
+before it is judged. A spell lasts PROBE_RATIO times that, doubled for each probe in a row that ended in
 a drop again, so probing costs a few percent where target-only is right. Where the stale estimate has
 target-only ahead by PROBE_WITHIN or more (at high load it wins by 1.3-1.5x), no probe runs: a few rounds'
 acceptance is not that far off; the spell starts over, and the check recurs as the load moves.
@@ -57,6 +58,8 @@ class Probe:
         """`wanted` (the policy's next plan), or a probe at `resume_k` once a spell of target-only has run;
         `backlog()`: the tokens the draft would be sent first (draft_backlog)."""
         if current.k and not wanted.k:  # a drop: a spell begins
+            if self.probing and model.rounds < MIN_ROUNDS_TO_JUMP:  # not before the probe has measured
+                return current
             if self.probing:
                 self.failed_in_a_row = min(self.failed_in_a_row + 1, MAX_DOUBLINGS)
             self.probing, self.spell_ms, self.spell_rounds = False, 0.0, 0
