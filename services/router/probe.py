@@ -8,8 +8,11 @@ plan speculates again, a probe, with the acceptance measured before it cut to at
 probe's own first rounds: the drop is judged again (policy.jump_gain) mostly on what the probe measures.
 
 A probe costs what re-sending the draft the tokens it missed takes, and its rounds (priced at the spell's
-pace: they may run slower, which is what the probe finds out). A probe runs all its MIN_ROUNDS_TO_JUMP rounds
-before it is judged. A spell lasts PROBE_RATIO times that, doubled for each probe in a row that ended in
+pace: they may run slower, which is what the probe finds out). A probe runs MIN_ROUNDS_TO_JUMP sequence rounds
+(besides each lane's first, which also re-sends the draft what it missed) and is then judged on what they
+measured, not on the stage model: speculating goes on if its tokens per ms of device time beat the spell's.
+(The model can be optimistic: on the Zen 5 EPYC at C = 4 it predicted speculating level with target-only,
+which measured 1.2x sd.) A spell lasts PROBE_RATIO times that, doubled for each probe in a row that ended in
 a drop again, so probing costs a few percent where target-only is right. Where the stale estimate has
 target-only ahead by PROBE_WITHIN or more (at high load it wins by 1.3-1.5x), no probe runs: a few rounds'
 acceptance is not that far off; the spell starts over, and the check recurs as the load moves.
@@ -46,28 +49,45 @@ class Probe:
     spell_rounds: int = 0  # and their sequence rounds
     failed_in_a_row: int = 0  # probes that ended in a drop again
     probing: bool = False
+    alone_rate: float = 0.0  # target-only tokens per device ms over the spell before the probe
+    probe_ms: float = 0.0  # device time of the probe's rounds, and their sequence rounds
+    probe_rounds: int = 0
+    skip_rounds: int = 0  # lane rounds still to leave out (each lane's first re-sends what the draft missed)
+    failed_at: int = 0  # sequences in flight when the last probe measured speculating behind
 
     def observe(self, k: int, sequences: int, ms: float) -> None:
         """One lane round of `sequences` at k drafts a round took `ms` of device time."""
         if k == 0:
             self.spell_ms += ms
             self.spell_rounds += sequences
+        elif self.probing and self.skip_rounds:
+            self.skip_rounds -= 1
+        elif self.probing:
+            self.probe_ms += ms
+            self.probe_rounds += sequences
 
     def revise(self, model: StageModel, current: Plan, wanted: Plan, sequences: int, k_max: int, resume_k: int,
                backlog: Callable[[], int]) -> Plan:
         """`wanted` (the policy's next plan), or a probe at `resume_k` once a spell of target-only has run;
         `backlog()`: the tokens the draft would be sent first (draft_backlog)."""
-        if current.k and not wanted.k:  # a drop: a spell begins
-            if self.probing and model.rounds < MIN_ROUNDS_TO_JUMP:  # not before the probe has measured
+        if self.probing and current.k:
+            if self.probe_rounds < MIN_ROUNDS_TO_JUMP:  # not before it has measured
                 return current
-            if self.probing:
+            if not self._speculating_paid(model, current, sequences):
                 self.failed_in_a_row = min(self.failed_in_a_row + 1, MAX_DOUBLINGS)
+                self.probing, self.spell_ms, self.spell_rounds, self.failed_at = False, 0.0, 0, sequences
+                return Plan(1, 0, self.alone_rate * 1e3)
+        if current.k and not wanted.k:  # a drop: a spell begins
             self.probing, self.spell_ms, self.spell_rounds = False, 0.0, 0
             return wanted
         if current.k and model.rounds >= MIN_ROUNDS_TO_REPLAN:  # speculating has held up
             self.probing, self.failed_in_a_row = False, 0
+        held = abs(sequences - self.failed_at) <= self.failed_at / 4  # a load like the one it failed at
+        if not current.k and wanted.k and self.failed_in_a_row and held:
+            wanted = current  # at this load a probe measured speculating behind: only a probe undoes that
         if current.k or wanted.k or sequences <= 0 or not model.known or not self._due(model, backlog()):
             return wanted
+        spell_ms, spell_rounds = self.spell_ms, self.spell_rounds
         self.spell_ms, self.spell_rounds = 0.0, 0
         probe = best_plan(model, sequences, k_max, ks=range(resume_k, resume_k + 1))
         alone = predicted_rate(model, sequences, 1, 0)
@@ -78,12 +98,22 @@ class Probe:
         log.info("probe at %d sequences: speculating again at k=%d to measure acceptance afresh (%.2f tokens/s "
                  "predicted on the stale estimate, %.2f target-only)", sequences, resume_k, probe.tokens_per_s, alone)
         model.discount_acceptance(min(1.0, STALE_ROUNDS / max(model.reached[1], 1.0)))
-        self.probing = True
+        self.probing, self.alone_rate = True, spell_rounds / spell_ms
+        self.probe_ms, self.probe_rounds, self.skip_rounds = 0.0, 0, probe.lanes
         return probe
+
+    def _speculating_paid(self, model: StageModel, current: Plan, sequences: int) -> bool:
+        """Ends the probe: whether its rounds made more tokens per device ms than the spell's target-only ones."""
+        self.probing = False
+        rate = model.tokens_per_round(current.k) * self.probe_rounds / max(self.probe_ms, 1e-9)
+        log.info("probe at %d sequences, k=%d: %.2f tokens per s of device time against %.2f target-only: %s",
+                 sequences, current.k, rate * 1e3, self.alone_rate * 1e3, "kept" if rate >= self.alone_rate else
+                 "dropped")
+        return rate >= self.alone_rate
 
     def _due(self, model: StageModel, backlog_tokens: int) -> bool:
         per_token = model.draft_ms_per_token
-        if per_token is None or self.spell_rounds <= 0:
+        if per_token is None or self.spell_rounds <= 0 or self.spell_ms <= 0:
             return False
         probe_ms = backlog_tokens * per_token + MIN_ROUNDS_TO_JUMP * self.spell_ms / self.spell_rounds
         return self.spell_ms >= PROBE_RATIO * 2 ** self.failed_in_a_row * probe_ms
