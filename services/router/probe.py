@@ -5,7 +5,7 @@ good: a completion's first tokens are accepted less often than the rest (the def
 prompts at C = 4: α 0.66 over the first 12 tokens, 0.79 over 64), and on the AMX CPU auto dropped after a few
 rounds at C = 4, where sd measured 1.07x target-only, and never came back (0.88x sd). So after a spell the
 plan speculates again, a probe, with the acceptance measured before it cut to at most half the weight of the
-probe's own first rounds: the drop is judged again (policy.jump_gain) mostly on what the probe measures.
+probe's own first rounds (the stage model goes on from there if the probe holds).
 
 A probe costs what re-sending the draft the tokens it missed takes, and its rounds (priced at the spell's
 pace: they may run slower, which is what the probe finds out). A probe runs MIN_ROUNDS_TO_JUMP sequence rounds
