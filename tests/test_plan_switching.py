@@ -9,9 +9,10 @@ from transformers import AutoTokenizer
 
 from minedraft.engine.sampling import Sampling
 from minedraft.protos import draft_pb2_grpc, target_pb2_grpc
+from services.router import policy as policy_module
 from services.router import probe as probe_module
-from services.router import scheduler as scheduler_module
 from services.router.backends import Backend
+from services.router.k_trial import KTrial
 from services.router.policy import Plan
 from services.router.request import Request
 from services.router.scheduler import Scheduler
@@ -56,9 +57,9 @@ def test_forced_plan_changes_every_boundary_change_no_token(tiny_clusters, tiny_
         chosen.append(next(plans))
         return chosen[-1]
 
-    monkeypatch.setattr(scheduler_module, "next_plan", forced_plan)
+    monkeypatch.setattr(policy_module, "next_plan", forced_plan)
     # Let every forced k through: the measured-gain gate would hold a step until a window of rounds is timed.
-    monkeypatch.setattr(scheduler_module.KTrial, "decide", lambda _self, _current, wanted, _sequences: wanted)
+    monkeypatch.setattr(KTrial, "decide", lambda _self, _current, wanted, _sequences: wanted)
     switched = asyncio.run(generate(cluster, tokenizer, "auto", prompt_ids, max_tokens=30))
     assert [r.generated for r in switched] == expected
     drafted, accepted = sum(r.drafted for r in switched), sum(r.accepted for r in switched)
@@ -76,7 +77,7 @@ def test_probes_after_target_only_change_no_token(tiny_clusters, tiny_pair, monk
     cluster = tiny_clusters["psd"]
     expected = [r.generated for r in asyncio.run(generate(cluster, tokenizer, "ar", prompt_ids, max_tokens=30))]
 
-    monkeypatch.setattr(scheduler_module, "next_plan", lambda model, current, *_args, **_kwargs:
+    monkeypatch.setattr(policy_module, "next_plan", lambda model, current, *_args, **_kwargs:
                         Plan(1, 0, 0.0) if current.k and model.known else current)  # a round timed: drop
     monkeypatch.setattr(probe_module, "PROBE_RATIO", 0.0)
     monkeypatch.setattr(probe_module, "PROBE_WITHIN", float("inf"))

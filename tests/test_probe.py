@@ -8,8 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from services.router.auto_plan import AutoPlanner
+from services.router.drafting import draft_backlog
 from services.router.policy import MIN_ROUNDS_TO_JUMP, Plan, next_plan, predicted_rate
-from services.router.probe import PROBE_RATIO, STALE_ROUNDS, Probe, draft_backlog
+from services.router.probe import PROBE_RATIO, STALE_ROUNDS, Probe
 from services.router.stage_model import MIN_ROUNDS_TO_REPLAN, StageModel
 from tests.test_policy import model
 
@@ -133,9 +135,9 @@ def test_no_probe_where_target_only_is_far_ahead_nor_when_idle() -> None:
         plan = probe.revise(costs, plan, next_plan(costs, plan, 16, K_MAX, resume_k=RESUME_K), 16, K_MAX,
                             RESUME_K, lambda: 0)
         assert plan.k == 0
-    assert probe.failed_in_a_row == 0 and probe.spell_ms < 200 * 100.0, "checked, and the spell started over"
+    assert probe.failed_in_a_row == 0 and probe.spell.ms < 200 * 100.0, "checked, and the spell started over"
     probe.observe(0, 1000, 1e6)  # a spell long enough to be due
-    assert probe.revise(costs, plan, plan, 0, K_MAX, RESUME_K, lambda: 0) == plan and probe.spell_ms >= 1e6
+    assert probe.revise(costs, plan, plan, 0, K_MAX, RESUME_K, lambda: 0) == plan and probe.spell.ms >= 1e6
 
 
 def test_discounting_keeps_the_survival_curve_and_its_prior() -> None:
@@ -148,12 +150,22 @@ def test_discounting_keeps_the_survival_curve_and_its_prior() -> None:
 
 
 def test_the_backlog_is_what_the_draft_would_be_sent() -> None:
-    def request(tokens: int, draft_len: int, epoch: int, speculate: bool = True, remaining: int = 10):
+    def request(tokens: int, draft_len: int, epoch: int, speculate: bool = True, remaining: int = 10,
+                done: bool = False):
         return SimpleNamespace(tokens=list(range(tokens)), draft_len=draft_len, draft_epoch=epoch,
-                               speculate=speculate, remaining=remaining)
+                               speculate=speculate, remaining=remaining, done=done)
 
     held = request(30, 25, epoch=2)  # the draft holds 25 of its 30 tokens
     lost = request(30, 25, epoch=1)  # held before the draft restarted
     new = request(12, 0, epoch=-1)
-    never = [request(50, 0, -1, speculate=False), request(50, 0, -1, remaining=1)]  # decoded by the target alone
+    never = [request(50, 0, -1, speculate=False), request(50, 0, -1, remaining=1),  # decoded by the target alone
+             request(50, 0, -1, done=True)]
     assert draft_backlog([held, lost, new, *never], epoch=2) == 5 + 30 + 12
+
+
+def test_the_draft_going_down_starts_any_spell_afresh() -> None:
+    planner = AutoPlanner(stages(), RESUME_K, K_MAX)
+    planner.probe.observe(0, SEQUENCES, 1e6)
+    planner.probe.failed_in_a_row = 3
+    assert planner.next(Plan(2, RESUME_K, 0.0), SEQUENCES, speculating=False, backlog=lambda: 0) == Plan(1, 0, 0.0)
+    assert planner.probe == Probe(), "no spell, no failed probes carried over to when the draft is back"

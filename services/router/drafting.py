@@ -6,6 +6,8 @@ drafts (faults.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
 
 from minedraft.protos import common_pb2
@@ -41,6 +43,17 @@ PREFILL_S_PER_TOKEN = 0.1
 # A propose whose sequences bring more new tokens than this first caches tokens the draft missed (a spell of
 # target-only rounds): not a draft step's cost. A few (a round whose drafts TETRIS cut) ride along at about a step's.
 CATCH_UP_TOKENS = 8
+
+
+def drafts_for(request: Request) -> bool:
+    """Whether a round drafts for this request (one that can take only one more token gets none)."""
+    return request.speculate and not request.done and request.remaining > 1
+
+
+def draft_backlog(requests: Iterable[Request], epoch: int) -> int:
+    """Tokens the draft would be sent before these requests could speculate again (as Drafter.propose would:
+    all of a request's tokens where the draft does not hold them, else those past what it holds)."""
+    return sum(len(r.tokens) - (r.draft_len if r.draft_epoch == epoch else 0) for r in requests if drafts_for(r))
 
 
 class Drafter:
@@ -86,7 +99,7 @@ class Drafter:
         """Drafts up to k tokens per request; a request that can take only one more token gets none.
 
         `extra` > 0 (TETRIS): drafts k + extra each, and keeps the lane's k × size best positions (tetris.py)."""
-        wanted = [r for r in requests if r.speculate and not r.done and r.remaining > 1] if k > 0 else []
+        wanted = [r for r in requests if drafts_for(r)] if k > 0 else []
         stale = [r for r in wanted if r.draft_epoch != self.draft.epoch]
         if stale:  # new to the draft, or the draft restarted or lost them since: send their tokens first
             await self.prefill(stale, lane, threads, catching_up=True)

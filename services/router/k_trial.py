@@ -29,7 +29,8 @@ TokensPerRound = Callable[[int], float]
 
 @dataclass
 class CostWindow:
-    """Device time per sequence round over recent lane rounds at one layout and k."""
+    """Device time per sequence round over recent lane rounds at one layout and k (all of them when `add`'s limit
+    is inf)."""
 
     lanes: int
     k: int

@@ -21,11 +21,11 @@ acceptance is not that far off; the spell starts over, and the check recurs as t
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from services.router.k_trial import CostWindow
 from services.router.policy import MIN_ROUNDS_TO_JUMP, Plan, best_plan, predicted_rate
-from services.router.request import Request
 from services.router.stage_model import MIN_ROUNDS_TO_REPLAN, StageModel
 
 log = logging.getLogger(__name__)
@@ -34,51 +34,46 @@ PROBE_RATIO = 4.0  # a spell's device time over the probe's cost (times 2 for ea
 PROBE_WITHIN = 1.25  # no probe where the stale estimate has target-only ahead by this much or more
 STALE_ROUNDS = MIN_ROUNDS_TO_JUMP / 2  # the most sequence rounds' weight acceptance from before a probe keeps
 MAX_DOUBLINGS = 8  # a spell grows to at most 256x its probe's cost: traffic may still change
+UNBOUNDED = float("inf")  # a spell's and a probe's tallies keep every round (unlike KTrial's windows, which halve)
 
 
-def draft_backlog(requests: Iterable[Request], epoch: int) -> int:
-    """Tokens the draft would be sent before these requests could speculate again (as Drafter.propose would:
-    all of a request's tokens where the draft does not hold it, else those past what it holds)."""
-    return sum(len(r.tokens) - (r.draft_len if r.draft_epoch == epoch else 0)
-               for r in requests if r.speculate and r.remaining > 1)
+def _target_only_window() -> CostWindow:
+    return CostWindow(lanes=1, k=0, sequences=0)
 
 
 @dataclass
 class Probe:
-    spell_ms: float = 0.0  # device time of the target-only rounds since the drop (or the last probe)
-    spell_rounds: int = 0  # and their sequence rounds
+    spell: CostWindow = field(default_factory=_target_only_window)  # target-only rounds since the drop or probe
     failed_in_a_row: int = 0  # probes that ended in a drop again
     probing: bool = False
     alone_rate: float = 0.0  # target-only tokens per device ms over the spell before the probe
-    probe_ms: float = 0.0  # device time of the probe's rounds, and their sequence rounds
-    probe_rounds: int = 0
+    probed: CostWindow | None = None  # the probe's rounds
     skip_rounds: int = 0  # lane rounds still to leave out (each lane's first re-sends what the draft missed)
     failed_at: int = 0  # sequences in flight when the last probe measured speculating behind
 
     def observe(self, k: int, sequences: int, ms: float) -> None:
         """One lane round of `sequences` at k drafts a round took `ms` of device time."""
         if k == 0:
-            self.spell_ms += ms
-            self.spell_rounds += sequences
+            self.spell.add(sequences, ms, limit=UNBOUNDED)
         elif self.probing and self.skip_rounds:
             self.skip_rounds -= 1
         elif self.probing:
-            self.probe_ms += ms
-            self.probe_rounds += sequences
+            self.probed.add(sequences, ms, limit=UNBOUNDED)
 
     def revise(self, model: StageModel, current: Plan, wanted: Plan, sequences: int, k_max: int, resume_k: int,
                backlog: Callable[[], int]) -> Plan:
         """`wanted` (the policy's next plan), or a probe at `resume_k` once a spell of target-only has run;
-        `backlog()`: the tokens the draft would be sent first (draft_backlog)."""
+        `backlog()`: the tokens the draft would be sent first (drafting.draft_backlog)."""
         if self.probing and current.k:
-            if self.probe_rounds < MIN_ROUNDS_TO_JUMP:  # not before it has measured
+            if self.probed.rounds < MIN_ROUNDS_TO_JUMP:  # not before it has measured
                 return current
             if not self._speculating_paid(model, current, sequences):
                 self.failed_in_a_row = min(self.failed_in_a_row + 1, MAX_DOUBLINGS)
-                self.probing, self.spell_ms, self.spell_rounds, self.failed_at = False, 0.0, 0, sequences
+                self._begin_spell()
+                self.failed_at = sequences
                 return Plan(1, 0, self.alone_rate * 1e3)
         if current.k and not wanted.k:  # a drop: a spell begins
-            self.probing, self.spell_ms, self.spell_rounds = False, 0.0, 0
+            self._begin_spell()
             return wanted
         if current.k and model.rounds >= MIN_ROUNDS_TO_REPLAN:  # speculating has held up
             self.probing, self.failed_in_a_row = False, 0
@@ -87,8 +82,8 @@ class Probe:
             wanted = current  # at this load a probe measured speculating behind: only a probe undoes that
         if current.k or wanted.k or sequences <= 0 or not model.known or not self._due(model, backlog()):
             return wanted
-        spell_ms, spell_rounds = self.spell_ms, self.spell_rounds
-        self.spell_ms, self.spell_rounds = 0.0, 0
+        spell = self.spell
+        self._begin_spell()
         probe = best_plan(model, sequences, k_max, ks=range(resume_k, resume_k + 1))
         alone = predicted_rate(model, sequences, 1, 0)
         if alone >= PROBE_WITHIN * probe.tokens_per_s:
@@ -98,22 +93,25 @@ class Probe:
         log.info("probe at %d sequences: speculating again at k=%d to measure acceptance afresh (%.2f tokens/s "
                  "predicted on the stale estimate, %.2f target-only)", sequences, resume_k, probe.tokens_per_s, alone)
         model.discount_acceptance(min(1.0, STALE_ROUNDS / max(model.reached[1], 1.0)))
-        self.probing, self.alone_rate = True, spell_rounds / spell_ms
-        self.probe_ms, self.probe_rounds, self.skip_rounds = 0.0, 0, probe.lanes
+        self.probing, self.alone_rate = True, spell.rate(model.tokens_per_round)
+        self.probed, self.skip_rounds = CostWindow(probe.lanes, probe.k, sequences), probe.lanes
         return probe
+
+    def _begin_spell(self) -> None:
+        self.probing, self.spell = False, _target_only_window()
 
     def _speculating_paid(self, model: StageModel, current: Plan, sequences: int) -> bool:
         """Ends the probe: whether its rounds made more tokens per device ms than the spell's target-only ones."""
         self.probing = False
-        rate = model.tokens_per_round(current.k) * self.probe_rounds / max(self.probe_ms, 1e-9)
+        rate = self.probed.rate(model.tokens_per_round)
         log.info("probe at %d sequences, k=%d: %.2f tokens per s of device time against %.2f target-only: %s",
                  sequences, current.k, rate * 1e3, self.alone_rate * 1e3, "kept" if rate >= self.alone_rate else
                  "dropped")
         return rate >= self.alone_rate
 
     def _due(self, model: StageModel, backlog_tokens: int) -> bool:
-        per_token = model.draft_ms_per_token
-        if per_token is None or self.spell_rounds <= 0 or self.spell_ms <= 0:
+        per_token, spell = model.draft_ms_per_token, self.spell
+        if per_token is None or spell.rounds <= 0 or spell.ms <= 0:
             return False
-        probe_ms = backlog_tokens * per_token + MIN_ROUNDS_TO_JUMP * self.spell_ms / self.spell_rounds
-        return self.spell_ms >= PROBE_RATIO * 2 ** self.failed_in_a_row * probe_ms
+        probe_ms = backlog_tokens * per_token + MIN_ROUNDS_TO_JUMP * spell.ms / spell.rounds
+        return spell.ms >= PROBE_RATIO * 2 ** self.failed_in_a_row * probe_ms

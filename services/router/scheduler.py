@@ -22,15 +22,14 @@ from minedraft.errors import Unavailable
 from minedraft.protos import common_pb2, monitor_pb2, target_pb2
 from minedraft.serving.telemetry import batch_span
 from services.router import messages
+from services.router.auto_plan import AutoPlanner
 from services.router.backends import Backend
 from services.router.calibration import CalibrationCache, calibrate
-from services.router.drafting import PREFILL_S_PER_TOKEN, Drafter
+from services.router.drafting import PREFILL_S_PER_TOKEN, Drafter, draft_backlog
 from services.router.faults import target_call_failed, target_refused
-from services.router.k_trial import KTrial
 from services.router.lanes import Lane, hand_over, overlapped, take_waiting
 from services.router.modes import MODES
-from services.router.policy import Plan, next_plan
-from services.router.probe import Probe, draft_backlog
+from services.router.policy import Plan
 from services.router.recorder import Recorder
 from services.router.releases import Releaser
 from services.router.request import Request
@@ -65,8 +64,7 @@ class Scheduler:
         self.stages = StageModel()
         self.k_max = k_max or 2 * k
         self.plan = Plan(lanes=len(self.lanes), k=k, tokens_per_s=0.0)
-        self.resume_k = k  # the k to speculate at again after a spell of target-only decoding
-        self.k_trial, self.probe = KTrial(self.stages.tokens_per_round), Probe()
+        self.planner = AutoPlanner(self.stages, k, self.k_max)
         self.waiting: deque[Request] = deque()
         self.recorder = Recorder()
         self.drafter = Drafter(draft, self.stages, self.recorder, draft_timeout_s, draft_prefill_tokens,
@@ -137,19 +135,15 @@ class Scheduler:
         """auto: choose one lane or two, and k, for the sequences now in flight."""
         if self.mode != "auto":
             return
-        if self.speculating:
-            if self.plan.k:
-                self.resume_k = self.plan.k
-            wanted = next_plan(self.stages, self.plan, self.in_flight, self.k_max, resume_k=self.resume_k)
-            wanted = self.probe.revise(self.stages, self.plan, wanted, self.in_flight, self.k_max, self.resume_k,
-                                       lambda: draft_backlog(self.live(), self.draft.epoch))
-            plan = self.k_trial.decide(self.plan, wanted, self.in_flight)
-        else:  # the draft is down: when it is back, any spell starts afresh
-            plan, self.probe = Plan(1, 0, 0.0), Probe()
+        plan = self.planner.next(self.plan, self.in_flight, self.speculating,
+                                 lambda: draft_backlog(self.live(), self.draft.epoch))
         if (plan.lanes, plan.k) != (self.plan.lanes, self.plan.k):
             log.info("plan for %d sequences: %d lane(s), k=%d, %.2f tokens/s predicted (alpha %.2f)",
                      self.in_flight, plan.lanes, plan.k, plan.tokens_per_s, self.stages.alpha)
         self.plan = plan
+
+    def _lane_open(self, lane: Lane) -> bool:
+        return lane.index < self.plan.lanes
 
     async def _run_lane(self, lane: Lane) -> None:
         while True:
@@ -161,14 +155,14 @@ class Scheduler:
                 if hand_over(self.lanes, self.plan.lanes, lane):
                     self._work.set()
                 joining = take_waiting(self.lanes, self.plan.lanes, lane, self.waiting, self.max_batch,
-                                       self.max_lane_tokens) if lane.index < self.plan.lanes else []
+                                       self.max_lane_tokens) if self._lane_open(lane) else []
                 metrics.WAITING.set(len(self.waiting))
                 metrics.LANE_SEQUENCES.labels(str(lane.index)).set(len(lane.active) + len(joining))
                 if joining:
                     lane.active.extend(joining)  # before the call: a lane error fails them too, leases cover them
                     await self._prefill(lane, joining)
                 if not lane.active:
-                    if not (self.waiting and lane.index < self.plan.lanes) and not lane.incoming:
+                    if not (self.waiting and self._lane_open(lane)) and not lane.incoming:
                         self._work.clear()
                         await self._work.wait()
                     continue
@@ -277,8 +271,7 @@ class Scheduler:
             draft_ms, verify_ms = lane.counters.draft_ms - draft_ms_before, response.stats.forward_ms
             beside = any(other is not lane and other.active for other in self.lanes) and self.plan.lanes == 2
             cost_ms = max(draft_ms, verify_ms) if beside else draft_ms + verify_ms
-            self.k_trial.observe(self.plan.lanes, k, len(requests), cost_ms)
-            self.probe.observe(k, len(requests), cost_ms)
+            self.planner.observe(self.plan.lanes, k, len(requests), cost_ms)
         elapsed = loop.time() - started
         lane.round_served(len(requests), elapsed)
         self.recorder.round_done(lane, elapsed)

@@ -1,0 +1,41 @@
+"""auto's plan for the sequences in flight: one lane or two, and k drafts a round (0: target-only).
+
+Three steps, each in its own file: the policy picks the plan its stage model predicts fastest (policy.py);
+after a spell of target-only decoding a probe speculates again, to measure acceptance afresh (probe.py); a
+k step is kept only when it measures a gain (k_trial.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from services.router import policy
+from services.router.k_trial import KTrial
+from services.router.policy import Plan
+from services.router.probe import Probe
+from services.router.stage_model import StageModel
+
+
+class AutoPlanner:
+    """Chooses auto's plan at each lane's round boundary, and is told what each round cost."""
+
+    def __init__(self, stages: StageModel, k: int, k_max: int) -> None:
+        self.stages, self.k_max = stages, k_max
+        self.resume_k = k  # the k to speculate at again after a spell of target-only decoding
+        self.k_trial, self.probe = KTrial(stages.tokens_per_round), Probe()
+
+    def next(self, current: Plan, sequences: int, speculating: bool, backlog: Callable[[], int]) -> Plan:
+        """The plan for the next round of `sequences` in flight; `speculating`: the draft is serving;
+        `backlog()`: the tokens the draft would be sent before speculation resumed (drafting.draft_backlog)."""
+        if not speculating:  # the draft is down: when it is back, any spell starts afresh
+            self.probe = Probe()
+            return Plan(1, 0, 0.0)
+        if current.k:
+            self.resume_k = current.k
+        wanted = policy.next_plan(self.stages, current, sequences, self.k_max, resume_k=self.resume_k)
+        wanted = self.probe.revise(self.stages, current, wanted, sequences, self.k_max, self.resume_k, backlog)
+        return self.k_trial.decide(current, wanted, sequences)
+
+    def observe(self, lanes: int, k: int, sequences: int, ms: float) -> None:
+        """One lane round of `sequences` at (lanes, k) took `ms` of device time (overlapped: its slower stage)."""
+        self.k_trial.observe(lanes, k, sequences, ms)
+        self.probe.observe(k, sequences, ms)
