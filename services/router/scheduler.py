@@ -33,7 +33,7 @@ from services.router.policy import Plan
 from services.router.recorder import Recorder
 from services.router.releases import Releaser
 from services.router.request import Request
-from services.router.stage_model import StageModel
+from services.router.stage_model import StageModel, settled
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class Scheduler:
         response = await self._verify(lane, requests, drafts, shared)
         if response is None:
             return 0, 0
-        accepted_total = 0
+        accepted_total, measured = 0, [0, 0]  # drafted and accepted where acceptance is measured (settled)
         for request, verdict in zip(requests, response.verdicts, strict=True):
             if verdict.HasField("error"):
                 target_refused(request, verdict.error)
@@ -257,14 +257,16 @@ class Scheduler:
             proposed = [d.token_id for d in drafts.get(request.seq_id, [])]
             if proposed:
                 request.draft_len = len(request.tokens) + verdict.accepted
-                self.stages.observe_round(len(proposed), verdict.accepted,  # TETRIS cuts are not early stops
-                                          cap=None if self.tetris_extra else min(k, request.remaining - 1))
+                measures = settled(len(request.generated), request.max_tokens)
+                cap = None if self.tetris_extra else min(k, request.remaining - 1)  # TETRIS cuts are not early stops
+                self.stages.observe_round(len(proposed), verdict.accepted, cap, measures)
+                measured = [measured[0] + len(proposed) * measures, measured[1] + verdict.accepted * measures]
             self.recorder.verdict(lane, request, len(proposed), verdict.accepted)
             accepted_total += verdict.accepted
             if not request.done:
                 request.add_tokens([*proposed[:verdict.accepted], verdict.next_token], verdict.logprobs)
         drafted_total = sum(len(d) for d in drafts.values())
-        self.stages.observe_acceptance(drafted_total, accepted_total)
+        self.stages.observe_acceptance(*measured)
         if self.mode == "auto":
             # Device time, not wall time: a round's wall time also holds the other lane's prefills, which
             # come in waves and would swamp a few percent. Overlapped, a lane round costs its slower stage.
