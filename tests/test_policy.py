@@ -240,3 +240,11 @@ def test_early_stops_are_costed_by_the_steps_they_run() -> None:
     assert stages.draft_step(1) == pytest.approx(10.0)
     assert predicted_rate(stages, 1, 1, 4) == pytest.approx(stages.tokens_per_round(4) / (2.5 * 10 + 50) * 1e3,
                                                             rel=0.02)
+
+
+def test_rounds_without_drafts_leave_alpha_alone() -> None:
+    """A long spell of target-only rounds (each reports no drafts) once decayed α's sums to 0 / 0."""
+    stages = StageModel()
+    for _ in range(80_000):
+        stages.observe_acceptance(0, 0)
+    assert stages.alpha == pytest.approx(0.7)

@@ -1,9 +1,10 @@
-"""auto's acceptance is measured past a completion's first tokens (stage_model.settled): they are accepted less
-often than the rest, and early in a run they alone made drafting look far dearer than it was. Real draft and
-target services on the tiny pair, real gRPC on loopback."""
+"""auto's acceptance is measured past a completion's first tokens until a jump's worth of rounds is (stage_model
+.settled): they are accepted less often than the rest, and early in a run they alone made drafting look far
+dearer than it was. Real draft and target services on the tiny pair, real gRPC on loopback."""
 
 import asyncio
 
+import pytest
 from transformers import AutoTokenizer
 
 from minedraft.engine.sampling import Sampling
@@ -12,41 +13,53 @@ from services.router import stage_model
 from services.router.backends import Backend
 from services.router.request import Request
 from services.router.scheduler import Scheduler
-from services.router.stage_model import settled
+from services.router.stage_model import MIN_ROUNDS_TO_JUMP, StageModel, settled
 from services.router.text_stream import TextStream
 from tests.conftest import internal_channel
 
-MAX_TOKENS = 24  # settled from token 6 (a quarter of it)
+MAX_TOKENS, K = 64, 2  # settled from token 16
 
 
 def test_a_completion_settles_after_its_first_tokens() -> None:
     assert not settled(15, 64) and settled(16, 64) and settled(16, 1000)
     assert not settled(1, 8) and settled(2, 8), "a short completion settles after a quarter of it"
+    measured = StageModel(rounds=MIN_ROUNDS_TO_JUMP)
+    assert measured.measures(1, 64) and not StageModel().measures(1, 64), "once a jump's worth is measured, all"
 
 
-async def measured_rounds(cluster, tokenizer) -> tuple[int, int, list[int]]:
-    """(sequence rounds the stage model measured, rounds that drafted, the tokens) for one sd request."""
+async def two_requests(cluster, tokenizer) -> tuple[list[int], list[list[int]], StageModel]:
+    """Two sd requests one after the other: (the rounds the stage model measured during each, their tokens,
+    the stage model)."""
     async with internal_channel(cluster, cluster.target_address) as target_channel, \
             internal_channel(cluster, cluster.draft_address) as draft_channel:
         scheduler = Scheduler(Backend("target", target_channel, target_pb2_grpc.TargetStub),
-                              Backend("draft", draft_channel, draft_pb2_grpc.DraftStub), mode="sd", k=2)
+                              Backend("draft", draft_channel, draft_pb2_grpc.DraftStub), mode="sd", k=K)
         scheduler.start()
-        request = Request(seq_id=f"settle-{stage_model.SETTLE_TOKENS}", sampling=Sampling(), max_tokens=MAX_TOKENS,
-                          prompt_ids=tokenizer.encode("def add(a, b):", add_special_tokens=False),
-                          text=TextStream(tokenizer, []), eos_ids=frozenset())
-        scheduler.submit(request)
-        while not request.done:
-            await asyncio.sleep(0.02)
+        measured, outputs = [], []
+        for i, prompt in enumerate(["def add(a, b):", "Hello there"]):
+            before = scheduler.stages.rounds
+            request = Request(seq_id=f"settle-{stage_model.SETTLE_TOKENS}-{i}", sampling=Sampling(),
+                              max_tokens=MAX_TOKENS, prompt_ids=tokenizer.encode(prompt, add_special_tokens=False),
+                              text=TextStream(tokenizer, []), eos_ids=frozenset())
+            scheduler.submit(request)
+            while not request.done:
+                await asyncio.sleep(0.02)
+            measured.append(scheduler.stages.rounds - before)
+            outputs.append(request.generated)
         await scheduler.stop()
-        return scheduler.stages.rounds, request.rounds, request.generated
+        return measured, outputs, scheduler.stages
 
 
-def test_only_rounds_past_the_first_tokens_measure_acceptance(tiny_clusters, tiny_pair, monkeypatch) -> None:
+def test_rounds_among_the_first_tokens_are_measured_only_once_enough_others_are(
+        tiny_clusters, tiny_pair, monkeypatch) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
-    measured, rounds, tokens = asyncio.run(measured_rounds(tiny_clusters["sd"], tokenizer))
+    (first, second), outputs, stages = asyncio.run(two_requests(tiny_clusters["sd"], tokenizer))
     monkeypatch.setattr(stage_model, "SETTLE_TOKENS", 0)
-    every, same_rounds, same_tokens = asyncio.run(measured_rounds(tiny_clusters["sd"], tokenizer))
-    assert (same_rounds, same_tokens) == (rounds, tokens), "premise: the same rounds, the same output"
-    assert every >= MAX_TOKENS // 4, "premise: with nothing held back, the rounds measured are those that drafted"
-    assert 0 < measured < every, "the rounds among the first tokens are not measured"
-    assert measured <= every - MAX_TOKENS // 4 // (2 + 1), "at most k + 1 = 3 tokens a round: 2 rounds held back"
+    (every_first, every_second), same_outputs, every = asyncio.run(two_requests(tiny_clusters["sd"], tokenizer))
+    assert same_outputs == outputs, "premise: the same rounds, the same output"
+    assert first >= MIN_ROUNDS_TO_JUMP, "premise: the first request's later rounds make a jump's worth"
+    # Its rounds start after the prefill's token and make at most k + 1 tokens each: 15 tokens, 5 rounds or more.
+    assert first <= every_first - -(-(MAX_TOKENS // 4 - 1) // (K + 1)), "the first tokens' rounds are held back"
+    assert second == every_second, "once a jump's worth is measured, every round counts"
+    assert stages.drafted < every.drafted, "α leaves them out too"
+    assert stages.draft_prefill_rounds == pytest.approx(every.draft_prefill_rounds), "they still spread prefill"

@@ -8,7 +8,7 @@ a trial: each k is judged by
     tokens per device ms  =  tokens per sequence round at k  /  device ms per sequence round at k
 
 where the cost is timed over the rounds run at that k, and the tokens come from the acceptance curve
-measured over all rounds (StageModel.tokens_per_round). Judging both k on one curve pairs them: the
+measured (StageModel.tokens_per_round). Judging both k on one curve pairs them: the
 acceptance noise of any one window (about 45 % a sequence round) falls on both alike, and only the
 cost, which varies a few percent, is compared. A step is kept if it measures better by a margin; a
 step that does not pay is undone and not tried again for a while.

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.router.stage_model import MIN_ROUNDS_TO_REPLAN, StageModel
+from services.router.stage_model import MIN_ROUNDS_TO_JUMP, MIN_ROUNDS_TO_REPLAN, StageModel
 
 RESUME_GAIN = 1.25  # predicted gain that takes target-only decoding back to speculating
-# Sequence rounds of measured acceptance before a jump to or from target-only is judged on it (jump_gain), fewer
-# than MIN_ROUNDS_TO_REPLAN: whether drafting pays at all shows sooner than which k is best
-MIN_ROUNDS_TO_JUMP = 16
 # Predicted on the prior (or a few rounds' acceptance) alone, target-only must beat speculating by this to start
 # it. Here the prediction said 1.2-1.4x at C = 4, where sd measured 1.14x ar, and 1.6-2x at C = 8, where ar won.
 PRIOR_DROP_GAIN = 1.5

@@ -33,7 +33,7 @@ from services.router.policy import Plan
 from services.router.recorder import Recorder
 from services.router.releases import Releaser
 from services.router.request import Request
-from services.router.stage_model import StageModel, settled
+from services.router.stage_model import StageModel
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class Scheduler:
             proposed = [d.token_id for d in drafts.get(request.seq_id, [])]
             if proposed:
                 request.draft_len = len(request.tokens) + verdict.accepted
-                measures = settled(len(request.generated), request.max_tokens)
+                measures = self.stages.measures(len(request.generated), request.max_tokens)
                 cap = None if self.tetris_extra else min(k, request.remaining - 1)  # TETRIS cuts are not early stops
                 self.stages.observe_round(len(proposed), verdict.accepted, cap, measures)
                 measured = [measured[0] + len(proposed) * measures, measured[1] + verdict.accepted * measures]

@@ -10,10 +10,15 @@ from dataclasses import dataclass, field
 MAX_POSITIONS = 32
 MIN_POSITION_SAMPLES = 8
 MIN_ROUNDS_TO_REPLAN = 64  # sequence rounds of measured acceptance before the plan leaves its start
-# Acceptance is measured past a completion's first tokens (a quarter of its max_tokens when that is fewer): they
-# are accepted less often than the rest (the default pair on the HumanEval prompts: α 0.66 over the first 12
-# tokens, 0.79 over 64), so early in a run they made drafting look several times dearer than it was, and auto
-# dropped to target-only where sd was ahead (on the AMX CPU at C = 4: α 0.45 over those rounds, 0.78 in sd).
+# Sequence rounds of measured acceptance before a jump to or from target-only is judged on it (policy.jump_gain),
+# fewer than MIN_ROUNDS_TO_REPLAN: whether drafting pays at all shows sooner than which k is best
+MIN_ROUNDS_TO_JUMP = 16
+# Until a jump's worth of rounds is measured (MIN_ROUNDS_TO_JUMP; again after a probe's discount), acceptance
+# is measured past a completion's first tokens (a quarter of its max_tokens when that is fewer): they are accepted
+# less often than the rest (the default pair on the HumanEval prompts: α 0.66 over the first 12 tokens, 0.79 over
+# 64), and early in a run they alone made drafting look far dearer than it was: auto dropped to target-only where
+# sd was ahead (on the AMX CPU at C = 4: α 0.45 over those rounds, 0.78 in sd). From then on every round counts,
+# since throughput sees whole completions (counting only later tokens would overrate drafting ~8 % for good).
 SETTLE_TOKENS = 16
 
 
@@ -112,7 +117,7 @@ class StageModel:
     reached: list[float] = field(default_factory=lambda: [0.0] * (MAX_POSITIONS + 1))
     survived: list[float] = field(default_factory=lambda: [0.0] * (MAX_POSITIONS + 1))
     drafted_to: list[float] = field(default_factory=lambda: [0.0] * (MAX_POSITIONS + 1))
-    rounds: int = 0  # sequence rounds observed (with at least one draft) since acceptance was last discounted
+    rounds: int = 0  # sequence rounds measured (with at least one draft) since acceptance was last discounted
     # The draft's own prefill of new prompts, per sequence round (decayed alike): a cost only speculation pays.
     draft_prefill_ms: float = 0.0
     draft_prefill_rounds: float = 0.0
@@ -140,6 +145,8 @@ class StageModel:
         return self.costs(shared).verify(batch, k)
 
     def observe_acceptance(self, drafted: int, accepted: int, decay: float = 0.99) -> None:
+        if not drafted:  # a round without drafts says nothing (and ~74k of them decayed α to 0 / 0)
+            return
         self.drafted = decay * self.drafted + drafted
         self.accepted = decay * self.accepted + accepted
 
@@ -165,6 +172,10 @@ class StageModel:
             self.reached[i] += 1
             self.survived[i] += i <= accepted
             self.drafted_to[i] += i <= drafted
+
+    def measures(self, generated: int, max_tokens: int) -> bool:
+        """Whether a round after `generated` tokens of a completion of up to `max_tokens` measures acceptance."""
+        return self.rounds >= MIN_ROUNDS_TO_JUMP or settled(generated, max_tokens)
 
     def draft_steps(self, k: int, sequences: float = 1) -> float:
         """Expected draft steps of a round asking k of each of `sequences` — also its longest proposal: a step
