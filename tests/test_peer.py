@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from minedraft.app.bench.metrics import summarise_mode
-from minedraft.app.bench.peer import SCRIPT, parse_peers, run_peer
+from minedraft.app.bench.peer import SCRIPT, drive_peer, parse_peers, run_peer
 from minedraft.app.launcher import free_port
 
 CACHE = Path(os.environ.get("MINEDRAFT_CACHE", Path.home() / ".cache" / "minedraft"))
@@ -37,3 +42,42 @@ def test_llamacpp_peer_streams_greedy_answers_with_usage() -> None:
     assert summary["errors"] == 0 and summary["requests"] == 2
     assert all(0 < r.tokens <= 8 and r.first_token is not None for r in raw["records"])
     assert summary["throughput_tok_s"] > 0
+
+
+class DroppingServer(BaseHTTPRequestHandler):
+    """Streams a two-token completion, then, unless asked to close, keeps the connection a moment and drops it
+    unannounced, as llama.cpp's server did: a client that reuses it meanwhile gets no response."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        base = {"id": "c", "object": "text_completion", "created": 0, "model": "m"}
+        events = [{**base, "choices": [{"index": 0, "text": word, "finish_reason": None}]} for word in ("a", "b")]
+        events.append({**base, "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})
+        for data in [*map(json.dumps, events), "[DONE]"]:
+            chunk = f"data: {data}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+        if self.headers.get("Connection", "").lower() != "close":
+            time.sleep(0.2)
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_peer_requests_survive_a_server_that_drops_idle_connections() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), DroppingServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        records = asyncio.run(drive_peer(base, [{"prompt": "x"}] * 6, concurrency=1, max_tokens=2))
+    finally:
+        server.shutdown()
+    assert [(r.tokens, r.error) for r in records] == [(2, "")] * 6
