@@ -87,6 +87,7 @@ class Drafter:
                 # Only new prompts count as a per-round cost of speculating: re-sending sequences the draft lost
                 # (down, or a spell of target-only decoding) is paid once, when speculation resumes.
                 self.stages.observe_draft_prefill(response.stats.forward_ms * new_tokens / sum(lengths))
+                lane.draft_ms += response.stats.forward_ms * new_tokens / sum(lengths)  # as the policy prices it
             refused = {e.seq_id: e for e in response.errors}
             for request, length in zip(chunk, lengths, strict=True):
                 if request.seq_id in refused:

@@ -27,6 +27,9 @@ class Lane:
     # from `counters`, which a GetStats(clear=True) resets: a cleared cell would look unmeasured, then slow.
     served_rounds: float = 0.0
     served_ms: float = 0.0
+    # What auto prices this lane's rounds with: the draft's device ms for them (proposals, and new prompts caught
+    # up on the way), never cleared. Read from `counters`, a clear mid-round made a round's cost -1e6 ms.
+    draft_ms: float = 0.0
 
     def __post_init__(self) -> None:
         self.counters.lane = self.index

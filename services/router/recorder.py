@@ -24,6 +24,7 @@ class Recorder:
 
     def propose(self, lane: Lane, stats: common_pb2.StepStats, tokens: int) -> None:
         lane.counters.draft_ms += stats.forward_ms
+        lane.draft_ms += stats.forward_ms
         lane.counters.propose_calls += 1
         self.device_call("draft", "propose", lane, stats, tokens)
 

@@ -242,7 +242,7 @@ class Scheduler:
     async def _round_batch(self, lane: Lane, requests: list[Request]) -> tuple[int, int]:
         """One draft + verify round for these requests; returns (tokens drafted, tokens accepted)."""
         loop = asyncio.get_running_loop()
-        started, k, draft_ms_before = loop.time(), self.round_k, lane.counters.draft_ms
+        started, k, lanes, draft_ms_before = loop.time(), self.round_k, self.plan.lanes, lane.draft_ms
         shared = bool(self.share_cores) and overlapped(self.lanes, self.plan.lanes, lane)
         drafts = await self.drafter.propose(lane, requests, self.round_k, shared, self.threads_for(shared),
                                             self.tetris_extra) if self.speculating else {}
@@ -270,10 +270,11 @@ class Scheduler:
         if self.mode == "auto":
             # Device time, not wall time: a round's wall time also holds the other lane's prefills, which
             # come in waves and would swamp a few percent. Overlapped, a lane round costs its slower stage.
-            draft_ms, verify_ms = lane.counters.draft_ms - draft_ms_before, response.stats.forward_ms
-            beside = any(other is not lane and other.active for other in self.lanes) and self.plan.lanes == 2
+            draft_ms, verify_ms = lane.draft_ms - draft_ms_before, response.stats.forward_ms
+            beside = any(other is not lane and other.active for other in self.lanes) and lanes == 2
             cost_ms = max(draft_ms, verify_ms) if beside else draft_ms + verify_ms
-            self.planner.observe(self.plan.lanes, k, len(requests), cost_ms)
+            # The plan the round started on; one that sent no drafts (the draft went down) ran target-only
+            self.planner.observe(lanes, k if drafts else 0, len(requests), cost_ms)
         elapsed = loop.time() - started
         lane.round_served(len(requests), elapsed)
         self.recorder.round_done(lane, elapsed)
