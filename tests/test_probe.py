@@ -169,3 +169,18 @@ def test_the_draft_going_down_starts_any_spell_afresh() -> None:
     planner.probe.failed_in_a_row = 3
     assert planner.next(Plan(2, RESUME_K, 0.0), SEQUENCES, speculating=False, backlog=lambda: 0) == Plan(1, 0, 0.0)
     assert planner.probe == Probe(), "no spell, no failed probes carried over to when the draft is back"
+
+
+def test_a_kept_probe_holds_until_acceptance_is_well_measured() -> None:
+    """A probe that measured speculating ahead is not undone on the spot by a model that still predicts
+    target-only ahead (acceptance 0.4 here): it holds until MIN_ROUNDS_TO_REPLAN rounds, then the model decides."""
+    stages_, probe = stages(), Probe()
+    plan, _ = spell(probe, stages_, drop(probe, stages_, Plan(1, RESUME_K, 0.0)))
+    plan = measure(probe, stages_, plan, alpha=0.4, cost=1.0)
+    assert plan.k == RESUME_K and probe.kept and not probe.probing
+    assert next_plan(stages_, plan, SEQUENCES, K_MAX, resume_k=RESUME_K).k == 0, "premise: the model would drop"
+    while stages_.rounds < MIN_ROUNDS_TO_REPLAN - SEQUENCES:
+        speculate(stages_, alpha=0.4, rounds=SEQUENCES, seed=int(stages_.rounds))
+        assert replan(probe, stages_, plan) == plan
+    speculate(stages_, alpha=0.4, rounds=SEQUENCES, seed=5)
+    assert replan(probe, stages_, plan).k == 0 and not probe.kept

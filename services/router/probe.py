@@ -10,7 +10,9 @@ probe's own first rounds (the stage model goes on from there if the probe holds)
 A probe costs what re-sending the draft the tokens it missed takes, and its rounds (priced at the spell's
 pace: they may run slower, which is what the probe finds out). A probe runs MIN_ROUNDS_TO_JUMP sequence rounds
 (besides each lane's first, which also re-sends the draft what it missed) and is then judged on what they
-measured, not on the stage model: speculating goes on if its tokens per ms of device time beat the spell's.
+measured, not on the stage model: speculating goes on if its tokens per ms of device time beat the spell's,
+and the model may drop it again only once it has measured MIN_ROUNDS_TO_REPLAN rounds (else a kept probe was
+undone on the spot, and probe and drop took turns with no backoff).
 (The model can be optimistic: on the Zen 5 EPYC at C = 4 it predicted speculating level with target-only,
 which measured 1.2x sd.) A spell lasts PROBE_RATIO times that, doubled for each probe in a row that ended in
 a drop again, so probing costs a few percent where target-only is right. Where the stale estimate has
@@ -50,6 +52,7 @@ class Probe:
     probed: CostWindow | None = None  # the probe's rounds
     skip_rounds: int = 0  # lane rounds still to leave out (each lane's first re-sends what the draft missed)
     failed_at: int = 0  # sequences in flight when the last probe measured speculating behind
+    kept: bool = False  # the last probe measured speculating ahead: it holds until acceptance is well measured
 
     def observe(self, k: int, sequences: int, ms: float) -> None:
         """One lane round of `sequences` at k drafts a round took `ms` of device time."""
@@ -72,11 +75,14 @@ class Probe:
                 self._begin_spell()
                 self.failed_at = sequences
                 return Plan(1, 0, self.alone_rate * 1e3)
+            self.kept = True
+        if current.k and not wanted.k and self.kept and model.rounds < MIN_ROUNDS_TO_REPLAN:
+            return current  # what the probe measured outranks the model until the model has measured more
         if current.k and not wanted.k:  # a drop: a spell begins
             self._begin_spell()
             return wanted
         if current.k and model.rounds >= MIN_ROUNDS_TO_REPLAN:  # speculating has held up
-            self.probing, self.failed_in_a_row = False, 0
+            self.probing, self.failed_in_a_row, self.kept = False, 0, False
         held = abs(sequences - self.failed_at) <= self.failed_at / 4  # a load like the one it failed at
         if not current.k and wanted.k and self.failed_in_a_row and held:
             wanted = current  # at this load a probe measured speculating behind: only a probe undoes that
@@ -98,7 +104,7 @@ class Probe:
         return probe
 
     def _begin_spell(self) -> None:
-        self.probing, self.spell = False, _target_only_window()
+        self.probing, self.kept, self.spell = False, False, _target_only_window()
 
     def _speculating_paid(self, model: StageModel, current: Plan, sequences: int) -> bool:
         """Ends the probe: whether its rounds made more tokens per device ms than the spell's target-only ones."""
