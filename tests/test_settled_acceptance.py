@@ -13,7 +13,7 @@ from services.router import stage_model
 from services.router.backends import Backend
 from services.router.request import Request
 from services.router.scheduler import Scheduler
-from services.router.stage_model import MIN_ROUNDS_TO_JUMP, StageModel, settled
+from services.router.stage_model import MIN_ROUNDS_TO_JUMP, SHORT_COMPLETIONS, StageModel, settled
 from services.router.text_stream import TextStream
 from tests.conftest import internal_channel
 
@@ -25,6 +25,14 @@ def test_a_completion_settles_after_its_first_tokens() -> None:
     assert not settled(1, 8) and settled(2, 8), "a short completion settles after a quarter of it"
     measured = StageModel(rounds=MIN_ROUNDS_TO_JUMP)
     assert measured.measures(1, 64) and not StageModel().measures(1, 64), "once a jump's worth is measured, all"
+    short = StageModel()
+    for _ in range(SHORT_COMPLETIONS - 1):
+        short.completed(10, 64)
+    short.completed(40, 64)
+    short.completed(10, 64)
+    assert not short.measures(1, 64), "one that settled offsets one that did not"
+    short.completed(10, 64)
+    assert short.measures(1, 64), "where completions end before settling, every round counts"
 
 
 async def two_requests(cluster, tokenizer) -> tuple[list[int], list[list[int]], StageModel]:
@@ -63,3 +71,30 @@ def test_rounds_among_the_first_tokens_are_measured_only_once_enough_others_are(
     assert second == every_second, "once a jump's worth is measured, every round counts"
     assert stages.drafted < every.drafted, "α leaves them out too"
     assert stages.draft_prefill_rounds == pytest.approx(every.draft_prefill_rounds), "they still spread prefill"
+
+
+async def short_answers(cluster, tokenizer) -> tuple[StageModel, int]:
+    """sd requests that end on EOS after 6 tokens, more than SHORT_COMPLETIONS of them: (the stage model, the
+    rounds it measured)."""
+    async with internal_channel(cluster, cluster.target_address) as target_channel, \
+            internal_channel(cluster, cluster.draft_address) as draft_channel:
+        scheduler = Scheduler(Backend("target", target_channel, target_pb2_grpc.TargetStub),
+                              Backend("draft", draft_channel, draft_pb2_grpc.DraftStub), mode="sd", k=K)
+        scheduler.start()
+        prompt, eos = tokenizer.encode("def add(a, b):", add_special_tokens=False), frozenset()
+        for i in range(SHORT_COMPLETIONS + 2):
+            request = Request(seq_id=f"short-{i}", sampling=Sampling(), max_tokens=MAX_TOKENS, prompt_ids=prompt,
+                              text=TextStream(tokenizer, []), eos_ids=eos)
+            scheduler.submit(request)
+            while not request.done:
+                await asyncio.sleep(0.02)
+            eos = eos or frozenset({request.generated[5]} - set(request.generated[:5]))  # the same greedy answer
+        await scheduler.stop()
+        return scheduler.stages, scheduler.stages.rounds
+
+
+def test_where_completions_end_before_settling_every_round_counts(tiny_clusters, tiny_pair) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
+    stages, rounds = asyncio.run(short_answers(tiny_clusters["sd"], tokenizer))
+    assert stages.short_endings == SHORT_COMPLETIONS, "premise: the answers after the first ended on EOS, unsettled"
+    assert rounds > 0, "their rounds measure acceptance once enough of them ended so"

@@ -182,6 +182,8 @@ class Scheduler:
         if not done:
             return
         lane.active = [r for r in lane.active if not r.done]
+        for request in (r for r in done if r.drafted and r.finish_reason in ("stop", "eos", "length")):
+            self.stages.completed(len(request.generated), request.max_tokens)  # not a failed or cancelled one
         await self.releaser.release(done)
 
     async def _prefill(self, lane: Lane, joining: list[Request]) -> None:

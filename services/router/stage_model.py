@@ -20,6 +20,9 @@ MIN_ROUNDS_TO_JUMP = 16
 # sd was ahead (on the AMX CPU at C = 4: α 0.45 over those rounds, 0.78 in sd). From then on every round counts,
 # since throughput sees whole completions (counting only later tokens would overrate drafting ~8 % for good).
 SETTLE_TOKENS = 16
+# Where completions end before they settle (short answers), their first tokens are all there is: held out, they
+# left acceptance at its prior for good. Once this many more ended unsettled than settled, every round counts.
+SHORT_COMPLETIONS = 8
 
 
 def settled(generated: int, max_tokens: int) -> bool:
@@ -118,6 +121,7 @@ class StageModel:
     survived: list[float] = field(default_factory=lambda: [0.0] * (MAX_POSITIONS + 1))
     drafted_to: list[float] = field(default_factory=lambda: [0.0] * (MAX_POSITIONS + 1))
     rounds: int = 0  # sequence rounds measured (with at least one draft) since acceptance was last discounted
+    short_endings: int = 0  # completions that ended before settling, net of those that settled (capped)
     # The draft's own prefill of new prompts, per sequence round (decayed alike): a cost only speculation pays.
     draft_prefill_ms: float = 0.0
     draft_prefill_rounds: float = 0.0
@@ -175,7 +179,13 @@ class StageModel:
 
     def measures(self, generated: int, max_tokens: int) -> bool:
         """Whether a round after `generated` tokens of a completion of up to `max_tokens` measures acceptance."""
-        return self.rounds >= MIN_ROUNDS_TO_JUMP or settled(generated, max_tokens)
+        return self.rounds >= MIN_ROUNDS_TO_JUMP or self.short_endings >= SHORT_COMPLETIONS or \
+            settled(generated, max_tokens)
+
+    def completed(self, generated: int, max_tokens: int) -> None:
+        """A completion that drafted ended (EOS, a stop, or max_tokens) after `generated` tokens."""
+        step = -1 if settled(generated, max_tokens) else 1
+        self.short_endings = min(SHORT_COMPLETIONS, max(0, self.short_endings + step))
 
     def draft_steps(self, k: int, sequences: float = 1) -> float:
         """Expected draft steps of a round asking k of each of `sequences` — also its longest proposal: a step
