@@ -248,3 +248,14 @@ def test_rounds_without_drafts_leave_alpha_alone() -> None:
     for _ in range(80_000):
         stages.observe_acceptance(0, 0)
     assert stages.alpha == pytest.approx(0.7)
+
+
+def test_sequences_beyond_what_the_lanes_hold_wait() -> None:
+    """A lane holds --max-batch sequences: at 40 in flight and 16 a lane, one lane serves 16 of them and two
+    serve 32, so where a forward costs the same at any batch two lanes win, not one batch of all 40."""
+    stages = model(lambda b: 10.0, lambda b, k: 50.0, alpha=0.8)
+    assert best_plan(stages, 40, k_max=8).lanes == 1, "premise: one lane if it held all 40"
+    stages.lane_capacity = 16
+    assert predicted_rate(stages, 40, 1, 4) == pytest.approx(predicted_rate(stages, 16, 1, 4))
+    assert predicted_rate(stages, 40, 2, 4) == pytest.approx(predicted_rate(stages, 32, 2, 4))
+    assert best_plan(stages, 40, k_max=8).lanes == 2

@@ -61,7 +61,7 @@ class Scheduler:
         self._prefill_allowance_s = 0.0  # of the target prefills in flight (see _target_prefill)
         self.releaser = Releaser(target, draft)
         self.lanes = [Lane(i) for i in range(2 if mode in ("psd", "auto") else 1)]
-        self.stages = StageModel()
+        self.stages = StageModel(lane_capacity=max_batch)
         self.k_max = k_max or 2 * k
         self.plan = Plan(lanes=len(self.lanes), k=k, tokens_per_s=0.0)
         self.planner = AutoPlanner(self.stages, k, self.k_max)

@@ -122,6 +122,7 @@ class StageModel:
     drafted_to: list[float] = field(default_factory=lambda: [0.0] * (MAX_POSITIONS + 1))
     rounds: int = 0  # sequence rounds measured (with at least one draft) since acceptance was last discounted
     short_endings: int = 0  # completions that ended before settling, net of those that settled (capped)
+    lane_capacity: int = 0  # the most sequences a lane holds (the router's --max-batch; 0: no bound)
     # The draft's own prefill of new prompts, per sequence round (decayed alike): a cost only speculation pays.
     draft_prefill_ms: float = 0.0
     draft_prefill_rounds: float = 0.0
