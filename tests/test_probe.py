@@ -184,3 +184,21 @@ def test_a_kept_probe_holds_until_acceptance_is_well_measured() -> None:
         assert replan(probe, stages_, plan) == plan
     speculate(stages_, alpha=0.4, rounds=SEQUENCES, seed=5)
     assert replan(probe, stages_, plan).k == 0 and not probe.kept
+
+
+@pytest.mark.parametrize("rounds_at_two", [1, 20], ids=["too few rounds there", "enough"])
+def test_a_probe_is_judged_against_target_only_at_its_own_load(rounds_at_two: int) -> None:
+    """A spell that ran at 16 sequences decodes far more per ms than 2 can: a probe at 2 is judged against
+    target-only at 2 — measured, where enough of the spell's rounds ran there (here 10 % slower than the model
+    says), else the model's."""
+    stages_, probe = stages(), Probe()
+    plan = drop(probe, stages_, Plan(1, RESUME_K, 0.0))
+    at = {b: b / predicted_rate(stages_, b, 1, 0) * 1e3 for b in (2, 16)}  # a target-only lane round's ms
+    for _ in range(200):
+        probe.observe(0, 16, at[16])
+    for _ in range(rounds_at_two):
+        probe.observe(0, 2, 1.1 * at[2])
+    assert probe.spell.rate(stages_.tokens_per_round) > 1.5 * 2 / at[2], "premise: the spell's pooled rate is 16's"
+    assert probe.revise(stages_, plan, Plan(1, 0, 0.0), 2, K_MAX, RESUME_K, lambda: BACKLOG).k == RESUME_K
+    expected = 2 / at[2] / (1.1 if rounds_at_two * 2 >= MIN_ROUNDS_TO_JUMP else 1.0)
+    assert probe.alone_rate == pytest.approx(expected)

@@ -10,9 +10,10 @@ probe's own first rounds (the stage model goes on from there if the probe holds)
 A probe costs what re-sending the draft the tokens it missed takes, and its rounds (priced at the spell's
 pace: they may run slower, which is what the probe finds out). A probe runs MIN_ROUNDS_TO_JUMP sequence rounds
 (besides each lane's first, which also re-sends the draft what it missed) and is then judged on what they
-measured, not on the stage model: speculating goes on if its tokens per ms of device time beat the spell's,
-and the model may drop it again only once it has measured MIN_ROUNDS_TO_REPLAN rounds (else a kept probe was
-undone on the spot, and probe and drop took turns with no backoff).
+measured, not on the stage model: speculating goes on if its tokens per ms of device time beat target-only's
+at that load (measured over the spell's rounds at it where enough ran), and the model may drop it again only
+once it has measured MIN_ROUNDS_TO_REPLAN rounds (else a kept probe was undone on the spot, and probe and drop
+took turns with no backoff).
 (The model can be optimistic: on the Zen 5 EPYC at C = 4 it predicted speculating level with target-only,
 which measured 1.2x sd.) A spell lasts PROBE_RATIO times that, doubled for each probe in a row that ended in
 a drop again, so probing costs a few percent where target-only is right. Where the stale estimate has
@@ -46,9 +47,10 @@ def _target_only_window() -> CostWindow:
 @dataclass
 class Probe:
     spell: CostWindow = field(default_factory=_target_only_window)  # target-only rounds since the drop or probe
+    recent: CostWindow = field(default_factory=_target_only_window)  # target-only rounds at the load now
     failed_in_a_row: int = 0  # probes that ended in a drop again
     probing: bool = False
-    alone_rate: float = 0.0  # target-only tokens per device ms over the spell before the probe
+    alone_rate: float = 0.0  # target-only tokens per device ms at the probe's load (_alone_rate)
     probed: CostWindow | None = None  # the probe's rounds
     skip_rounds: int = 0  # lane rounds still to leave out (each lane's first re-sends what the draft missed)
     failed_at: int = 0  # sequences in flight when the last probe measured speculating behind
@@ -58,6 +60,9 @@ class Probe:
         """One lane round of `sequences` at k drafts a round took `ms` of device time."""
         if k == 0:
             self.spell.add(sequences, ms, limit=UNBOUNDED)
+            if not self.recent.comparable(sequences):
+                self.recent = CostWindow(lanes=1, k=0, sequences=sequences)
+            self.recent.add(sequences, ms, limit=MIN_ROUNDS_TO_REPLAN)
         elif self.probing and self.skip_rounds:
             self.skip_rounds -= 1
         elif self.probing:
@@ -88,7 +93,6 @@ class Probe:
             wanted = current  # at this load a probe measured speculating behind: only a probe undoes that
         if current.k or wanted.k or sequences <= 0 or not model.known or not self._due(model, backlog()):
             return wanted
-        spell = self.spell
         self._begin_spell()
         probe = best_plan(model, sequences, k_max, ks=range(resume_k, resume_k + 1))
         alone = predicted_rate(model, sequences, 1, 0)
@@ -99,12 +103,20 @@ class Probe:
         log.info("probe at %d sequences: speculating again at k=%d to measure acceptance afresh (%.2f tokens/s "
                  "predicted on the stale estimate, %.2f target-only)", sequences, resume_k, probe.tokens_per_s, alone)
         model.discount_acceptance(min(1.0, STALE_ROUNDS / max(model.reached[1], 1.0)))
-        self.probing, self.alone_rate = True, spell.rate(model.tokens_per_round)
+        self.probing, self.alone_rate = True, self._alone_rate(model, sequences)
         self.probed, self.skip_rounds = CostWindow(probe.lanes, probe.k, sequences), probe.lanes
         return probe
 
     def _begin_spell(self) -> None:
         self.probing, self.kept, self.spell = False, False, _target_only_window()
+
+    def _alone_rate(self, model: StageModel, sequences: int) -> float:
+        """Target-only tokens per device ms at this load: measured, where enough of the spell's rounds ran at it;
+        else the model's (its target-only cost is what every target-only round measures). A spell's rate pooled
+        over loads would judge a probe at 2 sequences against batches of 16, which decode far more per ms."""
+        if self.recent.comparable(sequences) and self.recent.rounds >= MIN_ROUNDS_TO_JUMP:
+            return self.recent.rate(model.tokens_per_round)
+        return predicted_rate(model, sequences, 1, 0) / 1e3
 
     def _speculating_paid(self, model: StageModel, current: Plan, sequences: int) -> bool:
         """Ends the probe: whether its rounds made more tokens per device ms than the spell's target-only ones."""
