@@ -15,24 +15,34 @@ from services.router.text_stream import TextStream
 from tests.conftest import internal_channel
 
 
-async def costs_while_cleared(cluster, tokenizer) -> list[tuple[int, int, float]]:
-    """One auto request with the monitor's counters cleared before every proposal: each round's (lanes, k, ms)."""
+async def round_costs(cluster, tokenizer, undrafted_every: int = 0) -> list[tuple[int, float, float]]:
+    """One auto request with the monitor's counters cleared before every proposal, and (undrafted_every > 0) the
+    drafts of every such proposal dropped after the draft made them: each round's (k, cost ms, verify ms)."""
     async with internal_channel(cluster, cluster.target_address) as target_channel, \
             internal_channel(cluster, cluster.draft_address) as draft_channel:
         scheduler = Scheduler(Backend("target", target_channel, target_pb2_grpc.TargetStub),
                               Backend("draft", draft_channel, draft_pb2_grpc.DraftStub), mode="auto", k=2)
-        seen: list[tuple[int, int, float]] = []
-        observe, propose = scheduler.planner.observe, scheduler.drafter.propose
+        seen: list[tuple[int, float, float]] = []
+        verify_ms: list[float] = []
+        observe, propose, verify = scheduler.planner.observe, scheduler.drafter.propose, scheduler._verify
 
         def recorded(lanes: int, k: int, sequences: int, ms: float) -> None:
-            seen.append((lanes, k, ms))
+            seen.append((k, ms, verify_ms[-1]))
             observe(lanes, k, sequences, ms)
 
         async def cleared_first(*args, **kwargs):
             scheduler.snapshot(clear=True)  # as a monitor's GetStats(clear=True) landing mid-round
-            return await propose(*args, **kwargs)
+            drafts = await propose(*args, **kwargs)
+            cleared_first.calls += 1
+            return {} if undrafted_every and cleared_first.calls % undrafted_every == 0 else drafts
 
-        scheduler.planner.observe, scheduler.drafter.propose = recorded, cleared_first
+        async def timed(*args, **kwargs):
+            response = await verify(*args, **kwargs)
+            verify_ms.append(response.stats.forward_ms)
+            return response
+
+        cleared_first.calls = 0
+        scheduler.planner.observe, scheduler.drafter.propose, scheduler._verify = recorded, cleared_first, timed
         scheduler.planner.next = lambda current, *_: current  # speculate throughout (the tiny draft is random)
         scheduler.start()
         request = Request(seq_id="cost-0", sampling=Sampling(), max_tokens=24,
@@ -47,7 +57,18 @@ async def costs_while_cleared(cluster, tokenizer) -> list[tuple[int, int, float]
 
 def test_a_monitor_clearing_its_counters_mid_round_leaves_round_costs_alone(tiny_clusters, tiny_pair) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
-    seen = asyncio.run(costs_while_cleared(tiny_clusters["sd"], tokenizer))
-    speculative = [ms for _, k, ms in seen if k > 0]
+    seen = asyncio.run(round_costs(tiny_clusters["sd"], tokenizer))
+    speculative = [ms for k, ms, _ in seen if k > 0]
     assert len(speculative) >= 3, "premise: several rounds drafted"
-    assert all(ms > 0 for _, _, ms in seen), seen
+    assert all(ms > 0 for _, ms, _ in seen), seen
+
+
+def test_a_round_that_sent_no_drafts_costs_its_verify_alone(tiny_clusters, tiny_pair) -> None:
+    """The draft's time in a round whose drafts never went out (the draft failed, or sent none) is not that
+    round's cost: priced as a target-only round, it is its verify; a drafted round costs more than its verify."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
+    seen = asyncio.run(round_costs(tiny_clusters["sd"], tokenizer, undrafted_every=3))
+    undrafted, drafted = [c for c in seen if c[0] == 0], [c for c in seen if c[0] > 0]
+    assert len(undrafted) >= 3 and len(drafted) >= 3, seen
+    assert all(cost == verify for _, cost, verify in undrafted), undrafted
+    assert all(cost > verify for _, cost, verify in drafted), drafted

@@ -274,7 +274,8 @@ class Scheduler:
             # come in waves and would swamp a few percent. Overlapped, a lane round costs its slower stage.
             draft_ms, verify_ms = lane.draft_ms - draft_ms_before, response.stats.forward_ms
             beside = any(other is not lane and other.active for other in self.lanes) and lanes == 2
-            cost_ms = max(draft_ms, verify_ms) if beside else draft_ms + verify_ms
+            # A round that sent no drafts costs its verify alone (draft time then is another round's catch-up)
+            cost_ms = verify_ms if not drafts else max(draft_ms, verify_ms) if beside else draft_ms + verify_ms
             # The plan the round started on; one that sent no drafts (the draft went down) ran target-only
             self.planner.observe(lanes, k if drafts else 0, len(requests), cost_ms)
         elapsed = loop.time() - started
