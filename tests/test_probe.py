@@ -184,6 +184,7 @@ def test_a_kept_probe_holds_until_acceptance_is_well_measured() -> None:
         assert replan(probe, stages_, plan) == plan
     speculate(stages_, alpha=0.4, rounds=SEQUENCES, seed=5)
     assert replan(probe, stages_, plan).k == 0 and not probe.kept
+    assert probe.failed_in_a_row == 1, "undone later, the probe still failed: the next spell backs off"
 
 
 @pytest.mark.parametrize("rounds_at_two", [1, 20], ids=["too few rounds there", "enough"])
@@ -196,9 +197,23 @@ def test_a_probe_is_judged_against_target_only_at_its_own_load(rounds_at_two: in
     at = {b: b / predicted_rate(stages_, b, 1, 0) * 1e3 for b in (2, 16)}  # a target-only lane round's ms
     for _ in range(200):
         probe.observe(0, 16, at[16])
-    for _ in range(rounds_at_two):
+    for round_ in range(rounds_at_two):
         probe.observe(0, 2, 1.1 * at[2])
+        if round_ % 5 == 4:  # the load dips back to 16 for a round now and then: 2's rounds still count
+            probe.observe(0, 16, at[16])
     assert probe.spell.rate(stages_.tokens_per_round) > 1.5 * 2 / at[2], "premise: the spell's pooled rate is 16's"
     assert probe.revise(stages_, plan, Plan(1, 0, 0.0), 2, K_MAX, RESUME_K, lambda: BACKLOG).k == RESUME_K
     expected = 2 / at[2] / (1.1 if rounds_at_two * 2 >= MIN_ROUNDS_TO_JUMP else 1.0)
     assert probe.alone_rate == pytest.approx(expected)
+
+
+def test_beyond_a_lanes_capacity_the_probe_is_judged_at_what_a_lane_holds() -> None:
+    """With 20 in flight and lanes of 8, a target-only round ran 8: that is the load the probe is judged at."""
+    stages_, probe = stages(), Probe()
+    stages_.lane_capacity = 8
+    plan = drop(probe, stages_, Plan(1, RESUME_K, 0.0))
+    eight_ms = 8 / predicted_rate(stages_, 8, 1, 0) * 1e3
+    for _ in range(MIN_ROUNDS_TO_JUMP):
+        probe.observe(0, 8, 1.2 * eight_ms)
+    assert probe.revise(stages_, plan, Plan(1, 0, 0.0), 20, K_MAX, RESUME_K, lambda: BACKLOG).k == RESUME_K
+    assert probe.alone_rate == pytest.approx(8 / eight_ms / 1.2)

@@ -13,7 +13,7 @@ pace: they may run slower, which is what the probe finds out). A probe runs MIN_
 measured, not on the stage model: speculating goes on if its tokens per ms of device time beat target-only's
 at that load (measured over the spell's rounds at it where enough ran), and the model may drop it again only
 once it has measured MIN_ROUNDS_TO_REPLAN rounds (else a kept probe was undone on the spot, and probe and drop
-took turns with no backoff).
+took turns with no backoff; such a later drop counts as a failed probe for the backoff).
 (The model can be optimistic: on the Zen 5 EPYC at C = 4 it predicted speculating level with target-only,
 which measured 1.2x sd.) A spell lasts PROBE_RATIO times that, doubled for each probe in a row that ended in
 a drop again, so probing costs a few percent where target-only is right. Where the stale estimate has
@@ -47,7 +47,7 @@ def _target_only_window() -> CostWindow:
 @dataclass
 class Probe:
     spell: CostWindow = field(default_factory=_target_only_window)  # target-only rounds since the drop or probe
-    recent: CostWindow = field(default_factory=_target_only_window)  # target-only rounds at the load now
+    by_load: dict[int, CostWindow] = field(default_factory=dict)  # target-only lane rounds, by sequences in one
     failed_in_a_row: int = 0  # probes that ended in a drop again
     probing: bool = False
     alone_rate: float = 0.0  # target-only tokens per device ms at the probe's load (_alone_rate)
@@ -60,9 +60,8 @@ class Probe:
         """One lane round of `sequences` at k drafts a round took `ms` of device time."""
         if k == 0:
             self.spell.add(sequences, ms, limit=UNBOUNDED)
-            if not self.recent.comparable(sequences):
-                self.recent = CostWindow(lanes=1, k=0, sequences=sequences)
-            self.recent.add(sequences, ms, limit=MIN_ROUNDS_TO_REPLAN)
+            window = self.by_load.setdefault(sequences, CostWindow(lanes=1, k=0, sequences=sequences))
+            window.add(sequences, ms, limit=MIN_ROUNDS_TO_REPLAN)
         elif self.probing and self.skip_rounds:
             self.skip_rounds -= 1
         elif self.probing:
@@ -84,6 +83,8 @@ class Probe:
         if current.k and not wanted.k and self.kept and model.rounds < MIN_ROUNDS_TO_REPLAN:
             return current  # what the probe measured outranks the model until the model has measured more
         if current.k and not wanted.k:  # a drop: a spell begins
+            if self.kept:  # the model, once it measured enough, undid a kept probe: it failed, if later
+                self.failed_in_a_row, self.failed_at = min(self.failed_in_a_row + 1, MAX_DOUBLINGS), sequences
             self._begin_spell()
             return wanted
         if current.k and model.rounds >= MIN_ROUNDS_TO_REPLAN:  # speculating has held up
@@ -113,9 +114,12 @@ class Probe:
     def _alone_rate(self, model: StageModel, sequences: int) -> float:
         """Target-only tokens per device ms at this load: measured, where enough of the spell's rounds ran at it;
         else the model's (its target-only cost is what every target-only round measures). A spell's rate pooled
-        over loads would judge a probe at 2 sequences against batches of 16, which decode far more per ms."""
-        if self.recent.comparable(sequences) and self.recent.rounds >= MIN_ROUNDS_TO_JUMP:
-            return self.recent.rate(model.tokens_per_round)
+        over loads would judge a probe at 2 sequences against batches of 16, which decode far more per ms. A
+        target-only round holds at most a lane's capacity, so that is the load looked up beyond it."""
+        load = min(sequences, model.lane_capacity) if model.lane_capacity else sequences
+        window = self.by_load.get(load)
+        if window is not None and window.rounds >= MIN_ROUNDS_TO_JUMP:
+            return window.rate(model.tokens_per_round)
         return predicted_rate(model, sequences, 1, 0) / 1e3
 
     def _speculating_paid(self, model: StageModel, current: Plan, sequences: int) -> bool:
