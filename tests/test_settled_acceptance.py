@@ -73,28 +73,41 @@ def test_rounds_among_the_first_tokens_are_measured_only_once_enough_others_are(
     assert stages.draft_prefill_rounds == pytest.approx(every.draft_prefill_rounds), "they still spread prefill"
 
 
-async def short_answers(cluster, tokenizer) -> tuple[StageModel, int]:
-    """sd requests that end on EOS after 6 tokens, more than SHORT_COMPLETIONS of them: (the stage model, the
-    rounds it measured)."""
+async def short_answers(cluster, tokenizer) -> tuple[StageModel, list[int]]:
+    """SHORT_COMPLETIONS + 2 sd requests, one after the other on a fresh scheduler, that end on EOS as their sixth token
+    (a first scheduler found the token that ends the greedy answer there): (the stage model, the rounds it had
+    measured after each)."""
     async with internal_channel(cluster, cluster.target_address) as target_channel, \
             internal_channel(cluster, cluster.draft_address) as draft_channel:
-        scheduler = Scheduler(Backend("target", target_channel, target_pb2_grpc.TargetStub),
-                              Backend("draft", draft_channel, draft_pb2_grpc.DraftStub), mode="sd", k=K)
-        scheduler.start()
-        prompt, eos = tokenizer.encode("def add(a, b):", add_special_tokens=False), frozenset()
-        for i in range(SHORT_COMPLETIONS + 2):
-            request = Request(seq_id=f"short-{i}", sampling=Sampling(), max_tokens=MAX_TOKENS, prompt_ids=prompt,
-                              text=TextStream(tokenizer, []), eos_ids=eos)
-            scheduler.submit(request)
-            while not request.done:
-                await asyncio.sleep(0.02)
-            eos = eos or frozenset({request.generated[5]} - set(request.generated[:5]))  # the same greedy answer
-        await scheduler.stop()
-        return scheduler.stages, scheduler.stages.rounds
+        prompt = tokenizer.encode("def add(a, b):", add_special_tokens=False)
+
+        async def answers(count: int, eos: frozenset[int]) -> tuple[Scheduler, list[Request], list[int]]:
+            scheduler = Scheduler(Backend("target", target_channel, target_pb2_grpc.TargetStub),
+                                  Backend("draft", draft_channel, draft_pb2_grpc.DraftStub), mode="sd", k=K)
+            scheduler.start()
+            requests, rounds = [], []
+            for i in range(count):
+                request = Request(seq_id=f"short-{len(eos)}-{i}", sampling=Sampling(), max_tokens=MAX_TOKENS,
+                                  prompt_ids=prompt, text=TextStream(tokenizer, []), eos_ids=eos)
+                scheduler.submit(request)
+                while not request.done:
+                    await asyncio.sleep(0.02)
+                requests.append(request)
+                rounds.append(scheduler.stages.rounds)
+            await scheduler.stop()
+            return scheduler, requests, rounds
+
+        _, (long,), _ = await answers(1, frozenset())
+        eos = frozenset({long.generated[5]} - set(long.generated[:5]))
+        assert eos, "premise: the greedy answer's sixth token is new to it"
+        scheduler, requests, rounds = await answers(SHORT_COMPLETIONS + 2, eos)
+        assert all(len(r.generated) == 5 for r in requests), "premise: every answer ends on EOS, its sixth token"
+        return scheduler.stages, rounds
 
 
 def test_where_completions_end_before_settling_every_round_counts(tiny_clusters, tiny_pair) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
     stages, rounds = asyncio.run(short_answers(tiny_clusters["sd"], tokenizer))
-    assert stages.short_endings == SHORT_COMPLETIONS, "premise: the answers after the first ended on EOS, unsettled"
-    assert rounds > 0, "their rounds measure acceptance once enough of them ended so"
+    assert stages.short_endings == SHORT_COMPLETIONS, "premise: every answer ended unsettled (capped)"
+    assert rounds[:SHORT_COMPLETIONS] == [0] * SHORT_COMPLETIONS, "the first answers' rounds are held back"
+    assert rounds[SHORT_COMPLETIONS] > 0, "once enough answers ended so, their rounds measure acceptance"
