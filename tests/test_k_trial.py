@@ -2,7 +2,9 @@
 
 import random
 
-from services.router.k_trial import KTrial
+import pytest
+
+from services.router.k_trial import CostWindow, KTrial
 from services.router.policy import Plan
 
 
@@ -107,3 +109,12 @@ def test_from_a_mistuned_k_the_trials_walk_to_the_peak() -> None:
         plan = trial.decide(plan, Plan(2, plan.k - 1 if plan.k > 4 else 5, 0.0), 32)
         run_rounds(trial, plan, (1.0 - 0.08 * abs(plan.k - 4)) * draws.gauss(1.0, 0.1), sequences=16, rounds=1)
     assert plan.k == 4
+
+
+def test_a_sequence_round_that_drafted_nothing_makes_one_token() -> None:
+    """A completion's last round, or a request the draft refused, gains one token whatever k the lane ran."""
+    window = CostWindow(lanes=1, k=4, sequences=4)
+    window.add(4, 100.0, limit=float("inf"), plain=1)
+    assert window.rate(tokens_per_round) == pytest.approx((3 * tokens_per_round(4) + 1) / 100.0)
+    window.add(4, 100.0, limit=4, plain=0)  # halving keeps the share
+    assert window.plain == 0.5 and window.rounds == 6

@@ -8,9 +8,11 @@ from transformers import AutoTokenizer
 
 from minedraft.engine.sampling import Sampling
 from minedraft.protos import draft_pb2_grpc, target_pb2_grpc
+from services.router.auto_plan import AutoPlanner
 from services.router.backends import Backend
 from services.router.request import Request
 from services.router.scheduler import Scheduler
+from services.router.stage_model import StageModel
 from services.router.text_stream import TextStream
 from tests.conftest import internal_channel
 
@@ -26,9 +28,9 @@ async def round_costs(cluster, tokenizer, undrafted_every: int = 0) -> list[tupl
         verify_ms: list[float] = []
         observe, propose, verify = scheduler.planner.observe, scheduler.drafter.propose, scheduler._verify
 
-        def recorded(lanes: int, k: int, sequences: int, ms: float) -> None:
+        def recorded(lanes: int, k: int, sequences: int, ms: float, plain: int = 0) -> None:
             seen.append((k, ms, verify_ms[-1]))
-            observe(lanes, k, sequences, ms)
+            observe(lanes, k, sequences, ms, plain)
 
         async def cleared_first(*args, **kwargs):
             scheduler.snapshot(clear=True)  # as a monitor's GetStats(clear=True) landing mid-round
@@ -72,3 +74,14 @@ def test_a_round_that_sent_no_drafts_costs_its_verify_alone(tiny_clusters, tiny_
     assert len(undrafted) >= 3 and len(drafted) >= 3, seen
     assert all(cost == verify for _, cost, verify in undrafted), undrafted
     assert all(cost > verify for _, cost, verify in drafted), drafted
+
+
+def test_a_round_is_priced_by_what_it_drafted() -> None:
+    """Nothing drafted: a target-only round costing its verify. Beside the other lane: the slower stage, else
+    draft plus verify; sequences sent no drafts count as rounds that made one token."""
+    planner, seen = AutoPlanner(StageModel(), k=4, k_max=8), []
+    planner.observe = lambda *args, **kwargs: seen.append((args, kwargs))
+    planner.price(2, 4, 3, 0, 50.0, 80.0, beside=True)
+    planner.price(2, 4, 3, 2, 50.0, 80.0, beside=True)
+    planner.price(1, 4, 3, 3, 50.0, 80.0, beside=False)
+    assert seen == [((2, 0, 3, 80.0), {}), ((2, 4, 3, 80.0), {"plain": 1}), ((1, 4, 3, 130.0), {"plain": 0})]

@@ -35,7 +35,21 @@ class AutoPlanner:
         wanted = self.probe.revise(self.stages, current, wanted, sequences, self.k_max, self.resume_k, backlog)
         return self.k_trial.decide(current, wanted, sequences)
 
-    def observe(self, lanes: int, k: int, sequences: int, ms: float) -> None:
-        """One lane round of `sequences` at (lanes, k) took `ms` of device time (overlapped: its slower stage)."""
-        self.k_trial.observe(lanes, k, sequences, ms)
-        self.probe.observe(k, sequences, ms)
+    def price(self, lanes: int, k: int, sequences: int, drafted: int, draft_ms: float, verify_ms: float,
+              beside: bool) -> None:
+        """One lane round of `sequences`, `drafted` of which were sent drafts, started at (lanes, k). Priced in
+        device time, not wall time: a round's wall time also holds the other lane's prefills, which come in
+        waves and would swamp a few percent. Beside the other lane a round costs its slower stage, else draft
+        plus verify; one that sent no drafts (the draft went down, or had none) ran target-only and costs its
+        verify alone (any draft time in it was catching the draft up)."""
+        if not drafted:
+            self.observe(lanes, 0, sequences, verify_ms)
+        else:
+            cost_ms = max(draft_ms, verify_ms) if beside else draft_ms + verify_ms
+            self.observe(lanes, k, sequences, cost_ms, plain=sequences - drafted)
+
+    def observe(self, lanes: int, k: int, sequences: int, ms: float, plain: int = 0) -> None:
+        """One lane round of `sequences` (`plain` of them drafted nothing) at (lanes, k) took `ms` of device time
+        (overlapped: its slower stage)."""
+        self.k_trial.observe(lanes, k, sequences, ms, plain)
+        self.probe.observe(lanes, k, sequences, ms, plain)

@@ -38,17 +38,21 @@ class CostWindow:
     ms: float = 0.0
     rounds: float = 0.0  # sequence rounds
     lane_rounds: float = 0.0
+    plain: float = 0.0  # of `rounds`, those that drafted nothing (a completion's last token, a refused draft)
 
-    def add(self, sequences: int, ms: float, limit: float) -> None:
+    def add(self, sequences: int, ms: float, limit: float, plain: int = 0) -> None:
         if self.rounds >= limit:  # halve the old rounds' weight, so the cost stays recent
-            self.ms, self.rounds, self.lane_rounds = self.ms / 2, self.rounds / 2, self.lane_rounds / 2
+            self.ms, self.rounds, self.lane_rounds, self.plain = (
+                self.ms / 2, self.rounds / 2, self.lane_rounds / 2, self.plain / 2)
         self.ms += ms
         self.rounds += sequences
         self.lane_rounds += 1
+        self.plain += plain
 
     def rate(self, tokens_per_round: TokensPerRound) -> float:
-        """Tokens per ms of device time at this window's k."""
-        return tokens_per_round(self.k) * self.rounds / self.ms if self.ms > 0 else 0.0
+        """Tokens per ms of device time at this window's k (a sequence round that drafted nothing makes one)."""
+        tokens = tokens_per_round(self.k) * (self.rounds - self.plain) + self.plain
+        return tokens / self.ms if self.ms > 0 else 0.0
 
     def full(self, rounds: int, lane_rounds: int) -> bool:
         return self.rounds >= rounds and self.lane_rounds >= lane_rounds
@@ -71,13 +75,13 @@ class KTrial:
     blocked: dict[tuple[int, int], float] = field(default_factory=dict)  # (from k, to k) -> until rounds
     rounds: float = 0.0  # sequence rounds seen, the clock for `blocked`
 
-    def observe(self, lanes: int, k: int, sequences: int, ms: float) -> None:
-        """One lane round of `sequences` at (lanes, k) took `ms` of device time (the slower stage when the
-        other lane overlaps it, else draft plus verify)."""
+    def observe(self, lanes: int, k: int, sequences: int, ms: float, plain: int = 0) -> None:
+        """One lane round of `sequences` (`plain` of them drafted nothing) at (lanes, k) took `ms` of device time
+        (the slower stage when the other lane overlaps it, else draft plus verify)."""
         self.rounds += sequences
         window = self.measured
         if window is not None and (window.lanes, window.k) == (lanes, k):
-            window.add(sequences, ms, limit=4 * self.window)
+            window.add(sequences, ms, limit=4 * self.window, plain=plain)
 
     def decide(self, current: Plan, wanted: Plan, sequences: int) -> Plan:
         """The plan to run: `wanted` when it changes the layout or turns speculation off or on, else a k step on

@@ -13,7 +13,7 @@ pace: they may run slower, which is what the probe finds out). A probe runs MIN_
 measured, not on the stage model: speculating goes on if its tokens per ms of device time beat target-only's
 at that load (measured over the spell's rounds at it where enough ran), and the model may drop it again only
 once it has measured MIN_ROUNDS_TO_REPLAN rounds (else a kept probe was undone on the spot, and probe and drop
-took turns with no backoff; such a later drop counts as a failed probe for the backoff).
+took turns with no backoff; a drop within HELD_ROUNDS of it still counts as a failed probe for the backoff).
 (The model can be optimistic: on the Zen 5 EPYC at C = 4 it predicted speculating level with target-only,
 which measured 1.2x sd.) A spell lasts PROBE_RATIO times that, doubled for each probe in a row that ended in
 a drop again, so probing costs a few percent where target-only is right. Where the stale estimate has
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 PROBE_RATIO = 4.0  # a spell's device time over the probe's cost (times 2 for each failed probe in a row)
 PROBE_WITHIN = 1.25  # no probe where the stale estimate has target-only ahead by this much or more
 STALE_ROUNDS = MIN_ROUNDS_TO_JUMP / 2  # the most sequence rounds' weight acceptance from before a probe keeps
+HELD_ROUNDS = 2 * MIN_ROUNDS_TO_REPLAN  # sequence rounds a kept probe speculates before a drop is not its failure
 MAX_DOUBLINGS = 8  # a spell grows to at most 256x its probe's cost: traffic may still change
 UNBOUNDED = float("inf")  # a spell's and a probe's tallies keep every round (unlike KTrial's windows, which halve)
 
@@ -54,18 +55,23 @@ class Probe:
     probed: CostWindow | None = None  # the probe's rounds
     skip_rounds: int = 0  # lane rounds still to leave out (each lane's first re-sends what the draft missed)
     failed_at: int = 0  # sequences in flight when the last probe measured speculating behind
-    kept: bool = False  # the last probe measured speculating ahead: it holds until acceptance is well measured
+    kept: bool = False  # the last probe measured speculating ahead: held until acceptance is well measured
+    speculated: float = 0.0  # sequence rounds speculated since the spell or the kept probe
 
-    def observe(self, k: int, sequences: int, ms: float) -> None:
-        """One lane round of `sequences` at k drafts a round took `ms` of device time."""
+    def observe(self, lanes: int, k: int, sequences: int, ms: float, plain: int = 0) -> None:
+        """One lane round of `sequences` (`plain` of them drafted nothing) at (lanes, k) took `ms` of device
+        time."""
         if k == 0:
             self.spell.add(sequences, ms, limit=UNBOUNDED)
-            window = self.by_load.setdefault(sequences, CostWindow(lanes=1, k=0, sequences=sequences))
-            window.add(sequences, ms, limit=MIN_ROUNDS_TO_REPLAN)
+            if lanes == 1:  # beside another lane a verify may run on fewer cores: not what target-only costs
+                window = self.by_load.setdefault(sequences, CostWindow(lanes=1, k=0, sequences=sequences))
+                window.add(sequences, ms, limit=MIN_ROUNDS_TO_REPLAN)
         elif self.probing and self.skip_rounds:
             self.skip_rounds -= 1
         elif self.probing:
-            self.probed.add(sequences, ms, limit=UNBOUNDED)
+            self.probed.add(sequences, ms, limit=UNBOUNDED, plain=plain)
+        else:
+            self.speculated += sequences
 
     def revise(self, model: StageModel, current: Plan, wanted: Plan, sequences: int, k_max: int, resume_k: int,
                backlog: Callable[[], int]) -> Plan:
@@ -79,16 +85,17 @@ class Probe:
                 self._begin_spell()
                 self.failed_at = sequences
                 return Plan(1, 0, self.alone_rate * 1e3)
-            self.kept = True
+            self.kept, self.speculated = True, 0.0
         if current.k and not wanted.k and self.kept and model.rounds < MIN_ROUNDS_TO_REPLAN:
             return current  # what the probe measured outranks the model until the model has measured more
-        if current.k and not wanted.k:  # a drop: a spell begins
+        if current.k and not wanted.k:  # a drop: a spell begins, timed afresh (older target-only rounds are stale)
             if self.kept:  # the model, once it measured enough, undid a kept probe: it failed, if later
                 self.failed_in_a_row, self.failed_at = min(self.failed_in_a_row + 1, MAX_DOUBLINGS), sequences
             self._begin_spell()
+            self.by_load.clear()
             return wanted
-        if current.k and model.rounds >= MIN_ROUNDS_TO_REPLAN:  # speculating has held up
-            self.probing, self.failed_in_a_row, self.kept = False, 0, False
+        if current.k and model.rounds >= MIN_ROUNDS_TO_REPLAN and (not self.kept or self.speculated >= HELD_ROUNDS):
+            self.probing, self.failed_in_a_row, self.kept = False, 0, False  # speculating has held up
         held = abs(sequences - self.failed_at) <= self.failed_at / 4  # a load like the one it failed at
         if not current.k and wanted.k and self.failed_in_a_row and held:
             wanted = current  # at this load a probe measured speculating behind: only a probe undoes that
@@ -109,7 +116,7 @@ class Probe:
         return probe
 
     def _begin_spell(self) -> None:
-        self.probing, self.kept, self.spell = False, False, _target_only_window()
+        self.probing, self.kept, self.spell, self.speculated = False, False, _target_only_window(), 0.0
 
     def _alone_rate(self, model: StageModel, sequences: int) -> float:
         """Target-only tokens per device ms at this load: measured, where enough of the spell's rounds ran at it;
@@ -117,9 +124,9 @@ class Probe:
         over loads would judge a probe at 2 sequences against batches of 16, which decode far more per ms. A
         target-only round holds at most a lane's capacity, so that is the load looked up beyond it."""
         load = min(sequences, model.lane_capacity) if model.lane_capacity else sequences
-        window = self.by_load.get(load)
-        if window is not None and window.rounds >= MIN_ROUNDS_TO_JUMP:
-            return window.rate(model.tokens_per_round)
+        near = [w for w in self.by_load.values() if w.comparable(load) and w.rounds >= MIN_ROUNDS_TO_JUMP]
+        if near:  # the nearest size that ran enough (a lane may run below its capacity, or above it for a while)
+            return min(near, key=lambda w: abs(w.sequences - load)).rate(model.tokens_per_round)
         return predicted_rate(model, sequences, 1, 0) / 1e3
 
     def _speculating_paid(self, model: StageModel, current: Plan, sequences: int) -> bool:

@@ -269,15 +269,10 @@ class Scheduler:
                 request.add_tokens([*proposed[:verdict.accepted], verdict.next_token], verdict.logprobs)
         drafted_total = sum(len(d) for d in drafts.values())
         self.stages.observe_acceptance(*measured)
-        if self.mode == "auto":
-            # Device time, not wall time: a round's wall time also holds the other lane's prefills, which
-            # come in waves and would swamp a few percent. Overlapped, a lane round costs its slower stage.
-            draft_ms, verify_ms = lane.draft_ms - draft_ms_before, response.stats.forward_ms
+        if self.mode == "auto":  # priced under the plan the round started on
             beside = any(other is not lane and other.active for other in self.lanes) and lanes == 2
-            # A round that sent no drafts costs its verify alone (draft time then is another round's catch-up)
-            cost_ms = verify_ms if not drafts else max(draft_ms, verify_ms) if beside else draft_ms + verify_ms
-            # The plan the round started on; one that sent no drafts (the draft went down) ran target-only
-            self.planner.observe(lanes, k if drafts else 0, len(requests), cost_ms)
+            self.planner.price(lanes, k, len(requests), sum(1 for d in drafts.values() if d),
+                               lane.draft_ms - draft_ms_before, response.stats.forward_ms, beside)
         elapsed = loop.time() - started
         lane.round_served(len(requests), elapsed)
         self.recorder.round_done(lane, elapsed)
