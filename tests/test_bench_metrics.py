@@ -121,3 +121,9 @@ def test_repeats_run_counterbalanced_so_a_steady_drift_falls_on_every_mode_alike
     mean_slot = {mode: sum(i for i, m in enumerate(order) if m == mode) / 4 for mode in modes}
     assert len(set(mean_slot.values())) == 1 and all(order.count(mode) == 4 for mode in modes)
     assert run_order(modes, 1) == modes
+
+
+def test_a_sweep_of_one_repeat_alternates_which_mode_runs_last() -> None:
+    modes = ["ar", "sd", "psd", "auto", "llamacpp"]
+    assert run_order(modes, 1, block=0) == modes and run_order(modes, 1, block=1) == modes[::-1]
+    assert run_order(modes, 2, block=1) == [*modes[::-1], *modes]
