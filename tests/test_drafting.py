@@ -17,28 +17,39 @@ from services.router.stage_model import StageModel
 from services.router.text_stream import TextStream
 from tests.conftest import internal_channel
 
+Charged = tuple[float, float, float]  # the stage model's prefill ms and prompts, and the lane's draft ms
 
-async def prefill_twice(cluster, tokenizer) -> tuple[float, float, list[Request]]:
+
+async def prefill_twice(cluster, tokenizer, catching_up: bool) -> tuple[Charged, Charged, list[Request]]:
     async with internal_channel(cluster, cluster.draft_address) as channel:
-        stages = StageModel()
+        stages, lane = StageModel(), Lane(0)
         drafter = Drafter(Backend("draft", channel, draft_pb2_grpc.DraftStub), stages, Recorder(), 30.0, 512)
-        requests = [Request(seq_id=f"drafting-{i}", prompt_ids=tokenizer.encode(p, add_special_tokens=False),
-                            sampling=Sampling(), max_tokens=8, text=TextStream(tokenizer, []), eos_ids=frozenset())
+        requests = [Request(seq_id=f"drafting-{catching_up}-{i}", sampling=Sampling(), max_tokens=8,
+                            prompt_ids=tokenizer.encode(p, add_special_tokens=False),
+                            text=TextStream(tokenizer, []), eos_ids=frozenset())
                     for i, p in enumerate(["def add(a, b):", "Hello there, how are you today?"])]
-        await drafter.prefill(requests, Lane(0), threads=0, catching_up=True)
-        after_new = stages.draft_prefill_ms
-        await drafter.prefill(requests, Lane(0), threads=0, catching_up=True)  # the draft lost them: re-sent
-        after_resend = stages.draft_prefill_ms
+        await drafter.prefill(requests, lane, threads=0, catching_up=catching_up)
+        after_new = stages.prompt_prefill_ms, stages.prompts_prefilled, lane.draft_ms
+        await drafter.prefill(requests, lane, threads=0, catching_up=True)  # the draft lost them: re-sent
+        after_resend = stages.prompt_prefill_ms, stages.prompts_prefilled, lane.draft_ms
         await drafter.draft.stub.Release(messages.release(r.seq_id for r in requests))
         return after_new, after_resend, requests
 
 
 def test_only_new_prompts_count_as_the_drafts_prefill_cost(tiny_clusters, tiny_pair) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
-    after_new, after_resend, requests = asyncio.run(prefill_twice(tiny_clusters["psd"], tokenizer))
-    assert after_new > 0, "new prompts are charged"
-    assert after_resend == after_new, "a re-send is not"
+    after_new, after_resend, requests = asyncio.run(prefill_twice(tiny_clusters["psd"], tokenizer, True))
+    assert after_new[0] > 0 and after_new[1] == 2 and after_new[2] == after_new[0], "new prompts are charged"
+    assert after_resend[:2] == after_new[:2], "a re-send is not"
     assert all(r.draft_sent and r.draft_len == len(r.tokens) for r in requests)
+
+
+def test_prompts_cached_beside_the_targets_prefill_count_at_no_cost(tiny_clusters, tiny_pair) -> None:
+    """On separate devices the draft caches a prompt while the target runs it: a prompt, but no round's time."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
+    after_new, after_resend, _ = asyncio.run(prefill_twice(tiny_clusters["psd"], tokenizer, False))
+    assert after_new == (0.0, 2, 0.0)
+    assert after_resend[:2] == after_new[:2]
 
 
 async def propose_with(cluster, tokenizer, stop_below: float, extra: int) -> tuple[dict[str, list], StageModel]:

@@ -14,7 +14,7 @@ from services.router.policy import (
     rebalance,
     tokens_per_round,
 )
-from services.router.stage_model import MIN_ROUNDS_TO_REPLAN, LinearCost, StageModel, VerifyCost
+from services.router.stage_model import LinearCost, StageModel, VerifyCost
 
 
 def model(draft_step, verify, alpha: float, batches=(1, 2, 4, 8, 16, 32), verified_k=(4,)) -> StageModel:
@@ -184,9 +184,9 @@ def test_plain_decoding_is_chosen_outright_when_drafting_stops_paying_and_left_w
 def test_the_drafts_prefill_of_new_prompts_counts_against_speculating() -> None:
     stages = model(lambda b: 5.0 + b, lambda b, k: 40.0 + 4 * b + 2 * k * b, alpha=0.8, verified_k=(0, 4))
     assert best_plan(stages, 8, k_max=8).k > 0
-    rounds = stages.draft_prefill_rounds  # spread over MIN_ROUNDS_TO_REPLAN rounds more than have run
-    stages.observe_draft_prefill(200.0 * (rounds + MIN_ROUNDS_TO_REPLAN))  # 200 ms of draft prefill a sequence round
-    assert stages.draft_prefill_per_round == pytest.approx(200.0)
+    stages.asked = [64] * 8
+    stages.observe_draft_prefill(2 * 3200.0, prompts=2)  # 3.2 s a prompt, 64 tokens asked
+    assert stages.draft_prefill_per_round(4) == pytest.approx(3200.0 / 64 * stages.tokens_per_round(4))
     assert best_plan(stages, 8, k_max=8).k == 0
 
 
@@ -218,7 +218,8 @@ def test_one_prompt_over_its_first_rounds_does_not_outweigh_drafting() -> None:
     """A lone request's draft prefill, paid once, must not make its first rounds look too costly to speculate."""
     costs = model(lambda b: 28.0, lambda b, k: 150.0 + 5.0 * k, alpha=0.7, verified_k=(0, 4))
     fresh = StageModel(alone=costs.alone, shared=costs.shared)
-    fresh.observe_draft_prefill(600.0)
+    fresh.asked = [64]
+    fresh.observe_draft_prefill(600.0, prompts=1)
     fresh.observe_round(4, 3)
     fresh.observe_round(4, 2)
     assert next_plan(fresh, Plan(1, 4, 0.0), sequences=1, k_max=8, resume_k=4).k == 4

@@ -17,9 +17,11 @@ from services.router.text_stream import TextStream
 from tests.conftest import internal_channel
 
 
-async def round_costs(cluster, tokenizer, undrafted_every: int = 0) -> list[tuple[int, float, float]]:
+async def round_costs(cluster, tokenizer, undrafted_every: int = 0,
+                      asked: list[list[int]] | None = None) -> list[tuple[int, float, float]]:
     """One auto request with the monitor's counters cleared before every proposal, and (undrafted_every > 0) the
-    drafts of every such proposal dropped after the draft made them: each round's (k, cost ms, verify ms)."""
+    drafts of every such proposal dropped after the draft made them: each round's (k, cost ms, verify ms); `asked`
+    gets the max_tokens in flight the stage model held at each plan."""
     async with internal_channel(cluster, cluster.target_address) as target_channel, \
             internal_channel(cluster, cluster.draft_address) as draft_channel:
         scheduler = Scheduler(Backend("target", target_channel, target_pb2_grpc.TargetStub),
@@ -45,7 +47,12 @@ async def round_costs(cluster, tokenizer, undrafted_every: int = 0) -> list[tupl
 
         cleared_first.calls = 0
         scheduler.planner.observe, scheduler.drafter.propose, scheduler._verify = recorded, cleared_first, timed
-        scheduler.planner.next = lambda current, *_: current  # speculate throughout (the tiny draft is random)
+        def kept(current, *_):  # speculate throughout (the tiny draft is random)
+            if asked is not None:
+                asked.append(list(scheduler.stages.asked))
+            return current
+
+        scheduler.planner.next = kept
         scheduler.start()
         request = Request(seq_id="cost-0", sampling=Sampling(), max_tokens=24,
                           prompt_ids=tokenizer.encode("def add(a, b):", add_special_tokens=False),
@@ -63,6 +70,13 @@ def test_a_monitor_clearing_its_counters_mid_round_leaves_round_costs_alone(tiny
     speculative = [ms for k, ms, _ in seen if k > 0]
     assert len(speculative) >= 3, "premise: several rounds drafted"
     assert all(ms > 0 for _, ms, _ in seen), seen
+
+
+def test_auto_plans_knowing_what_the_requests_in_flight_ask(tiny_clusters, tiny_pair) -> None:
+    """The draft's prefill is spread over what completions make, which the requests in flight bound."""
+    tokenizer, asked = AutoTokenizer.from_pretrained(tiny_pair[0]), []
+    asyncio.run(round_costs(tiny_clusters["sd"], tokenizer, asked=asked))
+    assert [24] in asked and set(map(tuple, asked)) <= {(24,), ()}, asked
 
 
 def test_a_round_that_sent_no_drafts_costs_its_verify_alone(tiny_clusters, tiny_pair) -> None:

@@ -70,7 +70,8 @@ class Drafter:
         (every sequence at once) outlasted it again, over and over."""
         for chunk in token_chunks(requests, self.prefill_tokens):
             epoch, lengths = self.draft.epoch, [len(r.tokens) for r in chunk]
-            new_tokens = sum(length for r, length in zip(chunk, lengths, strict=True) if not r.draft_sent)
+            fresh = [r for r in chunk if not r.draft_sent]
+            new_tokens = sum(len(r.prompt_ids) for r in fresh)  # what they made before is a re-send, paid once
             for request in chunk:
                 request.draft_sent = True
             try:
@@ -83,11 +84,12 @@ class Drafter:
                 return
             self.recorder.device_call("draft", "prefill", lane, response.stats, sum(lengths))
             self.stages.observe_draft_sent(sum(lengths), response.stats.forward_ms)
-            if catching_up and new_tokens:  # beside the target's prefill it costs no round any time
-                # Only new prompts count as a per-round cost of speculating: re-sending sequences the draft lost
-                # (down, or a spell of target-only decoding) is paid once, when speculation resumes.
-                self.stages.observe_draft_prefill(response.stats.forward_ms * new_tokens / sum(lengths))
-                lane.draft_ms += response.stats.forward_ms * new_tokens / sum(lengths)  # as the policy prices it
+            if fresh:  # beside the target's prefill (not catching up) a prompt costs no round any time
+                # Only new prompts count as a cost of speculating: re-sending sequences the draft lost (down, or a
+                # spell of target-only decoding) is paid once, when speculation resumes.
+                share = response.stats.forward_ms * new_tokens / sum(lengths) if catching_up else 0.0
+                self.stages.observe_draft_prefill(share, len(fresh))
+                lane.draft_ms += share  # this round's cost
             refused = {e.seq_id: e for e in response.errors}
             for request, length in zip(chunk, lengths, strict=True):
                 if request.seq_id in refused:

@@ -38,7 +38,7 @@ def predicted_rate(model: StageModel, sequences: int, lanes: int, k: int) -> flo
     beyond what its lanes hold wait their turn (one lane holds half what two do)."""
     if model.lane_capacity:
         sequences = min(sequences, model.lane_capacity * (2 if lanes == 2 else 1))
-    sync = model.draft_prefill_per_round if k > 0 else 0.0  # a target-only round caches nothing on the draft
+    sync = model.draft_prefill_per_round(k) if k > 0 else 0.0  # a target-only round caches nothing on the draft
     if sequences >= 2 and lanes == 2:
         half = sequences / 2
         steps = model.draft_steps(k, half)  # also the longest proposal the verify carries

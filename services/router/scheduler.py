@@ -135,6 +135,7 @@ class Scheduler:
         """auto: choose one lane or two, and k, for the sequences now in flight."""
         if self.mode != "auto":
             return
+        self.stages.asked = [r.max_tokens for r in (*self.waiting, *self.live())]  # what completions may make
         plan = self.planner.next(self.plan, self.in_flight, self.speculating,
                                  lambda: draft_backlog(self.live(), self.draft.epoch))
         if (plan.lanes, plan.k) != (self.plan.lanes, self.plan.k):
@@ -182,8 +183,9 @@ class Scheduler:
         if not done:
             return
         lane.active = [r for r in lane.active if not r.done]
-        for request in (r for r in done if r.drafted and r.finish_reason in ("stop", "eos", "length")):
-            self.stages.completed(len(request.generated), request.max_tokens)  # not a failed or cancelled one
+        for request in (r for r in done if r.finish_reason in ("stop", "eos", "length")):  # not failed or cancelled
+            self.stages.completed(len(request.generated), request.max_tokens, natural=request.finish_reason != "length",
+                                  drafted=bool(request.drafted))
         await self.releaser.release(done)
 
     async def _prefill(self, lane: Lane, joining: list[Request]) -> None:

@@ -23,6 +23,9 @@ SETTLE_TOKENS = 16
 # Where completions end before they settle (short answers), their first tokens are all there is: held out, they
 # left acceptance at its prior for good. Once this many more ended unsettled than settled, every round counts.
 SHORT_COMPLETIONS = 8
+# The tokens a completion makes where it may end on its own (EOS, a stop), until some have: the router's default
+# max_tokens (a prior worth one completion).
+NATURAL_LENGTH_PRIOR = 256.0
 
 
 def settled(generated: int, max_tokens: int) -> bool:
@@ -123,9 +126,14 @@ class StageModel:
     rounds: int = 0  # sequence rounds measured (with at least one draft) since acceptance was last discounted
     short_endings: int = 0  # completions that ended before settling, net of those that settled (capped)
     lane_capacity: int = 0  # the most sequences a lane holds (the router's --max-batch; 0: no bound)
-    # The draft's own prefill of new prompts, per sequence round (decayed alike): a cost only speculation pays.
-    draft_prefill_ms: float = 0.0
-    draft_prefill_rounds: float = 0.0
+    # The draft's own prefill of new prompts (a cost only speculation pays), decayed over prompts; and to spread it
+    # over the tokens a completion makes (`completion_length`): the max_tokens of the requests in flight (auto's
+    # scheduler sets them before each plan), and how long completions that ended on their own ran (decayed).
+    prompt_prefill_ms: float = 0.0
+    prompts_prefilled: float = 0.0
+    asked: list[int] = field(default_factory=list)
+    natural_tokens: float = NATURAL_LENGTH_PRIOR
+    natural_endings: float = 1.0
     # Every token the draft was sent (prompts, and the tokens it missed), decayed: what re-sending costs.
     draft_sent_ms: float = 0.0
     draft_sent_tokens: float = 0.0
@@ -159,12 +167,10 @@ class StageModel:
                       decay: float = 0.998) -> None:
         """One sequence's round: `drafted` proposals of at most `cap` asked for (default: drafted; fewer when
         the draft stopped early, `--draft-stop-below`), the first `accepted` of them kept. `measures` False (a
-        round among a completion's first tokens: `settled`): only a round the draft's prefill is spread over.
+        round among a completion's first tokens: `settled`): not counted.
 
         Positions count as reached up to the cap, so survived[i] / reached[i] is P(the first i accepted) for a
         round that may draft i, an early stop included; drafted_to[i] / reached[i] is P(it drafts the i-th)."""
-        self.draft_prefill_ms *= decay
-        self.draft_prefill_rounds = decay * self.draft_prefill_rounds + 1
         if not measures:
             return
         cap = drafted if cap is None else max(cap, drafted)
@@ -183,10 +189,15 @@ class StageModel:
         return self.rounds >= MIN_ROUNDS_TO_JUMP or self.short_endings >= SHORT_COMPLETIONS or \
             settled(generated, max_tokens)
 
-    def completed(self, generated: int, max_tokens: int) -> None:
-        """A completion that drafted ended (EOS, a stop, or max_tokens) after `generated` tokens."""
-        step = -1 if settled(generated, max_tokens) else 1
-        self.short_endings = min(SHORT_COMPLETIONS, max(0, self.short_endings + step))
+    def completed(self, generated: int, max_tokens: int, natural: bool, drafted: bool, decay: float = 0.9) -> None:
+        """A completion ended after `generated` tokens: on its own (`natural`: EOS or a stop) or at max_tokens;
+        `drafted`: it speculated (whether it settled counts only then: `short_endings`)."""
+        if drafted:
+            step = -1 if settled(generated, max_tokens) else 1
+            self.short_endings = min(SHORT_COMPLETIONS, max(0, self.short_endings + step))
+        if natural:
+            self.natural_tokens = decay * self.natural_tokens + generated
+            self.natural_endings = decay * self.natural_endings + 1
 
     def draft_steps(self, k: int, sequences: float = 1) -> float:
         """Expected draft steps of a round asking k of each of `sequences` — also its longest proposal: a step
@@ -199,8 +210,21 @@ class StageModel:
             steps += 1 - (1 - each) ** max(1.0, sequences)
         return steps
 
-    def observe_draft_prefill(self, ms: float) -> None:
-        self.draft_prefill_ms += ms
+    def observe_draft_prefill(self, ms: float, prompts: int, decay: float = 0.9) -> None:
+        """The draft cached `prompts` new prompts at a cost of `ms` to the rounds (0 where it ran beside the target's
+        prefill), decayed per prompt."""
+        self.prompt_prefill_ms = decay ** prompts * self.prompt_prefill_ms + ms
+        self.prompts_prefilled = decay ** prompts * self.prompts_prefilled + prompts
+
+    @property
+    def completion_length(self) -> float:
+        """Tokens a completion is expected to make: over the requests in flight, the lesser of what each asks at
+        most and how long completions that ended on their own ran. Completions cut at max_tokens say only what they
+        asked, so the bench's warm-up ones of 4 tokens do not price the 64-token ones after them at 4 (nor, as a
+        history of asks would, at half of 64 for a wave), and one that asked far more than the rest moves only its
+        own term."""
+        natural = self.natural_tokens / self.natural_endings
+        return sum(min(ask, natural) for ask in self.asked) / len(self.asked) if self.asked else natural
 
     def observe_draft_sent(self, tokens: int, ms: float, decay: float = 0.9) -> None:
         """A draft prefill of `tokens` that took `ms` (decayed fast: the last few calls price a re-send)."""
@@ -220,14 +244,17 @@ class StageModel:
         self.drafted, self.accepted = keep * self.drafted, keep * self.accepted
         self.rounds = 0
 
-    @property
-    def draft_prefill_per_round(self) -> float:
-        """ms of draft prefill each sequence round carries (new prompts cached on the draft), spread over
-        MIN_ROUNDS_TO_REPLAN rounds more than have run: a prompt's prefill is paid once for all of its request's
-        rounds (64 tokens at τ ≈ 3.7 are 17 rounds, four requests 68), so charged to the first few rounds alone
-        it makes speculating look several times its cost (spread over 16, auto dropped to target-only at C = 4,
-        where sd was 1.14x ar)."""
-        return self.draft_prefill_ms / (self.draft_prefill_rounds + MIN_ROUNDS_TO_REPLAN)
+    def draft_prefill_per_round(self, k: int) -> float:
+        """ms of draft prefill a sequence round of k drafts carries. A prompt's prefill is paid once for all of its
+        completion's rounds, so it is spread over the tokens a completion makes (`completion_length`), a round's
+        share being the tokens it makes. Spread over a fixed count of rounds it erred either way: over 16, auto
+        dropped to target-only at C = 4 on the AMX CPU, where sd was 1.14x ar; over those run plus 64, a
+        ten-second run charged about half of each 136 ms prefill of the Zen 5 EPYC's 64-token completions, and
+        auto speculated at C = 4, where ar was 1.2x sd."""
+        if self.prompts_prefilled <= 0:
+            return 0.0
+        return self.prompt_prefill_ms / self.prompts_prefilled * self.tokens_per_round(k) / max(
+            1.0, self.completion_length)
 
     def tokens_per_round(self, k: int) -> float:
         """Expected tokens one sequence gains from a round of k drafts: 1 + Σ P(first i accepted).
