@@ -64,7 +64,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="static KV: most tokens per sequence (0: up to 4096, shrunk to what fits in memory, as "
                              "`minedraft serve` sizes it; a float32 cache of 66 sequences x 2048 missed at C = 32)")
     parser.add_argument("--warmup-requests", type=int, default=2,
-                        help="requests run (4 tokens each) before measuring; on a GPU use the concurrency, so "
+                        help="requests run (of --max-tokens each) before measuring; on a GPU use the concurrency, so "
                              "every batch shape's CUDA graph is captured before the clock starts")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every mode this many times per concurrency, interleaved and counterbalanced "

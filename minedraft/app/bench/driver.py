@@ -108,7 +108,10 @@ def run_mode(args: argparse.Namespace, mode: str, items: list[dict], concurrency
     with Cluster(cluster_args(args, mode, max_batch=concurrency)) as cluster:
         cluster.wait_ready()
         warmup = items[:max(1, min(args.warmup_requests, len(items)))]
-        asyncio.run(drive(cluster.address, warmup, len(warmup), 4, None, f"{mode} warm-up"))
+        # As long as the measured requests: an adaptive mode (auto) starts from the traffic it is measured on (after
+        # answers of 4 tokens, whose draft prefill dwarfs them, it began a C = 1 run target-only and stayed there)
+        asyncio.run(drive(cluster.address, warmup, len(warmup), args.max_tokens, None, f"{mode} warm-up",
+                          ignore_eos=args.ignore_eos))
         asyncio.run(router_stats(cluster.address, clear=True))
         records = asyncio.run(drive(cluster.address, items, concurrency, args.max_tokens, args.rate,
                                     f"{mode} C={concurrency}", ignore_eos=args.ignore_eos))

@@ -116,6 +116,6 @@ def run_peer(name: str, url: str, items: list[dict], concurrency: int, max_token
              warmup: list[dict]) -> dict:
     """The raw material of a peer's summary, in the shape run_mode returns (no lanes, no device events)."""
     with running_peer(name, url, concurrency, port) as base:
-        asyncio.run(drive_peer(base, warmup, len(warmup), 4))
+        asyncio.run(drive_peer(base, warmup, len(warmup), max_tokens))  # as long as ours (driver.run_mode)
         records = asyncio.run(drive_peer(base, items, concurrency, max_tokens))
     return {"records": records, "lanes": [], "events": []}
