@@ -81,7 +81,6 @@ def test_a_calibration_is_cached_by_engine_and_read_back_instead_of_measured(tin
     times, _, read_back = asyncio.run(calibrate_on(cluster, cache))
     assert times == {} and estimates(read_back) == estimates(measured)  # not one call to either model
     assert read_back.stages.draft_ms_per_token == measured.stages.draft_ms_per_token is not None
-    assert measured.stages.drifts and read_back.stages.drifts, "from here on rounds keep every cost current"
     times, _, _ = asyncio.run(calibrate_on(cluster, CalibrationCache(str(tmp_path), True, cache.engines)))
     assert times["Propose"] and list(tmp_path.glob("*.json")) == [saved]  # refreshed in place
     other = CalibrationCache(str(tmp_path), engines=["target engine", "another draft engine"])

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 MAX_POSITIONS = 32
 MIN_POSITION_SAMPLES = 8
-MAX_DRIFT = 1.1  # the most one call moves the stage costs it did not measure (StageModel._drift)
 MIN_ROUNDS_TO_REPLAN = 64  # sequence rounds of measured acceptance before the plan leaves its start
 # Sequence rounds of measured acceptance before a jump to or from target-only is judged on it (policy.jump_gain),
 # fewer than MIN_ROUNDS_TO_REPLAN: whether drafting pays at all shows sooner than which k is best
@@ -56,9 +55,6 @@ class LinearCost:
     @property
     def known(self) -> bool:
         return self._sw > 0
-
-    def scale(self, factor: float) -> None:  # every cost observed so far times `factor`
-        self._sy, self._sxy = self._sy * factor, self._sxy * factor
 
     def __call__(self, batch: float) -> float:
         if not self.known:
@@ -141,7 +137,6 @@ class StageModel:
     # Every token the draft was sent (prompts, and the tokens it missed), decayed: what re-sending costs.
     draft_sent_ms: float = 0.0
     draft_sent_tokens: float = 0.0
-    drifts: bool = False  # whether a call's cost moves the costs it did not measure (`_drift`; not in calibration)
 
     def costs(self, shared: bool) -> StageCosts:
         wanted, other = (self.shared, self.alone) if shared else (self.alone, self.shared)
@@ -150,27 +145,11 @@ class StageModel:
     def observe_propose(self, batch: int, steps: int, ms: float, shared: bool = False) -> None:
         """A propose of `batch` sequences that ran `steps` draft steps (its longest proposal)."""
         if steps > 0:
-            cost = (self.shared if shared else self.alone).draft_step
-            before, _ = cost(batch), cost.observe(batch, ms / steps)
-            self._drift(before, cost(batch), cost)
+            (self.shared if shared else self.alone).draft_step.observe(batch, ms / steps)
 
     def observe_verify(self, batch: int, k: int, ms: float, shared: bool = False) -> None:
         """A verify of `batch` sequences carrying at most k drafts each."""
-        costs = (self.shared if shared else self.alone).verify
-        before, _ = costs(batch, k), costs.observe(batch, k, ms)
-        self._drift(before, costs(batch, k), costs.by_k[k])
-
-    def _drift(self, before_ms: float, after_ms: float, measured: LinearCost) -> None:
-        """A host that slows or speeds up (another tenant's load) moves every stage cost, but a call teaches only
-        its own: the rest went stale and won plans they then lost (Zen 5 EPYC, C = 2: a calibrated 46.5 ms target-
-        only step, 57 measured, dropped a lone sequence to it). So the rest move as its own moved (≤ MAX_DRIFT)."""
-        if not self.drifts or before_ms <= 0:
-            return
-        step = min(MAX_DRIFT, max(1 / MAX_DRIFT, after_ms / before_ms))
-        for costs in (self.alone, self.shared):
-            for cost in (costs.draft_step, *costs.verify.by_k.values()):
-                if cost is not measured:
-                    cost.scale(step)
+        (self.shared if shared else self.alone).verify.observe(batch, k, ms)
 
     def draft_step(self, batch: float, shared: bool = False) -> float:
         return self.costs(shared).draft_step(batch)
