@@ -38,7 +38,7 @@ def test_the_prefill_of_several_prompts_is_decayed_per_prompt() -> None:
 
 
 def test_completions_cut_at_max_tokens_say_only_what_they_asked() -> None:
-    """The bench's warm-up (4 tokens, all they asked) must not price the prompts asking 64 after it at 4 tokens,
+    """A warm-up of answers of 4 tokens (all they asked) must not price the prompts asking 64 after it at 4 tokens,
     nor does a completion cut at max_tokens say how long answers run on their own."""
     stages = StageModel(asked=[4, 4])
     stages.completed(4, 4, natural=False, drafted=True)

@@ -220,7 +220,7 @@ class StageModel:
     def completion_length(self) -> float:
         """Tokens a completion is expected to make: over the requests in flight, the lesser of what each asks at
         most and how long completions that ended on their own ran. Completions cut at max_tokens say only what they
-        asked, so the bench's warm-up ones of 4 tokens do not price the 64-token ones after them at 4 (nor, as a
+        asked, so answers of 4 tokens (a warm-up) do not price the 64-token ones after them at 4 (nor, as a
         history of asks would, at half of 64 for a wave), and one that asked far more than the rest moves only its
         own term."""
         natural = self.natural_tokens / self.natural_endings
