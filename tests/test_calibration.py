@@ -43,21 +43,23 @@ async def calibrate_on(cluster, cache: CalibrationCache | None = None, share_cor
         scheduler = Scheduler(target, draft, mode="auto", k=2, k_max=3, max_batch=2, share_cores=share_cores)
         target.stub, draft.stub = RecordingStub(target.stub, times), RecordingStub(draft.stub, times)
         propose, verify = scheduler.stages.observe_propose, scheduler.stages.observe_verify
-        scheduler.stages.observe_propose = lambda b, s, ms, shared=False: (
-            observed["Propose"].append(ms), propose(b, s, ms, shared))
-        scheduler.stages.observe_verify = lambda b, k, ms, shared=False: (
-            observed["Verify"].append(ms), verify(b, k, ms, shared))
+        scheduler.stages.observe_propose = lambda b, s, ms, shared=False, **paced: (
+            observed["Propose"].append(ms), propose(b, s, ms, shared, **paced))
+        scheduler.stages.observe_verify = lambda b, k, ms, shared=False, **paced: (
+            observed["Verify"].append(ms), verify(b, k, ms, shared, **paced))
         await calibrate(scheduler, cache)
     return times, observed, scheduler
 
 
 def test_each_short_stage_time_is_the_faster_of_two_calls(tiny_clusters) -> None:
-    times, observed, _ = asyncio.run(calibrate_on(tiny_clusters["sd"]))
+    times, observed, scheduler = asyncio.run(calibrate_on(tiny_clusters["sd"]))
     for name in ("Propose", "Verify"):
         calls = times[name]
         assert all(ms < calibration.SECOND_SAMPLE_BELOW_MS for ms in calls)
         assert len(observed[name]) > 1 and len(calls) == 2 * len(observed[name])
         assert observed[name] == [min(calls[i:i + 2]) for i in range(0, len(calls), 2)]
+    costs = [scheduler.stages.alone.draft_step, *scheduler.stages.alone.verify.by_k.values()]
+    assert costs[0].known and not any(cost.live for cost in costs), "what live calls are measured against"
 
 
 def test_a_long_stage_time_is_measured_once(tiny_clusters, monkeypatch) -> None:

@@ -14,7 +14,8 @@ from services.router.policy import (
     rebalance,
     tokens_per_round,
 )
-from services.router.stage_model import LinearCost, StageModel, VerifyCost
+from services.router.stage_costs import LinearCost, VerifyCost
+from services.router.stage_model import StageModel
 
 
 def model(draft_step, verify, alpha: float, batches=(1, 2, 4, 8, 16, 32), verified_k=(4,)) -> StageModel:

@@ -3,6 +3,7 @@ a GetStats(clear=True) used to reset the counter a round's draft time was read f
 then cost minus all the draft time before it. Real draft and target services on the tiny pair, real gRPC."""
 
 import asyncio
+import itertools
 
 from transformers import AutoTokenizer
 
@@ -16,12 +17,15 @@ from services.router.stage_model import StageModel
 from services.router.text_stream import TextStream
 from tests.conftest import internal_channel
 
+# The draft may still hold a finished test's sequence for a moment after its scheduler stops: a new id each time.
+SEQ_IDS = itertools.count()
 
-async def round_costs(cluster, tokenizer, undrafted_every: int = 0,
-                      asked: list[list[int]] | None = None) -> list[tuple[int, float, float]]:
+
+async def round_costs(cluster, tokenizer, undrafted_every: int = 0, asked: list[list[int]] | None = None,
+                      models: list[StageModel] | None = None) -> list[tuple[int, float, float]]:
     """One auto request with the monitor's counters cleared before every proposal, and (undrafted_every > 0) the
     drafts of every such proposal dropped after the draft made them: each round's (k, cost ms, verify ms); `asked`
-    gets the max_tokens in flight the stage model held at each plan."""
+    gets the max_tokens in flight the stage model held at each plan, `models` the stage model."""
     async with internal_channel(cluster, cluster.target_address) as target_channel, \
             internal_channel(cluster, cluster.draft_address) as draft_channel:
         scheduler = Scheduler(Backend("target", target_channel, target_pb2_grpc.TargetStub),
@@ -54,13 +58,15 @@ async def round_costs(cluster, tokenizer, undrafted_every: int = 0,
 
         scheduler.planner.next = kept
         scheduler.start()
-        request = Request(seq_id="cost-0", sampling=Sampling(), max_tokens=24,
+        request = Request(seq_id=f"cost-{next(SEQ_IDS)}", sampling=Sampling(), max_tokens=24,
                           prompt_ids=tokenizer.encode("def add(a, b):", add_special_tokens=False),
                           text=TextStream(tokenizer, []), eos_ids=frozenset())
         scheduler.submit(request)
         while not request.done:
             await asyncio.sleep(0.02)
         await scheduler.stop()
+        if models is not None:
+            models.append(scheduler.stages)
         return seen
 
 
@@ -77,6 +83,15 @@ def test_auto_plans_knowing_what_the_requests_in_flight_ask(tiny_clusters, tiny_
     tokenizer, asked = AutoTokenizer.from_pretrained(tiny_pair[0]), []
     asyncio.run(round_costs(tiny_clusters["sd"], tokenizer, asked=asked))
     assert [24] in asked and set(map(tuple, asked)) <= {(24,), ()}, asked
+
+
+def test_live_rounds_are_measured_as_live(tiny_clusters, tiny_pair) -> None:
+    """The scheduler's and the drafter's calls count as live: the costs they measure are read as measured, no
+    longer at the host's pace (stage_costs.py)."""
+    tokenizer, models = AutoTokenizer.from_pretrained(tiny_pair[0]), []
+    asyncio.run(round_costs(tiny_clusters["sd"], tokenizer, models=models))
+    costs = models[0].alone
+    assert costs.draft_step.live and costs.verify.by_k[2].live
 
 
 def test_a_round_that_sent_no_drafts_costs_its_verify_alone(tiny_clusters, tiny_pair) -> None:

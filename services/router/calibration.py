@@ -83,7 +83,7 @@ async def calibrate(scheduler: Scheduler, cache: CalibrationCache | None = None,
         if stage == "prefill":
             stages.observe_draft_sent(k, ms)
         else:
-            (stages.observe_propose if stage == "propose" else stages.observe_verify)(batch, k, ms, shared)
+            (stages.observe_propose if stage == "propose" else stages.observe_verify)(batch, k, ms, shared, paced=False)
     lo, hi = batches[0], batches[-1]
     log.info("calibrated%s: draft step %.1f ms (batch %d) / %.1f ms (batch %d); verify of %s drafts %s ms "
              "(batch %d) / %s ms (batch %d)", f" (read from {path})" if cached else "",

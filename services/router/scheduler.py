@@ -140,9 +140,10 @@ class Scheduler:
                                  lambda: draft_backlog(self.live(), self.draft.epoch))
         if (plan.lanes, plan.k) != (self.plan.lanes, self.plan.k):
             log.info("plan for %d sequences: %d lane(s), k=%d, %.2f tokens/s predicted (alpha %.2f, %d rounds measured "
-                     "since a probe; draft prefill %.1f ms a sequence round at k=%d)", self.in_flight, plan.lanes,
-                     plan.k, plan.tokens_per_s, self.stages.alpha, self.stages.rounds,
-                     self.stages.draft_prefill_per_round(self.planner.resume_k), self.planner.resume_k)
+                     "since a probe; draft prefill %.1f ms a sequence round at k=%d; pace %.2fx)", self.in_flight,
+                     plan.lanes, plan.k, plan.tokens_per_s, self.stages.alpha, self.stages.rounds,
+                     self.stages.draft_prefill_per_round(self.planner.resume_k), self.planner.resume_k,
+                     self.stages.pace.factor)
         self.plan = plan
 
     def _lane_open(self, lane: Lane) -> bool:

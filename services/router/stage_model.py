@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.router.stage_costs import Pace, StageCosts
+
 MAX_POSITIONS = 32
 MIN_POSITION_SAMPLES = 8
 MIN_ROUNDS_TO_REPLAN = 64  # sequence rounds of measured acceptance before the plan leaves its start
@@ -34,86 +36,14 @@ def settled(generated: int, max_tokens: int) -> bool:
 
 
 @dataclass
-class LinearCost:
-    """t(B) ≈ a + b·B fitted by exponentially weighted least squares over recent observations."""
-
-    decay: float = 0.95
-    _sw: float = 0.0
-    _sx: float = 0.0
-    _sy: float = 0.0
-    _sxx: float = 0.0
-    _sxy: float = 0.0
-
-    def observe(self, batch: float, ms: float) -> None:
-        d = self.decay
-        self._sw = d * self._sw + 1
-        self._sx = d * self._sx + batch
-        self._sy = d * self._sy + ms
-        self._sxx = d * self._sxx + batch * batch
-        self._sxy = d * self._sxy + batch * ms
-
-    @property
-    def known(self) -> bool:
-        return self._sw > 0
-
-    def __call__(self, batch: float) -> float:
-        if not self.known:
-            return 0.0
-        mean_x, mean_y = self._sx / self._sw, self._sy / self._sw
-        var = self._sxx / self._sw - mean_x * mean_x
-        slope = max(0.0, (self._sxy / self._sw - mean_x * mean_y) / var) if var > 1e-9 else 0.0
-        return max(1e-3, mean_y + slope * (batch - mean_x))
-
-
-@dataclass
-class VerifyCost:
-    """t_v(B, k): one LinearCost in the batch for each draft length measured, linear in k between them.
-
-    Verifying k drafts feeds k + 1 tokens per sequence, so the cost grows with k, but not in proportion
-    (a CPU verify of 5 tokens costs 1.3x one token at batch 1, 1.7x at batch 8): measured, not modelled."""
-
-    by_k: dict[int, LinearCost] = field(default_factory=dict)
-
-    def observe(self, batch: float, k: int, ms: float) -> None:
-        self.by_k.setdefault(k, LinearCost()).observe(batch, ms)
-
-    @property
-    def known(self) -> bool:
-        return bool(self.by_k)
-
-    def __call__(self, batch: float, k: float) -> float:
-        if not self.by_k:
-            return 0.0
-        ks = sorted(self.by_k)
-        if k in self.by_k or len(ks) == 1:
-            return self.by_k[k if k in self.by_k else ks[0]](batch)
-        below, above = [x for x in ks if x < k], [x for x in ks if x > k]
-        # Interpolate between the nearest measured lengths; past the ends, continue the nearest two's slope.
-        lo, hi = (below[-1], above[0]) if below and above else (ks[-2], ks[-1]) if below else (ks[0], ks[1])
-        t_lo, t_hi = self.by_k[lo](batch), self.by_k[hi](batch)
-        return max(1e-3, t_lo + (t_hi - t_lo) * (k - lo) / (hi - lo))
-
-
-@dataclass
-class StageCosts:
-    """One draft step t_d(B) and one verify t_v(B, k), as measured under one sharing of the host's cores."""
-
-    draft_step: LinearCost = field(default_factory=LinearCost)
-    verify: VerifyCost = field(default_factory=VerifyCost)
-
-    @property
-    def known(self) -> bool:
-        return self.draft_step.known and self.verify.known
-
-
-@dataclass
 class StageModel:
     """Live estimates of one draft step t_d(B), one verify t_v(B, k), the acceptance rate α, and how far
     into a round acceptance reaches: survival[i] / reached[i] = P(the first i drafts are all accepted).
 
     Stage costs are kept twice when draft and target share one host's cores: `alone` (a call that had every
     core, as in one lane) and `shared` (half of them, while the other service ran too, as in two lanes).
-    Without sharing every call counts as alone, and two lanes read the same costs."""
+    Without sharing every call counts as alone, and two lanes read the same costs. A cost not yet measured
+    live is read at the host's pace (stage_costs.py): how much slower live calls run than calibration measured."""
 
     alone: StageCosts = field(default_factory=StageCosts)
     shared: StageCosts = field(default_factory=StageCosts)
@@ -137,25 +67,27 @@ class StageModel:
     # Every token the draft was sent (prompts, and the tokens it missed), decayed: what re-sending costs.
     draft_sent_ms: float = 0.0
     draft_sent_tokens: float = 0.0
+    pace: Pace = field(default_factory=Pace)  # the host's speed, read into every stage cost (stage_costs.py)
 
     def costs(self, shared: bool) -> StageCosts:
         wanted, other = (self.shared, self.alone) if shared else (self.alone, self.shared)
         return wanted if wanted.known else other
 
-    def observe_propose(self, batch: int, steps: int, ms: float, shared: bool = False) -> None:
-        """A propose of `batch` sequences that ran `steps` draft steps (its longest proposal)."""
+    def observe_propose(self, batch: int, steps: int, ms: float, shared: bool = False, paced: bool = True) -> None:
+        """A propose of `batch` sequences that ran `steps` draft steps (its longest proposal); `paced`: it
+        measures the host's pace (False: start-up calibration)."""
         if steps > 0:
-            (self.shared if shared else self.alone).draft_step.observe(batch, ms / steps)
+            (self.shared if shared else self.alone).draft_step.observe(batch, ms / steps, self.pace, paced)
 
-    def observe_verify(self, batch: int, k: int, ms: float, shared: bool = False) -> None:
+    def observe_verify(self, batch: int, k: int, ms: float, shared: bool = False, paced: bool = True) -> None:
         """A verify of `batch` sequences carrying at most k drafts each."""
-        (self.shared if shared else self.alone).verify.observe(batch, k, ms)
+        (self.shared if shared else self.alone).verify.observe(batch, k, ms, self.pace, paced)
 
     def draft_step(self, batch: float, shared: bool = False) -> float:
-        return self.costs(shared).draft_step(batch)
+        return self.costs(shared).draft_step(batch, self.pace)
 
     def verify(self, batch: float, k: float, shared: bool = False) -> float:
-        return self.costs(shared).verify(batch, k)
+        return self.costs(shared).verify(batch, k, self.pace)
 
     def observe_acceptance(self, drafted: int, accepted: int, decay: float = 0.99) -> None:
         if not drafted:  # a round without drafts says nothing (and ~74k of them decayed α to 0 / 0)
