@@ -46,6 +46,8 @@ def test_only_live_calls_move_the_pace() -> None:
     for batch in (1, 2, 4, 8, 4, 4):  # never calibrated: nothing to measure the host against
         fresh.observe(batch, 10.0 + 5.0 * batch, pace)
     assert pace.level == 0.0 and fresh.live
+    pace.observe(100.0)  # a call far off calibration's fit (a convex calibration at a batch it did not run)
+    assert pace.factor < 1.3, "one call moves it by a bounded step"
 
 
 def test_a_host_that_slowed_moves_the_costs_not_measured_since() -> None:
@@ -54,6 +56,7 @@ def test_a_host_that_slowed_moves_the_costs_not_measured_since() -> None:
     assert stages.draft_step(4) == pytest.approx(1.3 * DRAFT_MS[False](4), rel=0.02)
     assert stages.verify(4, 4) == pytest.approx(1.3 * VERIFY_MS[False](4, 4), rel=0.02)
     assert stages.verify(4, 0) == pytest.approx(1.3 * VERIFY_MS[False](4, 0), rel=0.05), "target-only moved"
+    assert stages.verify(4, 2) == pytest.approx(1.3 * VERIFY_MS[False](4, 2), rel=0.05), "between measured k's"
     assert stages.draft_step(2, shared=True) == pytest.approx(1.3 * DRAFT_MS[True](2), rel=0.05), "two lanes moved"
     assert stages.verify(2, 4, shared=True) == pytest.approx(1.3 * VERIFY_MS[True](2, 4), rel=0.05)
 
@@ -82,6 +85,18 @@ def test_a_cost_measured_live_keeps_its_own_measurements() -> None:
     assert stages.verify(4, 4) == pytest.approx(VERIFY_MS[False](4, 4), rel=0.02)
     run(stages, 200)
     assert stages.verify(2, 4, shared=True) == pytest.approx(1.3 * VERIFY_MS[True](2, 4), rel=0.02)
+
+
+def test_a_cost_measured_live_now_and_then_still_follows_the_host() -> None:
+    """A round that sends no drafts verifies target-only (every completion's last round at C = 1): those few live
+    calls at batch 1 must not leave target-only's cost at batch 4 where it stood when they began."""
+    stages = calibrated()
+    for slower in (1.3, 1.6):
+        for round_ in range(200):
+            run(stages, 1, slower=slower)
+            if round_ % 10 == 0:
+                stages.observe_verify(1, 0, VERIFY_MS[False](1, 0) * slower)
+        assert stages.verify(4, 0) == pytest.approx(slower * VERIFY_MS[False](4, 0), rel=0.05), slower
 
 
 def test_measured_costs_follow_their_own_calls() -> None:

@@ -42,8 +42,8 @@ class StageModel:
 
     Stage costs are kept twice when draft and target share one host's cores: `alone` (a call that had every
     core, as in one lane) and `shared` (half of them, while the other service ran too, as in two lanes).
-    Without sharing every call counts as alone, and two lanes read the same costs. A cost not yet measured
-    live is read at the host's pace (stage_costs.py): how much slower live calls run than calibration measured."""
+    Without sharing every call counts as alone, and two lanes read the same costs. Calibration's calls are
+    read at the host's pace (stage_costs.py): how much slower live calls run than calibration measured."""
 
     alone: StageCosts = field(default_factory=StageCosts)
     shared: StageCosts = field(default_factory=StageCosts)
