@@ -1,5 +1,5 @@
-"""Stage costs read at the host's pace (services/router/stage_costs.py): costs not yet measured live move as much
-as live calls moved from calibration, noise does not make them wander, no move is counted twice, and a cost
+"""Stage costs read at the host's pace (services/router/stage_costs.py): calibration's share of a cost moves as much
+as live calls moved from calibration, noise does not make it wander, no move is counted twice, and a cost
 measured live keeps its own measurements."""
 
 import random
@@ -119,8 +119,8 @@ def test_noise_does_not_make_the_pace_wander() -> None:
 
 
 def test_noise_over_changing_batches_and_draft_lengths_does_not_make_the_pace_wander() -> None:
-    """Requests end (the batch shrinks), last rounds draft fewer, two lanes come and go: the pairs measured
-    lately change all the time, and still the level only reflects the host, which did not move."""
+    """Requests end (the batch shrinks), last rounds draft fewer, two lanes come and go: the costs measured
+    change all the time, and still the pace only reflects the host, which did not move."""
     for seed in range(3):
         stages, draws = calibrated(), random.Random(seed)
         for _ in range(4000):
@@ -132,8 +132,9 @@ def test_noise_over_changing_batches_and_draft_lengths_does_not_make_the_pace_wa
 
 
 def test_a_batch_measured_before_the_host_moved_is_not_taken_for_a_move() -> None:
-    """The host slows while one batch runs, then the load changes: the new batch's fit and record are from before,
-    and first take the move already measured (counted again, every unmeasured cost would read 1.3² slower)."""
+    """The host slows while one batch runs, then the load changes: the new batch's calls are measured against
+    calibration's fit, not against the live calls before (counted again, unmeasured costs would read 1.3² slower),
+    and a fit that forgot the other batches does not make the new one look like a move."""
     stages = calibrated()
     run(stages, 200, slower=1.3, batch=1)
     run(stages, 50, slower=1.3, batch=4)

@@ -67,7 +67,7 @@ class StageModel:
     # Every token the draft was sent (prompts, and the tokens it missed), decayed: what re-sending costs.
     draft_sent_ms: float = 0.0
     draft_sent_tokens: float = 0.0
-    pace: Pace = field(default_factory=Pace)  # the host's speed, read into every stage cost (stage_costs.py)
+    pace: Pace = field(default_factory=Pace)  # the host's speed, read into calibration's share of each cost
 
     def costs(self, shared: bool) -> StageCosts:
         wanted, other = (self.shared, self.alone) if shared else (self.alone, self.shared)
