@@ -77,9 +77,12 @@ def test_a_drop_on_low_acceptance_is_probed_and_undone_when_acceptance_rises(his
     probed, rounds = spell(probe, stages_, dropped)
     assert probed.k == RESUME_K and probe.probing
     # Due once the spell's device time is PROBE_RATIO times the probe's cost: re-sending the backlog at 0.5 ms a
-    # token and 16 sequence rounds at the spell's pace.
+    # token, and 16 sequence rounds at what speculating is predicted to cost, not at the spell's pace. The probe
+    # runs two lanes of 2, each round's slower stage a verify of 4 drafts at batch 2 (50 + 2·2 + 3·4·2 = 78 ms
+    # against 4 draft steps of 12): 39 ms a sequence round, where a target-only one costs 58 / 4.
+    assert probed.lanes == 2
     ms = round_ms(stages_)
-    assert rounds == math.ceil(PROBE_RATIO * (BACKLOG * 0.5 + 16 * ms / SEQUENCES) / ms)
+    assert rounds == math.ceil(PROBE_RATIO * (BACKLOG * 0.5 + 16 * 78.0 / 2) / ms)
     assert stages_.rounds == 0 and stages_.reached[1] == pytest.approx(STALE_ROUNDS), "the probe's rounds decide"
     assert measure(probe, stages_, probed, alpha=0.8, cost=1.0).k > 0, "the probe measured drafting paying"
     assert not probe.probing
@@ -216,7 +219,7 @@ def test_beyond_a_lanes_capacity_the_probe_is_judged_at_what_a_lane_holds() -> N
     stages_.lane_capacity = 8
     plan = drop(probe, stages_, Plan(1, RESUME_K, 0.0))
     seven_ms = 7 / predicted_rate(stages_, 7, 1, 0) * 1e3
-    for _ in range(MIN_ROUNDS_TO_JUMP):
+    for _ in range(2 * MIN_ROUNDS_TO_JUMP):  # a spell long enough for a probe of lanes of 8 to be due
         probe.observe(1, 0, 7, 1.2 * seven_ms)
         probe.observe(1, 0, 2, 1.0)  # a few rounds at a far smaller size: not comparable, never chosen
     assert probe.revise(stages_, plan, Plan(1, 0, 0.0), 20, K_MAX, RESUME_K, lambda: BACKLOG).k == RESUME_K

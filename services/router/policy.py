@@ -36,19 +36,30 @@ class Plan:
 def predicted_rate(model: StageModel, sequences: int, lanes: int, k: int) -> float:
     """Tokens per second for all `sequences` in this layout with k drafts a round (k = 0: target-only); those
     beyond what its lanes hold wait their turn (one lane holds half what two do)."""
+    served, cycle_ms = _cycle(model, sequences, lanes, k)
+    per_sequence = model.tokens_per_round(k) if k > 0 else 1.0
+    return served * per_sequence / cycle_ms * 1e3
+
+
+def sequence_round_ms(model: StageModel, sequences: int, lanes: int, k: int) -> float:
+    """Predicted device ms one sequence round costs in this layout (a cycle's cost over the sequences it serves)."""
+    served, cycle_ms = _cycle(model, sequences, lanes, k)
+    return cycle_ms / max(served, 1)
+
+
+def _cycle(model: StageModel, sequences: int, lanes: int, k: int) -> tuple[float, float]:
+    """The sequences a cycle serves (at most what its lanes hold) and its predicted ms: one round of each lane."""
     if model.lane_capacity:
         sequences = min(sequences, model.lane_capacity * (2 if lanes == 2 else 1))
     sync = model.draft_prefill_per_round(k) if k > 0 else 0.0  # a target-only round caches nothing on the draft
     if sequences >= 2 and lanes == 2:
         half = sequences / 2
         steps = model.draft_steps(k, half)  # also the longest proposal the verify carries
-        cycle_ms = 2 * max(steps * model.draft_step(half, shared=True) + half * sync,
-                           model.verify(half, steps, shared=True))
-    else:  # a lone sequence runs as in one lane, whatever the layout
-        steps = model.draft_steps(k, sequences)
-        cycle_ms = steps * model.draft_step(sequences) + sequences * sync + model.verify(sequences, steps)
-    per_sequence = model.tokens_per_round(k) if k > 0 else 1.0
-    return sequences * per_sequence / cycle_ms * 1e3
+        return sequences, 2 * max(steps * model.draft_step(half, shared=True) + half * sync,
+                                  model.verify(half, steps, shared=True))
+    # a lone sequence runs as in one lane, whatever the layout
+    steps = model.draft_steps(k, sequences)
+    return sequences, steps * model.draft_step(sequences) + sequences * sync + model.verify(sequences, steps)
 
 
 def best_plan(model: StageModel, sequences: int, k_max: int, layouts: tuple[int, ...] = (1, 2),

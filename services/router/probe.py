@@ -7,9 +7,9 @@ rounds at C = 4, where sd measured 1.07x target-only, and never came back (0.88x
 plan speculates again, a probe, with the acceptance measured before it cut to at most half the weight of the
 probe's own first rounds (the stage model goes on from there if the probe holds).
 
-A probe costs what re-sending the draft the tokens it missed takes, and its rounds (priced at the spell's
-pace: they may run slower, which is what the probe finds out). A probe runs MIN_ROUNDS_TO_JUMP sequence rounds
-(besides each lane's first, which also re-sends the draft what it missed) and is then judged on what they
+A probe costs what re-sending the draft the tokens it missed takes, and its rounds, priced at what the model
+predicts speculating costs (a round of k drafts costs several target-only ones). A probe runs MIN_ROUNDS_TO_JUMP
+sequence rounds (besides each lane's first, which also re-sends the draft what it missed) and is judged on what they
 measured, not on the stage model: speculating goes on if its tokens per ms of device time beat target-only's
 at that load (measured over the spell's rounds at it where enough ran), and the model may drop it again only
 once it has measured MIN_ROUNDS_TO_REPLAN rounds (else a kept probe was undone on the spot, and probe and drop
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.router.k_trial import CostWindow
-from services.router.policy import MIN_ROUNDS_TO_JUMP, Plan, best_plan, predicted_rate
+from services.router.policy import MIN_ROUNDS_TO_JUMP, Plan, best_plan, predicted_rate, sequence_round_ms
 from services.router.stage_model import MIN_ROUNDS_TO_REPLAN, StageModel
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,12 @@ class Probe:
         held = abs(sequences - self.failed_at) <= self.failed_at / 4  # a load like the one it failed at
         if not current.k and wanted.k and self.failed_in_a_row and held:
             wanted = current  # at this load a probe measured speculating behind: only a probe undoes that
-        if current.k or wanted.k or sequences <= 0 or not model.known or not self._due(model, backlog()):
+        if current.k or wanted.k or sequences <= 0 or not model.known:
+            return wanted
+        probe = best_plan(model, sequences, k_max, ks=range(resume_k, resume_k + 1))
+        if not self._due(model, probe, sequences, backlog()):
             return wanted
         self._begin_spell()
-        probe = best_plan(model, sequences, k_max, ks=range(resume_k, resume_k + 1))
         alone = predicted_rate(model, sequences, 1, 0)
         if alone >= PROBE_WITHIN * probe.tokens_per_s:
             log.debug("no probe at %d sequences: target-only predicted %.2f tokens/s, speculating %.2f", sequences,
@@ -138,9 +140,13 @@ class Probe:
                  "dropped")
         return rate >= self.alone_rate
 
-    def _due(self, model: StageModel, backlog_tokens: int) -> bool:
+    def _due(self, model: StageModel, probe: Plan, sequences: int, backlog_tokens: int) -> bool:
+        """Whether the spell has run PROBE_RATIO times (doubled per failed probe) the probe's predicted device time:
+        re-sending the draft the tokens it missed, and MIN_ROUNDS_TO_JUMP sequence rounds at the probe's own
+        predicted cost. (Priced at the spell's target-only pace instead, its rounds were costed at a quarter of what
+        they ran at C = 4 on the Zen 5 EPYC: about 250 ms a round of 4 drafts against 60 target-only.)"""
         per_token, spell = model.draft_ms_per_token, self.spell
         if per_token is None or spell.rounds <= 0 or spell.ms <= 0:
             return False
-        probe_ms = backlog_tokens * per_token + MIN_ROUNDS_TO_JUMP * spell.ms / spell.rounds
-        return spell.ms >= PROBE_RATIO * 2 ** self.failed_in_a_row * probe_ms
+        rounds_ms = MIN_ROUNDS_TO_JUMP * sequence_round_ms(model, sequences, probe.lanes, probe.k)
+        return spell.ms >= PROBE_RATIO * 2 ** self.failed_in_a_row * (backlog_tokens * per_token + rounds_ms)
