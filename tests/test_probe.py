@@ -254,3 +254,23 @@ def test_a_kept_probe_undone_soon_after_its_hold_still_failed(held: int) -> None
         assert probe.revise(stages_, plan, plan, SEQUENCES, K_MAX, RESUME_K, lambda: BACKLOG) == plan
     assert probe.revise(stages_, plan, Plan(1, 0, 0.0), SEQUENCES, K_MAX, RESUME_K, lambda: BACKLOG).k == 0
     assert probe.failed_in_a_row == (1 if held < HELD_ROUNDS else 0)
+
+
+def test_speculating_resumes_on_a_load_that_lasted_a_round_not_on_a_dip() -> None:
+    """A closed-loop client's requests end together and come back one by one: the first of a new wave alone must
+    not resume speculating (re-sending the draft its backlog) for the one round before the others join. A load
+    that lasts a lane round does resume."""
+    stages_ = model(lambda b: 6.0 + b, lambda b, k: 30.0 + 2 * b + 6 * k * b, alpha=0.8, verified_k=(0, 4))
+    planner, dropped = AutoPlanner(stages_, RESUME_K, K_MAX), Plan(1, 0, 0.0)
+    assert next_plan(stages_, dropped, 1, K_MAX, resume_k=RESUME_K).k == RESUME_K, "premise: alone, drafting pays"
+    assert next_plan(stages_, dropped, SEQUENCES, K_MAX, resume_k=RESUME_K).k == 0, "premise: at 4 it does not"
+
+    def plan(sequences: int) -> Plan:
+        return planner.next(dropped, sequences, speculating=True, backlog=lambda: BACKLOG)
+
+    assert plan(1) == dropped and plan(1) == dropped, "asked twice before any round: held both times"
+    planner.price(1, 0, 1, drafted=0, draft_ms=0.0, verify_ms=37.0, beside=False)
+    assert plan(SEQUENCES) == dropped, "the others joined: the dip is over"
+    assert plan(1) == dropped, "a new dip waits for its own round"
+    planner.price(1, 0, 1, drafted=0, draft_ms=0.0, verify_ms=37.0, beside=False)
+    assert plan(1).k == RESUME_K, "one sequence for a whole round: speculating resumes"

@@ -22,6 +22,8 @@ class AutoPlanner:
         self.stages, self.k_max = stages, k_max
         self.resume_k = k  # the k to speculate at again after a spell of target-only decoding
         self.k_trial, self.probe = KTrial(stages.tokens_per_round), Probe()
+        self.rounds_seen = 0  # lane rounds priced so far: the clock a resume waits on
+        self.resume_wanted_at: int | None = None  # rounds_seen when the policy first wanted to resume, if it still does
 
     def next(self, current: Plan, sequences: int, speculating: bool, backlog: Callable[[], int]) -> Plan:
         """The plan for the next round of `sequences` in flight; `speculating`: the draft is serving;
@@ -31,9 +33,22 @@ class AutoPlanner:
             return Plan(1, 0, 0.0)
         if current.k:
             self.resume_k = current.k
-        wanted = policy.next_plan(self.stages, current, sequences, self.k_max, resume_k=self.resume_k)
+        wanted = self._held_through_a_round(current, policy.next_plan(self.stages, current, sequences, self.k_max,
+                                                                      resume_k=self.resume_k))
         wanted = self.probe.revise(self.stages, current, wanted, sequences, self.k_max, self.resume_k, backlog)
         return self.k_trial.decide(current, wanted, sequences)
+
+    def _held_through_a_round(self, current: Plan, wanted: Plan) -> Plan:
+        """`wanted`, unless it resumes speculating on a load that has not yet lasted a lane round. Resuming re-sends
+        the draft every sequence's backlog, and a closed-loop client's requests end together and come back one by
+        one: at C = 4 on the Zen 5 EPYC the first request of a new wave resumed speculating alone, for one 340 ms
+        round where a target-only round took 60, before the other three joined and the plan dropped again."""
+        if current.k or not wanted.k:
+            self.resume_wanted_at = None
+            return wanted
+        if self.resume_wanted_at is None:
+            self.resume_wanted_at = self.rounds_seen
+        return wanted if self.rounds_seen > self.resume_wanted_at else current
 
     def price(self, lanes: int, k: int, sequences: int, drafted: int, draft_ms: float, verify_ms: float,
               beside: bool) -> None:
@@ -51,5 +66,6 @@ class AutoPlanner:
     def observe(self, lanes: int, k: int, sequences: int, ms: float, plain: int = 0) -> None:
         """One lane round of `sequences` (`plain` of them drafted nothing) at (lanes, k) took `ms` of device time
         (overlapped: its slower stage)."""
+        self.rounds_seen += 1
         self.k_trial.observe(lanes, k, sequences, ms, plain)
         self.probe.observe(lanes, k, sequences, ms, plain)
