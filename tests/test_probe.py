@@ -77,12 +77,13 @@ def test_a_drop_on_low_acceptance_is_probed_and_undone_when_acceptance_rises(his
     probed, rounds = spell(probe, stages_, dropped)
     assert probed.k == RESUME_K and probe.probing
     # Due once the spell's device time is PROBE_RATIO times the probe's cost: re-sending the backlog at 0.5 ms a
-    # token, and 16 sequence rounds at what speculating is predicted to cost, not at the spell's pace. The probe
-    # runs two lanes of 2, each round's slower stage a verify of 4 drafts at batch 2 (50 + 2·2 + 3·4·2 = 78 ms
-    # against 4 draft steps of 12): 39 ms a sequence round, where a target-only one costs 58 / 4.
+    # token, and 16 sequence rounds plus each lane's first (4 more) at what speculating is predicted to cost, not
+    # at the spell's pace. The probe runs two lanes of 2, each round's slower stage a verify of 4 drafts at batch
+    # 2 (50 + 2·2 + 3·4·2 = 78 ms against 4 draft steps of 12): 39 ms a sequence round, where a target-only one
+    # costs 58 / 4.
     assert probed.lanes == 2
     ms = round_ms(stages_)
-    assert rounds == math.ceil(PROBE_RATIO * (BACKLOG * 0.5 + 16 * 78.0 / 2) / ms)
+    assert rounds == math.ceil(PROBE_RATIO * (BACKLOG * 0.5 + (16 + SEQUENCES) * 78.0 / 2) / ms)
     assert stages_.rounds == 0 and stages_.reached[1] == pytest.approx(STALE_ROUNDS), "the probe's rounds decide"
     assert measure(probe, stages_, probed, alpha=0.8, cost=1.0).k > 0, "the probe measured drafting paying"
     assert not probe.probing
@@ -207,9 +208,33 @@ def test_a_probe_is_judged_against_target_only_at_its_own_load(rounds_at_two: in
         if round_ % 5 == 4:  # the load dips back to 16 for a round now and then: 2's rounds still count
             probe.observe(1, 0, 16, at[16])
     assert probe.spell.rate(stages_.tokens_per_round) > 1.5 * 2 / at[2], "premise: the spell's pooled rate is 16's"
-    assert probe.revise(stages_, plan, Plan(1, 0, 0.0), 2, K_MAX, RESUME_K, lambda: BACKLOG).k == RESUME_K
+    probed = probe.revise(stages_, plan, Plan(1, 0, 0.0), 2, K_MAX, RESUME_K, lambda: BACKLOG)
+    assert probed.k == RESUME_K
+    each = 2 // probed.lanes
+    for _ in range(probed.lanes + MIN_ROUNDS_TO_JUMP // each):  # each lane's first round, then 16 sequence rounds
+        probe.observe(probed.lanes, probed.k, each, 1e6)
+    assert probe.revise(stages_, probed, probed, 2, K_MAX, RESUME_K, lambda: BACKLOG).k == 0
     expected = 2 / at[2] / (1.1 if rounds_at_two * 2 >= MIN_ROUNDS_TO_JUMP else 1.0)
     assert probe.alone_rate == pytest.approx(expected)
+
+
+def test_a_probe_is_judged_against_target_only_at_the_load_its_rounds_ran() -> None:
+    """A probe begun as a wave drained, at 1 sequence, whose rounds then ran at 4: target-only at 1 decodes a
+    third of what it does at 4 per ms, so judged at 1 the probe would be kept where it lost."""
+    stages_, probe = stages(), Probe()
+    plan = drop(probe, stages_, Plan(1, RESUME_K, 0.0))
+    while not probe.spell.ms or not probe._due(stages_, Plan(1, RESUME_K, 1.0), 1, BACKLOG):
+        probe.observe(1, 0, SEQUENCES, round_ms(stages_))
+    probed = probe.revise(stages_, plan, Plan(1, 0, 0.0), 1, K_MAX, RESUME_K, lambda: BACKLOG)
+    assert probed.k == RESUME_K, "premise: the probe starts at 1 sequence"
+    alone_at = {n: predicted_rate(stages_, n, 1, 0) / 1e3 for n in (1, SEQUENCES)}
+    assert alone_at[SEQUENCES] > 2.5 * alone_at[1], "premise: target-only decodes far more per ms at 4"
+    speculate(stages_, alpha=0.8, rounds=SEQUENCES * 8, seed=3)
+    rate_ms = SEQUENCES * stages_.tokens_per_round(RESUME_K) / (alone_at[1] + alone_at[SEQUENCES]) * 2
+    for _ in range(probed.lanes + MIN_ROUNDS_TO_JUMP // SEQUENCES):  # between the two target-only rates
+        probe.observe(probed.lanes, probed.k, SEQUENCES, rate_ms)
+    assert probe.revise(stages_, probed, probed, SEQUENCES, K_MAX, RESUME_K, lambda: BACKLOG).k == 0
+    assert probe.alone_rate == pytest.approx(alone_at[SEQUENCES])
 
 
 def test_beyond_a_lanes_capacity_the_probe_is_judged_at_what_a_lane_holds() -> None:
@@ -219,10 +244,14 @@ def test_beyond_a_lanes_capacity_the_probe_is_judged_at_what_a_lane_holds() -> N
     stages_.lane_capacity = 8
     plan = drop(probe, stages_, Plan(1, RESUME_K, 0.0))
     seven_ms = 7 / predicted_rate(stages_, 7, 1, 0) * 1e3
-    for _ in range(2 * MIN_ROUNDS_TO_JUMP):  # a spell long enough for a probe of lanes of 8 to be due
+    for _ in range(3 * MIN_ROUNDS_TO_JUMP):  # a spell long enough for a probe of lanes of 8 to be due
         probe.observe(1, 0, 7, 1.2 * seven_ms)
         probe.observe(1, 0, 2, 1.0)  # a few rounds at a far smaller size: not comparable, never chosen
-    assert probe.revise(stages_, plan, Plan(1, 0, 0.0), 20, K_MAX, RESUME_K, lambda: BACKLOG).k == RESUME_K
+    probed = probe.revise(stages_, plan, Plan(1, 0, 0.0), 20, K_MAX, RESUME_K, lambda: BACKLOG)
+    assert probed.k == RESUME_K and probed.lanes == 2
+    for _ in range(probed.lanes + MIN_ROUNDS_TO_JUMP // 8):  # lanes of 8: 16 in flight
+        probe.observe(probed.lanes, probed.k, 8, 1e6)
+    assert probe.revise(stages_, probed, probed, 20, K_MAX, RESUME_K, lambda: BACKLOG).k == 0
     assert probe.alone_rate == pytest.approx(7 / seven_ms / 1.2)
 
 
@@ -255,22 +284,3 @@ def test_a_kept_probe_undone_soon_after_its_hold_still_failed(held: int) -> None
     assert probe.revise(stages_, plan, Plan(1, 0, 0.0), SEQUENCES, K_MAX, RESUME_K, lambda: BACKLOG).k == 0
     assert probe.failed_in_a_row == (1 if held < HELD_ROUNDS else 0)
 
-
-def test_speculating_resumes_on_a_load_that_lasted_a_round_not_on_a_dip() -> None:
-    """A closed-loop client's requests end together and come back one by one: the first of a new wave alone must
-    not resume speculating (re-sending the draft its backlog) for the one round before the others join. A load
-    that lasts a lane round does resume."""
-    stages_ = model(lambda b: 6.0 + b, lambda b, k: 30.0 + 2 * b + 6 * k * b, alpha=0.8, verified_k=(0, 4))
-    planner, dropped = AutoPlanner(stages_, RESUME_K, K_MAX), Plan(1, 0, 0.0)
-    assert next_plan(stages_, dropped, 1, K_MAX, resume_k=RESUME_K).k == RESUME_K, "premise: alone, drafting pays"
-    assert next_plan(stages_, dropped, SEQUENCES, K_MAX, resume_k=RESUME_K).k == 0, "premise: at 4 it does not"
-
-    def plan(sequences: int) -> Plan:
-        return planner.next(dropped, sequences, speculating=True, backlog=lambda: BACKLOG)
-
-    assert plan(1) == dropped and plan(1) == dropped, "asked twice before any round: held both times"
-    planner.price(1, 0, 1, drafted=0, draft_ms=0.0, verify_ms=37.0, beside=False)
-    assert plan(SEQUENCES) == dropped, "the others joined: the dip is over"
-    assert plan(1) == dropped, "a new dip waits for its own round"
-    planner.price(1, 0, 1, drafted=0, draft_ms=0.0, verify_ms=37.0, beside=False)
-    assert plan(1).k == RESUME_K, "one sequence for a whole round: speculating resumes"

@@ -28,27 +28,29 @@ class AutoPlanner:
     def next(self, current: Plan, sequences: int, speculating: bool, backlog: Callable[[], int]) -> Plan:
         """The plan for the next round of `sequences` in flight; `speculating`: the draft is serving;
         `backlog()`: the tokens the draft would be sent before speculation resumed (drafting.draft_backlog)."""
-        if not speculating:  # the draft is down: when it is back, any spell starts afresh
-            self.probe = Probe()
+        if not speculating:  # the draft is down: when it is back, any spell (and any wish to resume) starts afresh
+            self.probe, self.resume_wanted_at = Probe(), None
             return Plan(1, 0, 0.0)
         if current.k:
             self.resume_k = current.k
-        wanted = self._held_through_a_round(current, policy.next_plan(self.stages, current, sequences, self.k_max,
-                                                                      resume_k=self.resume_k))
+        wanted = policy.next_plan(self.stages, current, sequences, self.k_max, resume_k=self.resume_k)
+        if self._held(current, wanted):  # not a probe either: it would resume at the same passing load
+            return self.k_trial.decide(current, current, sequences)
         wanted = self.probe.revise(self.stages, current, wanted, sequences, self.k_max, self.resume_k, backlog)
         return self.k_trial.decide(current, wanted, sequences)
 
-    def _held_through_a_round(self, current: Plan, wanted: Plan) -> Plan:
-        """`wanted`, unless it resumes speculating on a load that has not yet lasted a lane round. Resuming re-sends
-        the draft every sequence's backlog, and a closed-loop client's requests end together and come back one by
-        one: at C = 4 on the Zen 5 EPYC the first request of a new wave resumed speculating alone, for one 340 ms
-        round where a target-only round took 60, before the other three joined and the plan dropped again."""
+    def _held(self, current: Plan, wanted: Plan) -> bool:
+        """Whether to hold target-only although the policy wants to resume speculating: until it has wanted that
+        across a whole lane round. Resuming re-sends the draft every sequence's backlog, and a closed-loop client's
+        requests end together and come back one by one: at C = 4 on the Zen 5 EPYC the first request of a new wave
+        resumed speculating alone, for one 340 ms round where a target-only round took 60, before the other three
+        joined and the plan dropped again."""
         if current.k or not wanted.k:
             self.resume_wanted_at = None
-            return wanted
+            return False
         if self.resume_wanted_at is None:
             self.resume_wanted_at = self.rounds_seen
-        return wanted if self.rounds_seen > self.resume_wanted_at else current
+        return self.rounds_seen <= self.resume_wanted_at
 
     def price(self, lanes: int, k: int, sequences: int, drafted: int, draft_ms: float, verify_ms: float,
               beside: bool) -> None:

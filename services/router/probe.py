@@ -51,7 +51,7 @@ class Probe:
     by_load: dict[int, CostWindow] = field(default_factory=dict)  # target-only lane rounds, by sequences in one
     failed_in_a_row: int = 0  # probes that ended in a drop again
     probing: bool = False
-    alone_rate: float = 0.0  # target-only tokens per device ms at the probe's load (_alone_rate)
+    alone_rate: float = 0.0  # target-only tokens per device ms at the load the probe ran at (_alone_rate)
     probed: CostWindow | None = None  # the probe's rounds
     skip_rounds: int = 0  # lane rounds still to leave out (each lane's first re-sends what the draft missed)
     failed_at: int = 0  # sequences in flight when the last probe measured speculating behind
@@ -80,7 +80,7 @@ class Probe:
         if self.probing and current.k:
             if self.probed.rounds < MIN_ROUNDS_TO_JUMP:  # not before it has measured
                 return current
-            if not self._speculating_paid(model, current, sequences):
+            if not self._speculating_paid(model, current):
                 self.failed_in_a_row = min(self.failed_in_a_row + 1, MAX_DOUBLINGS)
                 self._begin_spell()
                 self.failed_at = sequences
@@ -113,7 +113,7 @@ class Probe:
         log.info("probe at %d sequences: speculating again at k=%d to measure acceptance afresh (%.2f tokens/s "
                  "predicted on the stale estimate, %.2f target-only)", sequences, resume_k, probe.tokens_per_s, alone)
         model.discount_acceptance(min(1.0, STALE_ROUNDS / max(model.reached[1], 1.0)))
-        self.probing, self.alone_rate = True, self._alone_rate(model, sequences)
+        self.probing = True
         self.probed, self.skip_rounds = CostWindow(probe.lanes, probe.k, sequences), probe.lanes
         return probe
 
@@ -131,22 +131,29 @@ class Probe:
             return min(near, key=lambda w: abs(w.sequences - load)).rate(model.tokens_per_round)
         return predicted_rate(model, sequences, 1, 0) / 1e3
 
-    def _speculating_paid(self, model: StageModel, current: Plan, sequences: int) -> bool:
-        """Ends the probe: whether its rounds made more tokens per device ms than the spell's target-only ones."""
+    def _speculating_paid(self, model: StageModel, current: Plan) -> bool:
+        """Ends the probe: whether its rounds made more tokens per device ms than target-only does at the load they
+        ran at (a probe begun as a wave drained, at 1 sequence, then ran at 4: judged against target-only at 1, a
+        third of 4's rate, it was kept)."""
         self.probing = False
-        rate = self.probed.rate(model.tokens_per_round)
+        probed = self.probed
+        load = max(1, round(probed.rounds / probed.lane_rounds * probed.lanes)) if probed.lane_rounds else 1
+        self.alone_rate = self._alone_rate(model, load)
+        rate = probed.rate(model.tokens_per_round)
         log.info("probe at %d sequences, k=%d: %.2f tokens per s of device time against %.2f target-only: %s",
-                 sequences, current.k, rate * 1e3, self.alone_rate * 1e3, "kept" if rate >= self.alone_rate else
+                 load, current.k, rate * 1e3, self.alone_rate * 1e3, "kept" if rate >= self.alone_rate else
                  "dropped")
         return rate >= self.alone_rate
 
     def _due(self, model: StageModel, probe: Plan, sequences: int, backlog_tokens: int) -> bool:
         """Whether the spell has run PROBE_RATIO times (doubled per failed probe) the probe's predicted device time:
         re-sending the draft the tokens it missed, and MIN_ROUNDS_TO_JUMP sequence rounds at the probe's own
-        predicted cost. (Priced at the spell's target-only pace instead, its rounds were costed at a quarter of what
-        they ran at C = 4 on the Zen 5 EPYC: about 250 ms a round of 4 drafts against 60 target-only.)"""
+        predicted cost, and each lane's first round, left out of the judging, as well. (Priced at the spell's
+        target-only pace instead, its rounds were costed at a quarter of what they ran at C = 4 on the Zen 5 EPYC:
+        15 ms a sequence round, where a lane round of 4 drafts for 4 sequences took about 245.)"""
         per_token, spell = model.draft_ms_per_token, self.spell
         if per_token is None or spell.rounds <= 0 or spell.ms <= 0:
             return False
-        rounds_ms = MIN_ROUNDS_TO_JUMP * sequence_round_ms(model, sequences, probe.lanes, probe.k)
+        skipped = min(sequences, model.lane_capacity * probe.lanes) if model.lane_capacity else sequences
+        rounds_ms = (MIN_ROUNDS_TO_JUMP + skipped) * sequence_round_ms(model, sequences, probe.lanes, probe.k)
         return spell.ms >= PROBE_RATIO * 2 ** self.failed_in_a_row * (backlog_tokens * per_token + rounds_ms)
