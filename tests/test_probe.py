@@ -231,9 +231,11 @@ def test_a_probe_is_judged_against_target_only_at_the_load_its_rounds_ran() -> N
     assert alone_at[SEQUENCES] > 2.5 * alone_at[1], "premise: target-only decodes far more per ms at 4"
     speculate(stages_, alpha=0.8, rounds=SEQUENCES * 8, seed=3)
     rate_ms = SEQUENCES * stages_.tokens_per_round(RESUME_K) / (alone_at[1] + alone_at[SEQUENCES]) * 2
-    for _ in range(probed.lanes + MIN_ROUNDS_TO_JUMP // SEQUENCES):  # between the two target-only rates
-        probe.observe(probed.lanes, probed.k, SEQUENCES, rate_ms)
-    assert probe.revise(stages_, probed, probed, SEQUENCES, K_MAX, RESUME_K, lambda: BACKLOG).k == 0
+    judged = probed
+    for _ in range(probed.lanes + MIN_ROUNDS_TO_JUMP // SEQUENCES):  # between the two target-only rates; a round
+        probe.observe(probed.lanes, probed.k, SEQUENCES, rate_ms)  # boundary after each, with 4 in flight
+        judged = probe.revise(stages_, probed, probed, SEQUENCES, K_MAX, RESUME_K, lambda: BACKLOG)
+    assert judged.k == 0
     assert probe.alone_rate == pytest.approx(alone_at[SEQUENCES])
 
 

@@ -37,6 +37,8 @@ class AutoPlanner:
         if self._held(current, wanted):  # not a probe either: it would resume at the same passing load
             return self.k_trial.decide(current, current, sequences)
         wanted = self.probe.revise(self.stages, current, wanted, sequences, self.k_max, self.resume_k, backlog)
+        if not current.k and not wanted.k:  # kept target-only after all (a failed probe's load): the wish ends
+            self.resume_wanted_at = None
         return self.k_trial.decide(current, wanted, sequences)
 
     def _held(self, current: Plan, wanted: Plan) -> bool:

@@ -53,6 +53,8 @@ class Probe:
     probing: bool = False
     alone_rate: float = 0.0  # target-only tokens per device ms at the load the probe ran at (_alone_rate)
     probed: CostWindow | None = None  # the probe's rounds
+    loads: float = 0.0  # the sequences in flight at each of the probe's round boundaries, summed ...
+    load_checks: int = 0  # ... over this many: their mean is the load the probe is judged at
     skip_rounds: int = 0  # lane rounds still to leave out (each lane's first re-sends what the draft missed)
     failed_at: int = 0  # sequences in flight when the last probe measured speculating behind
     kept: bool = False  # the last probe measured speculating ahead: held until acceptance is well measured
@@ -78,6 +80,7 @@ class Probe:
         """`wanted` (the policy's next plan), or a probe at `resume_k` once a spell of target-only has run;
         `backlog()`: the tokens the draft would be sent first (drafting.draft_backlog)."""
         if self.probing and current.k:
+            self.loads, self.load_checks = self.loads + sequences, self.load_checks + 1
             if self.probed.rounds < MIN_ROUNDS_TO_JUMP:  # not before it has measured
                 return current
             if not self._speculating_paid(model, current):
@@ -113,7 +116,7 @@ class Probe:
         log.info("probe at %d sequences: speculating again at k=%d to measure acceptance afresh (%.2f tokens/s "
                  "predicted on the stale estimate, %.2f target-only)", sequences, resume_k, probe.tokens_per_s, alone)
         model.discount_acceptance(min(1.0, STALE_ROUNDS / max(model.reached[1], 1.0)))
-        self.probing = True
+        self.probing, self.loads, self.load_checks = True, float(sequences), 1
         self.probed, self.skip_rounds = CostWindow(probe.lanes, probe.k, sequences), probe.lanes
         return probe
 
@@ -133,14 +136,14 @@ class Probe:
 
     def _speculating_paid(self, model: StageModel, current: Plan) -> bool:
         """Ends the probe: whether its rounds made more tokens per device ms than target-only does at the load they
-        ran at (a probe begun as a wave drained, at 1 sequence, then ran at 4: judged against target-only at 1, a
-        third of 4's rate, it was kept)."""
+        ran at, the mean of the sequences in flight at its round boundaries (a probe begun as a wave drained, at 1
+        sequence, whose rounds then ran at 4, would be judged against target-only at 1, a third of 4's rate, and
+        kept where it lost)."""
         self.probing = False
-        probed = self.probed
-        load = max(1, round(probed.rounds / probed.lane_rounds * probed.lanes)) if probed.lane_rounds else 1
+        load = max(1, round(self.loads / max(self.load_checks, 1)))
         self.alone_rate = self._alone_rate(model, load)
-        rate = probed.rate(model.tokens_per_round)
-        log.info("probe at %d sequences, k=%d: %.2f tokens per s of device time against %.2f target-only: %s",
+        rate = self.probed.rate(model.tokens_per_round)
+        log.info("probe ran at ~%d sequences, k=%d: %.2f tokens per s of device time against %.2f target-only: %s",
                  load, current.k, rate * 1e3, self.alone_rate * 1e3, "kept" if rate >= self.alone_rate else
                  "dropped")
         return rate >= self.alone_rate
