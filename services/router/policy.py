@@ -49,8 +49,7 @@ def sequence_round_ms(model: StageModel, sequences: int, lanes: int, k: int) -> 
 
 def _cycle(model: StageModel, sequences: int, lanes: int, k: int) -> tuple[float, float]:
     """The sequences a cycle serves (at most what its lanes hold) and its predicted ms: one round of each lane."""
-    if model.lane_capacity:
-        sequences = min(sequences, model.lane_capacity * (2 if lanes == 2 else 1))
+    sequences = model.served(sequences, lanes)
     sync = model.draft_prefill_per_round(k) if k > 0 else 0.0  # a target-only round caches nothing on the draft
     if sequences >= 2 and lanes == 2:
         half = sequences / 2

@@ -128,7 +128,7 @@ class Probe:
         else the model's (its target-only cost is what every target-only round measures). A spell's rate pooled
         over loads would judge a probe at 2 sequences against batches of 16, which decode far more per ms. A
         target-only round holds at most a lane's capacity, so that is the load looked up beyond it."""
-        load = min(sequences, model.lane_capacity) if model.lane_capacity else sequences
+        load = model.served(sequences, 1)
         near = [w for w in self.by_load.values() if w.comparable(load) and w.rounds >= MIN_ROUNDS_TO_JUMP]
         if near:  # the nearest size that ran enough (a lane may run below its capacity, or above it for a while)
             return min(near, key=lambda w: abs(w.sequences - load)).rate(model.tokens_per_round)
@@ -157,6 +157,6 @@ class Probe:
         per_token, spell = model.draft_ms_per_token, self.spell
         if per_token is None or spell.rounds <= 0 or spell.ms <= 0:
             return False
-        skipped = min(sequences, model.lane_capacity * probe.lanes) if model.lane_capacity else sequences
+        skipped = model.served(sequences, probe.lanes)
         rounds_ms = (MIN_ROUNDS_TO_JUMP + skipped) * sequence_round_ms(model, sequences, probe.lanes, probe.k)
         return spell.ms >= PROBE_RATIO * 2 ** self.failed_in_a_row * (backlog_tokens * per_token + rounds_ms)

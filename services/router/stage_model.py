@@ -69,6 +69,10 @@ class StageModel:
     draft_sent_tokens: float = 0.0
     pace: Pace = field(default_factory=Pace)  # the host's speed, read into calibration's share of each cost
 
+    def served(self, sequences: int, lanes: int) -> int:
+        """Of `sequences` in flight, how many one lane, or two (`lanes` = 2), hold at once."""
+        return min(sequences, self.lane_capacity * (2 if lanes == 2 else 1)) if self.lane_capacity else sequences
+
     def costs(self, shared: bool) -> StageCosts:
         wanted, other = (self.shared, self.alone) if shared else (self.alone, self.shared)
         return wanted if wanted.known else other
