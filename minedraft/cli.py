@@ -92,10 +92,10 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
     from minedraft.models.registry import DEFAULT_PAIR
-    from minedraft.models.store import fetch_human_eval, fetch_model
+    from minedraft.models.store import fetch_human_eval, fetch_models
 
-    for role, model in DEFAULT_PAIR.items():
-        print(f"{role}: {fetch_model(model)}", flush=True)
+    for role, folder in zip(DEFAULT_PAIR, fetch_models(list(DEFAULT_PAIR.values())), strict=True):
+        print(f"{role}: {folder}", flush=True)
     print(f"prompts: {fetch_human_eval()}")
     return 0
 
