@@ -20,6 +20,7 @@ import torch
 
 from minedraft.engine import slot_attention
 from minedraft.errors import ResourceExhausted
+from minedraft.host_memory import mem_available
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,7 @@ def available_bytes(device: torch.device) -> int:
     """Memory a new allocation can take now: free GPU memory, or the kernel's MemAvailable on the CPU."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as meminfo:
-        fields = dict(line.split(":", 1) for line in meminfo)
-    return int(fields["MemAvailable"].split()[0]) * 1024
+    return mem_available()
 
 
 DEFAULT_CONTEXT = 4096  # an unsized cache's context: the model's own limit, at most this

