@@ -32,6 +32,7 @@ from minedraft.engine.prompt_rows import feeding
 from minedraft.engine.quantized_cache import quantize_cached
 from minedraft.engine.sampling import Sampling
 from minedraft.engine.static_kv import StaticKV, bucket, fit_context, uses_static_kv
+from minedraft.engine.trimmed_head import trim_output_head, trimmed_rows
 from minedraft.models.random_shapes import is_random, random_model
 
 log = logging.getLogger(__name__)
@@ -138,22 +139,28 @@ class ModelRunner:
     def load(cls, path: str, device: str = "cpu", dtype: str = "auto", threads: int | None = None,
              cpu_linear: str = "onednn", kv: str = "auto", max_seqs: int = 64, max_context: int = 0,
              cuda_graphs: bool = True, quant: str = "none", kv_memory_fraction: float | None = None,
-             graph_tokens: int = 9, quant_cache: Path | None = None, **load_kwargs) -> ModelRunner:
+             graph_tokens: int = 9, quant_cache: Path | None = None, draft_vocab: int = 0,
+             **load_kwargs) -> ModelRunner:
         """`dtype`: a DTYPES name or auto (`precision.resolve_dtype`); `quant`: a `precision.QUANTS` format for
         the linears (CPU), kept in `quant_cache` (`quantized_cache`); `kv`: dynamic, static, or auto (static);
         `max_seqs`/`max_context` size the static cache, which must fit in `kv_memory_fraction` of the device's
         free memory (default 0.9 on a GPU, 0.4 on a CPU; `max_context` 0: the model's limit, at most 4096, shrunk
         to what fits — `static_kv.fit_context`); CUDA graphs of steps feeding up to `graph_tokens` tokens per row
-        (k_max + 1) are captured before it returns."""
+        (k_max + 1) are captured before it returns; `draft_vocab` > 0 (a draft only): its output head computes
+        the first `draft_vocab` ids and the special tokens (`trimmed_head`)."""
         if threads:
             torch.set_num_threads(threads)
         started = time.perf_counter()
         dtype = resolve_dtype(dtype, device)
-        model = load_model(path, device, DTYPES[dtype], **load_kwargs)
         if quant != "none" and torch.device(device).type != "cpu":
             raise ValueError(f"--quant {quant} runs on the CPU only (torch's packed CPU kernels)")
-        model, quantized = quantize_cached(model, quant, path, quant_cache,
-                                           reload=lambda: load_model(path, device, DTYPES[dtype], **load_kwargs))
+
+        def loaded() -> PreTrainedModel:
+            model = load_model(path, device, DTYPES[dtype], **load_kwargs)
+            trim_output_head(model, path, draft_vocab)
+            return model
+
+        model, quantized = quantize_cached(loaded(), quant, path, quant_cache, reload=loaded)
         swapped = 0
         if cpu_linear == "onednn" and device == "cpu" and dtype == "float32" and torch.backends.mkldnn.is_available():
             swapped = use_onednn_linears(model)
@@ -173,11 +180,13 @@ class ModelRunner:
                                   fraction)
             static = StaticKV(model.config, max_seqs, context, DTYPES[dtype], torch.device(device), pad_shapes=graphs,
                               attention=attention)
-        log.info("loaded %s (%s, %s linears%s, %s, %d oneDNN linears, %s KV%s) in %.1fs", path, dtype, quant,
+        log.info("loaded %s (%s, %s linears%s, %s, %d oneDNN linears, %s KV%s%s) in %.1fs", path, dtype, quant,
                  f" ({quantized})" if quantized else "", device, swapped,
                  f"static {max_seqs}x{static.max_context} ({static.bytes / 2**30:.2f} GiB, "
                  f"{static.attention} attention)"
-                 if static else "dynamic", ", CUDA graphs" if graphs else "", time.perf_counter() - started)
+                 if static else "dynamic", ", CUDA graphs" if graphs else "",
+                 f", output head over {trimmed_rows(model)} ids" if trimmed_rows(model) else "",
+                 time.perf_counter() - started)
         runner = cls(model, torch.device(device), static, cuda_graphs=graphs)
         runner.capture_graphs(graph_tokens)
         return runner

@@ -20,6 +20,7 @@ from minedraft.engine import tensor_parallel
 from minedraft.engine.model_runner import DTYPES, ModelRunner
 from minedraft.engine.precision import QUANTS, resolve_quant
 from minedraft.engine.sequence_table import DEFAULT_LEASE_S
+from minedraft.engine.trimmed_head import trimmed_rows
 from minedraft.metrics import serve_metrics
 from minedraft.models.random_shapes import is_random
 from minedraft.models.store import cache_dir, resolve_model
@@ -97,7 +98,8 @@ def runner_loader(args: argparse.Namespace, model_path: str) -> Callable[[], Mod
                              quant=resolve_quant(args.quant, args.role, args.device), kv=args.kv,
                              max_seqs=args.max_seqs, max_context=args.max_context, cuda_graphs=args.cuda_graphs,
                              kv_memory_fraction=args.kv_memory_fraction, graph_tokens=args.graph_tokens,
-                             quant_cache=None if args.quant_cache == "none" else Path(args.quant_cache))
+                             quant_cache=None if args.quant_cache == "none" else Path(args.quant_cache),
+                             draft_vocab=getattr(args, "vocab", 0))  # a draft's option only
 
 
 def follow_rank_zero(args: argparse.Namespace, build_engine: Callable[[ModelRunner], object]) -> None:
@@ -128,6 +130,7 @@ def engine_key(args: argparse.Namespace, model_path: str, runner: ModelRunner, t
                        "cpu": cpu_name(), "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
                        "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "",
                        "cpu_linear": args.cpu_linear, "cuda_graphs": [args.cuda_graphs, args.graph_tokens],
+                       "trimmed_rows": trimmed_rows(runner.model),
                        "code": source_digest(Path(__file__).parents[1])}, sort_keys=True)
 
 

@@ -15,6 +15,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser, default_port=50061, role="draft")
     parser.add_argument("--top-m", type=int, default=32, help="support size of the sparse draft distribution")
     parser.add_argument("--max-k", type=int, default=DEFAULT_MAX_K, help="most tokens one Propose may ask for")
+    parser.add_argument("--vocab", type=int, default=0,
+                        help="draft only the first N token ids and the special tokens: a smaller output head, a "
+                             "faster draft step, a token outside never proposed (output unchanged; 0: all)")
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -52,6 +52,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--draft-quant", default="auto", help="none, int8, int4 or auto (see `minedraft serve`)")
     parser.add_argument("--target-quant", default="auto", help="none, int8, int4 or auto")
+    parser.add_argument("--draft-vocab", type=int, default=0,
+                        help="the draft's --vocab: draft over the first N token ids only (0: the whole vocabulary)")
     parser.add_argument("--cpu-layout", default="auto", help="auto, split, shared or none (see `minedraft serve`)")
     parser.add_argument("--peer", action="append", default=[],
                         help="another server driven with the same prompts: NAME=URL (OpenAI-compatible), or "
@@ -84,7 +86,7 @@ def engine_record(args: argparse.Namespace) -> dict:
     return {"dtype": resolve_dtype(args.dtype, args.device), "draft_dtype": resolve_dtype(args.dtype, draft_device),
             "draft_quant": resolve_quant(args.draft_quant, "draft", draft_device),
             "target_quant": resolve_quant(args.target_quant, "target", args.device),
-            "cpu_native_bf16": native_bf16_cpu(), "cpu_int8_vnni": int8_vnni(),
+            "draft_vocab": args.draft_vocab, "cpu_native_bf16": native_bf16_cpu(), "cpu_int8_vnni": int8_vnni(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # what auto chose by: machines differ
 
 
