@@ -89,3 +89,40 @@ def test_a_cut_draft_changes_no_token_in_sd_or_psd(clusters, tiny_pair, tiny_clu
         results = run_all(clusters.get(mode, tiny_pair, max_batch=4, draft_vocab=KEEP), PROMPTS)
         assert [r.token_ids for r in results] == expected
         assert 0 < acceptance(results) < whole  # the cut took effect: the target's tokens past id 64 are missed
+
+
+def test_a_tied_cut_head_and_changed_kept_ids_read_back_exactly(tiny_pair, tmp_path) -> None:
+    """The default draft ties its head to its embedding; and the kept ids, not only their count, key the file."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from minedraft.models.tiny import tiny_config
+
+    config = tiny_config(320)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tied")
+    shutil.copy(tiny_pair[1] / "tokenizer.json", tmp_path / "tied")
+    load(tmp_path / "tied", 60, "int4", tmp_path / "cache")
+    read_back = load(tmp_path / "tied", 60, "int4", tmp_path / "cache")
+    assert torch.equal(prompt_logits(read_back), prompt_logits(load(tmp_path / "tied", 60, "int4")))
+    tokenizer = json.loads((tmp_path / "tied" / "tokenizer.json").read_text())
+    tokenizer["added_tokens"].append({**tokenizer["added_tokens"][0], "id": 300, "content": "<|extra|>"})
+    (tmp_path / "tied" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    moved = load(tmp_path / "tied", 60, "int4", tmp_path / "cache")  # 64 rows again, one of them id 300
+    assert 300 in moved.model.get_output_embeddings().kept.tolist()
+    assert torch.equal(prompt_logits(moved), prompt_logits(load(tmp_path / "tied", 60, "int4")))
+
+
+def test_a_model_that_caps_its_logits_is_refused(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from minedraft.engine.trimmed_head import trim_output_head
+    from minedraft.models.tiny import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config(320, family="gemma2"))
+    assert model.config.final_logit_softcapping
+    with pytest.raises(ValueError, match="caps its logits"):
+        trim_output_head(model, str(tmp_path), 64)

@@ -6,11 +6,13 @@ numbers tokens in merge order, which follows frequency, so the first N ids cover
 tokenizer, ids below 32,768: 96 % of HumanEval's solution tokens, 93 % of ShareGPT's answers). The draft computes
 logits for those ids and its special tokens only; every other id gets -inf, so it is never drafted and q gives it
 no mass. Verification is untouched: the target still judges every draft against its whole vocabulary, so output
-never changes, and a token the draft cannot name costs a rejection, as any miss does.
+never changes, and a token the draft cannot name costs a rejection, as any miss does. The draft's own
+probabilities (its early stop, TETRIS's scores) are then over the kept ids, so a little more confident.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -26,8 +28,8 @@ class TrimmedHead(torch.nn.Module):
     def __init__(self, head: torch.nn.Linear, kept: torch.Tensor) -> None:
         super().__init__()
         self.vocab = head.out_features
-        rows = torch.nn.Linear(head.in_features, len(kept), bias=head.bias is not None,
-                               device=head.weight.device, dtype=head.weight.dtype)
+        rows = torch.nn.Linear(head.in_features, len(kept), bias=head.bias is not None, device="meta",
+                               dtype=head.weight.dtype)  # no random initialisation: its weights are set below
         rows.weight = torch.nn.Parameter(head.weight.detach()[kept].clone(), requires_grad=False)
         if head.bias is not None:
             rows.bias = torch.nn.Parameter(head.bias.detach()[kept].clone(), requires_grad=False)
@@ -70,6 +72,8 @@ def trim_output_head(model: torch.nn.Module, model_path: str, keep: int) -> int:
     head = model.get_output_embeddings()
     if keep <= 0 or not isinstance(head, torch.nn.Linear) or keep >= head.out_features:
         return 0
+    if getattr(model.config, "final_logit_softcapping", None):  # tanh capping would turn -inf into a finite -cap
+        raise ValueError(f"--vocab: {model.config.model_type} caps its logits after the head; run its draft whole")
     kept = kept_ids(model_path, head.out_features, keep, end_ids(model))
     if len(kept) >= head.out_features:
         return 0
@@ -81,3 +85,12 @@ def trimmed_rows(model: torch.nn.Module) -> int:
     """How many vocabulary rows a trimmed output head computes; 0 for a whole head."""
     head = model.get_output_embeddings()
     return len(head.kept) if isinstance(head, TrimmedHead) else 0
+
+
+def kept_digest(model: torch.nn.Module) -> str:
+    """Which ids a trimmed head computes, as a short digest ("" for a whole head): a quantised head's rows
+    belong to exactly these ids (the tokenizer's added tokens and the end ids move them, not only N)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, TrimmedHead):
+        return ""
+    return hashlib.sha256(head.kept.cpu().numpy().tobytes()).hexdigest()[:16]
