@@ -34,7 +34,7 @@ from minedraft.engine.precision import (
     quantizable,
     quantize_linears,
 )
-from minedraft.engine.trimmed_head import kept_digest, trimmed_rows
+from minedraft.engine.trimmed_head import kept_digest
 
 log = logging.getLogger(__name__)
 CACHED_QUANTS = frozenset(QUANTS) - {"none"}
@@ -55,7 +55,7 @@ def quantize_cached(model: torch.nn.Module, quant: str, model_path: str, cache: 
     if quant not in CACHED_QUANTS or cache is None or not folder.is_dir():
         return model, quantize_linears(model, quant)
     key = _key(model, folder, quant)
-    cut = "|cut" if trimmed_rows(model) else ""  # a draft's trimmed head (trimmed_head): which ids, in the key
+    cut = "|cut" if kept_digest(model) else ""  # a draft's trimmed head (trimmed_head): which ids, in the key
     family = hashlib.sha256(f"{folder.resolve()}|{quant}{cut}".encode()).hexdigest()[:16]  # a file per model, format
     path = cache / f"{family}-{key[:16]}.safetensors"
     if path.exists():
@@ -91,7 +91,7 @@ def _key(model: torch.nn.Module, folder: Path, quant: str) -> str:
     settings = [str(folder.resolve()), files, config.read_text() if config.exists() else "", quant, INT4_GROUP,
                 str(model.dtype), torch.__version__, torch.backends.cpu.get_cpu_capability(), int8_vnni(),
                 onednn_int8_available(), source_digest(Path(precision.__file__)), FORMAT]
-    if trimmed_rows(model):
+    if kept_digest(model):
         settings.append(kept_digest(model))
     if quant == "w8a8-fbgemm":  # its codes are laid out there too
         settings.append(source_digest(Path(fbgemm_w8a8.__file__)))

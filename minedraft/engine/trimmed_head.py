@@ -57,7 +57,8 @@ def kept_ids(model_path: str, vocab: int, keep: int, always: set[int]) -> torch.
 
 
 def end_ids(model: torch.nn.Module) -> set[int]:
-    """The model's own end-of-sequence ids (config and generation config): a draft must be able to propose them."""
+    """The model's own start and end-of-sequence ids (config and generation config): a draft must be able to
+    propose an end (Qwen's start id, <|endoftext|>, ends text too)."""
     ids: set[int] = set()
     for config in (model.config, getattr(model, "generation_config", None)):
         for name in ("eos_token_id", "bos_token_id"):

@@ -99,7 +99,7 @@ def cluster_args(args: argparse.Namespace, mode: str, max_batch: int) -> Cluster
         max_batch=max_batch, draft_model=args.draft_model,
         target_model=args.target_model, dtype=args.dtype, draft_quant=args.draft_quant, target_quant=args.target_quant,
         cpu_layout=args.cpu_layout, device=args.device, draft_device=args.draft_device, tokenizer=args.tokenizer,
-        kv=args.kv, max_context=args.max_context, **({"draft_vocab": args.draft_vocab} if args.draft_vocab else {}))
+        kv=args.kv, max_context=args.max_context, draft_vocab=args.draft_vocab)
 
 
 def run_mode(args: argparse.Namespace, mode: str, items: list[dict], concurrency: int) -> dict:
