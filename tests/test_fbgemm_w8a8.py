@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minedraft.engine.fbgemm_w8a8 import INPUT_SCALE, INPUT_ZERO_POINT, FbgemmW8A8Linear
+from minedraft.engine.fbgemm_w8a8 import INPUT_SCALE, INPUT_ZERO_POINT, TINY, FbgemmW8A8Linear, fixed_scale_linear
 from minedraft.engine.precision import SATURATION_FREE_WEIGHT
 from tests.formats import NEEDS_FBGEMM
 
@@ -51,6 +51,15 @@ def test_each_row_equals_itself_alone_in_any_batch(threads: int) -> None:
     plain = torch.ops.quantized.linear_dynamic(rows, layer.weight_fbgemm, False)
     lone = torch.ops.quantized.linear_dynamic(rows[:1], layer.weight_fbgemm, False)
     assert not torch.equal(plain[:1], lone), "fbgemm's dynamic linear: a row would depend on its batch"
+
+
+def test_each_row_is_scaled_by_its_own_largest_magnitude() -> None:
+    """y = q(x / m) · w · m + b with m the row's largest |x| (its infinity norm), bit for bit: rows whose largest
+    value is negative, zero rows and tiny rows included."""
+    layer, rows = packed(torch.nn.Linear(1100, 97)), mixed_rows(1100)
+    norm = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp(min=TINY)
+    expected = fixed_scale_linear(rows / norm, layer.weight_fbgemm) * norm + layer.bias
+    assert torch.equal(layer(rows), expected)
 
 
 def test_a_non_finite_row_spoils_itself_alone() -> None:

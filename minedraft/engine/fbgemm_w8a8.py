@@ -71,7 +71,9 @@ class FbgemmW8A8Linear(W8A8Linear):
         if self.weight_fbgemm is None:
             raise RuntimeError("FbgemmW8A8Linear used before pack() (precision.pack_int8)")
         flat = x.reshape(-1, self.in_features).float()
-        row_max = torch.linalg.vector_norm(flat, float("inf"), dim=1, keepdim=True).clamp_(min=TINY)
+        # abs().amax, not vector_norm(inf): the same exact maximum (NaN too), 6-10x faster from 5 rows up (15 against
+        # 100 us for 5 x 8960, 2 threads): a 5-token 1.5B verify's row maxima 5.9 -> 2.5 ms (profiler), one row alike.
+        row_max = flat.abs().amax(dim=1, keepdim=True).clamp_(min=TINY)
         # A NaN or inf row's codes are garbage, but times its non-finite scale they come out non-finite, alone.
         out = fixed_scale_linear(flat / row_max, self.weight_fbgemm).mul_(row_max)
         return reshaped_with_bias(out, x, self)
