@@ -54,8 +54,9 @@ def quantize_cached(model: torch.nn.Module, quant: str, model_path: str, cache: 
     folder = Path(model_path)
     if quant not in CACHED_QUANTS or cache is None or not folder.is_dir():
         return model, quantize_linears(model, quant)
-    key = _key(model, folder, quant)
-    cut = "|cut" if kept_digest(model) else ""  # a draft's trimmed head (trimmed_head): which ids, in the key
+    kept = kept_digest(model)  # a draft's trimmed head (trimmed_head): which ids, in the key ("" when whole)
+    key = _key(model, folder, quant, kept)
+    cut = "|cut" if kept else ""
     family = hashlib.sha256(f"{folder.resolve()}|{quant}{cut}".encode()).hexdigest()[:16]  # a file per model, format
     path = cache / f"{family}-{key[:16]}.safetensors"
     if path.exists():
@@ -82,17 +83,17 @@ def _save(model: torch.nn.Module, path: Path, key: str) -> bool:
     return write_atomically(path, lambda temporary: save_file(buffers, str(temporary), metadata={"key": key}))
 
 
-def _key(model: torch.nn.Module, folder: Path, quant: str) -> str:
-    """The weights' files (by name, size, time and a sample of their bytes), the model's config, the format, and
-    the code and versions that compute and lay out the buffers."""
+def _key(model: torch.nn.Module, folder: Path, quant: str, kept: str) -> str:
+    """The weights' files (by name, size, time and a sample of their bytes), the model's config, the format, the
+    kept ids of a trimmed head (`kept`, its digest), and the code and versions that compute and lay out the buffers."""
     files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns, _sampled_digest(f))
              for f in sorted(folder.glob("*.safetensors"))]
     config = folder / "config.json"
     settings = [str(folder.resolve()), files, config.read_text() if config.exists() else "", quant, INT4_GROUP,
                 str(model.dtype), torch.__version__, torch.backends.cpu.get_cpu_capability(), int8_vnni(),
                 onednn_int8_available(), source_digest(Path(precision.__file__)), FORMAT]
-    if kept_digest(model):
-        settings.append(kept_digest(model))
+    if kept:
+        settings.append(kept)
     if quant == "w8a8-fbgemm":  # its codes are laid out there too
         settings.append(source_digest(Path(fbgemm_w8a8.__file__)))
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
