@@ -119,10 +119,8 @@ class LeanForward:
         memo: dict = {}
         for index, layer in enumerate(self.layers):
             residual = hidden
-            q, k, v = layer.qkv(_rms_norm(hidden, layer.input_norm))
-            q = _rotated(q.view(batch, n, -1, self.head_dim).transpose(1, 2), cos, signed_sin, half)
-            k = _rotated(k.view(batch, n, -1, self.head_dim).transpose(1, 2), cos, signed_sin, half)
-            key, value = cache.update(k, v.view(batch, n, -1, self.head_dim).transpose(1, 2), index)
+            q, k, v = self._rotated_qkv(layer.qkv, _rms_norm(hidden, layer.input_norm), cos, signed_sin, half)
+            key, value = cache.update(k, v, index)
             attended = slot_attention.rows(q, key, value, self.scaling, layer.sliding_window, None, step, memo)
             hidden = residual + layer.o_proj(attended.reshape(batch, n, -1))
             residual = hidden
@@ -132,6 +130,22 @@ class LeanForward:
             hidden = residual + layer.down_proj(F.silu(gate.contiguous()) * up)
         hidden = _rms_norm(hidden, self.final_norm)
         return self.lm_head(hidden[:, -logits_to_keep:, :])
+
+    def _rotated_qkv(self, qkv: Projections, normed: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                     half: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q and k rotated, and v, each [batch, heads, n, head_dim]. A fused group's q and k columns lie side by
+        side, so they rotate as one tensor: the same elementwise operators, half the calls."""
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(*normed.shape[:2], -1, self.head_dim).transpose(1, 2)
+
+        if qkv.bounds is None:
+            q, k, v = qkv(normed)
+            return _rotated(heads(q), cos, signed_sin, half), _rotated(heads(k), cos, signed_sin, half), heads(v)
+        out = qkv.linears[0](normed)
+        q_end, k_end, v_end = qkv.bounds[1:4]
+        qk = _rotated(heads(out[..., :k_end]), cos, signed_sin, half)
+        q_heads = q_end // self.head_dim
+        return qk[:, :q_heads], qk[:, q_heads:], heads(out[..., k_end:v_end])
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, half: int) -> torch.Tensor:

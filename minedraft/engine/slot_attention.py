@@ -107,22 +107,26 @@ def rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: f
     for row, slot, length, feed in memo["rows"]:
         if ("runs", row) not in memo:
             memo["runs", row] = _query_runs(length, feed, key.shape[1], one_at_a_time)
+        slot_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # a verify's queries mostly share a width
         for first, last, width in memo["runs", row]:
             # Queries first..last-1 of the row's real (right-aligned) feed, each KV head's query heads packed as
             # extra query rows (GQA without repeating keys): [1, kv_heads, groups * m, head_dim].
             m = last - first
             start = n - feed + first
             q = query[row, :, start:start + m].reshape(1, kv_heads, groups * m, head_dim)
-            k, v = key[slot, :width].transpose(0, 1)[None], value[slot, :width].transpose(0, 1)[None]  # views
+            if width not in slot_views:  # views, no copy
+                slot_views[width] = key[slot, :width].transpose(0, 1)[None], value[slot, :width].transpose(0, 1)[None]
+            k, v = slot_views[width]
             run_length = length - feed + last  # the keys the run's last query sees
             window = sliding_window if sliding_window and run_length > sliding_window else None
             if (row, first, window) not in memo:
-                memo[row, first, window] = _allowed(run_length, m, window, groups, width, q.device)
-            allowed = memo[row, first, window]
+                allowed = _allowed(run_length, m, window, groups, width, q.device)
+                memo[row, first, window] = allowed if softcap or allowed is None else _additive(allowed, q.dtype)
+            mask = memo[row, first, window]
             if softcap:
-                attended = _softcapped(q, k, v, allowed, scaling, softcap)
+                attended = _softcapped(q, k, v, mask, scaling, softcap)
             else:
-                attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
+                attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
             out[row, start:start + m] = attended[0].reshape(heads, m, head_dim).transpose(0, 1)
     return out
 
@@ -155,6 +159,12 @@ def _allowed(length: int, feed: int, window: int | None, groups: int, width: int
     if window:
         allowed &= columns > positions - window
     return allowed.repeat(groups, 1)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float mask SDPA would make of `allowed` at every call (where(allowed, 0, -inf)): made once per step
+    and layer-shared through the memo, the same numbers without an operator pair per call and layer."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def _softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, scaling: float | None,
