@@ -27,9 +27,10 @@ PAGE = 256  # Flash-Attention's paged KV wants pages of a multiple of 256 tokens
 # over 16 could differ in the last bit, and a greedy token flip at a near-tie between target-only and
 # speculative decoding. Each query reads its own whole blocks, and a feed's queries are attended in runs that
 # share a width. The query count matters too in float32 (MKL's GEMM inside SDPA rounds a block of 2 or 3 query
-# rows its own way), so there a verify's queries are attended one per call, exactly as decodes of their
-# positions (`_query_runs`): a token is the same bits decoded or verified (tested bit for bit; a C = 32 bench
-# on AVX2 had sd write other tokens than ar before). bfloat16 keeps one call per run (tested, prefills too).
+# rows its own way), so there each of a verify's queries is attended exactly as a decode of its position,
+# those sharing a width as batch items of one call (`_query_runs`): a token is the same bits decoded or
+# verified (tested bit for bit; a C = 32 bench on AVX2 had sd write other tokens than ar before). bfloat16
+# keeps one call per run (tested, prefills too).
 KEY_BLOCK = 32
 QUERY_AT_A_TIME = 64  # float32 feeds up to this long (decodes; verifies: a target takes 32 drafts at most)
 
@@ -106,51 +107,64 @@ def rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: f
             step["slots"].tolist(), step["lengths"].tolist(), step["feeds"].tolist(), strict=True)) if feed]
     for row, slot, length, feed in memo["rows"]:
         if ("runs", row) not in memo:
-            memo["runs", row] = _query_runs(length, feed, key.shape[1], one_at_a_time)
+            memo["runs", row] = _query_runs(length, feed, key.shape[1], one_at_a_time, stack=not softcap)
         slot_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # a verify's queries mostly share a width
-        for first, last, width in memo["runs", row]:
-            # Queries first..last-1 of the row's real (right-aligned) feed, each KV head's query heads packed as
-            # extra query rows (GQA without repeating keys): [1, kv_heads, groups * m, head_dim].
+        for first, last, width, stacked in memo["runs", row]:
+            # Queries first..last-1 of the row's real (right-aligned) feed: each KV head's query heads packed as
+            # extra query rows (GQA without repeating keys), [1, kv_heads, groups * m, head_dim]; or, stacked, each
+            # query its own batch item with the arguments its decode has, [m, kv_heads, groups, head_dim].
             m = last - first
             start = n - feed + first
-            q = query[row, :, start:start + m].reshape(1, kv_heads, groups * m, head_dim)
+            picked = query[row, :, start:start + m]
+            if stacked:
+                q = picked.transpose(0, 1).reshape(m, kv_heads, groups, head_dim)
+            else:
+                q = picked.reshape(1, kv_heads, groups * m, head_dim)
             if width not in slot_views:  # views, no copy
                 slot_views[width] = key[slot, :width].transpose(0, 1)[None], value[slot, :width].transpose(0, 1)[None]
             k, v = slot_views[width]
+            if stacked:
+                k, v = k.expand(m, -1, -1, -1), v.expand(m, -1, -1, -1)
             run_length = length - feed + last  # the keys the run's last query sees
             window = sliding_window if sliding_window and run_length > sliding_window else None
             if (row, first, window) not in memo:
-                allowed = _allowed(run_length, m, window, groups, width, q.device)
+                allowed = _allowed(run_length, m, window, groups, width, q.device, stacked)
                 memo[row, first, window] = allowed if softcap or allowed is None else _additive(allowed, q.dtype)
             mask = memo[row, first, window]
             if softcap:
                 attended = _softcapped(q, k, v, mask, scaling, softcap)
             else:
                 attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-            out[row, start:start + m] = attended[0].reshape(heads, m, head_dim).transpose(0, 1)
+            if stacked:
+                out[row, start:start + m] = attended.reshape(m, heads, head_dim)
+            else:
+                out[row, start:start + m] = attended[0].reshape(heads, m, head_dim).transpose(0, 1)
     return out
 
 
-def _query_runs(length: int, feed: int, capacity: int, one_at_a_time: bool) -> list[tuple[int, int, int]]:
-    """The feed's queries in the calls that attend them: (first, last, width), query i seeing
+def _query_runs(length: int, feed: int, capacity: int, one_at_a_time: bool,
+                stack: bool = True) -> list[tuple[int, int, int, bool]]:
+    """The feed's queries in the calls that attend them: (first, last, width, stacked), query i seeing
     length - feed + i + 1 keys, read in whole KEY_BLOCKs up to the cache's capacity: runs of queries that
-    share a width, or in float32 a decode or verify (feed <= QUERY_AT_A_TIME) one call per query, with the
-    arguments a decode of that position has."""
-    merge = not (one_at_a_time and feed <= QUERY_AT_A_TIME)
-    runs: list[tuple[int, int, int]] = []
+    share a width, as extra query rows of one attention; or in float32 a decode or verify (feed <=
+    QUERY_AT_A_TIME) each query with the arguments a decode of that position has, those sharing a width
+    stacked as batch items of one call (CPU SDPA computes each batch item alone, the same bits as its own call:
+    `tests/test_static_kv.py`), or one call each where `stack` is off (soft-capped logits: plain math)."""
+    one_each = one_at_a_time and feed <= QUERY_AT_A_TIME
+    runs: list[tuple[int, int, int, bool]] = []
     for i in range(feed):
         width = min(-(-(length - feed + i + 1) // KEY_BLOCK) * KEY_BLOCK, capacity)
-        if merge and runs and runs[-1][2] == width:
-            runs[-1] = (runs[-1][0], i + 1, width)
+        if runs and runs[-1][2] == width and (not one_each or stack):
+            runs[-1] = (runs[-1][0], i + 1, width, one_each)
         else:
-            runs.append((i, i + 1, width))
+            runs.append((i, i + 1, width, False))
     return runs
 
 
-def _allowed(length: int, feed: int, window: int | None, groups: int, width: int,
-             device: torch.device) -> torch.Tensor | None:
-    """Which of `width` keys each packed query row sees: up to its own position (and within the window), never
-    the columns past `length`; None: all."""
+def _allowed(length: int, feed: int, window: int | None, groups: int, width: int, device: torch.device,
+             stacked: bool = False) -> torch.Tensor | None:
+    """Which of `width` keys each query sees: up to its own position (and within the window), never the columns
+    past `length`; None: all. [groups * feed, width] for packed query rows; stacked, [feed, 1, groups, width]."""
     if feed == 1 and window is None and width == length:
         return None
     positions = torch.arange(length - feed, length, device=device)[:, None]
@@ -158,6 +172,8 @@ def _allowed(length: int, feed: int, window: int | None, groups: int, width: int
     allowed = columns <= positions
     if window:
         allowed &= columns > positions - window
+    if stacked:
+        return allowed[:, None, None, :].expand(feed, 1, groups, width)
     return allowed.repeat(groups, 1)
 
 
