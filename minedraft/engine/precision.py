@@ -199,8 +199,8 @@ class W8A8Linear(torch.nn.Module):
 class RowsSwitchedLinear(torch.nn.Module):
     """int4 weight-only for a few rows (small decode steps: int4 reads the fewest bytes), W8A8 for more
     (the int4 kernel's cost jumps from 4-5 rows; on the 0.5B draft's shapes it is 1.7x faster than W8A8 at
-    one row, even at four, 1.8x slower at five). A row's result then depends on how many rows share its
-    call, so this is for a draft only, whose numbers move acceptance, never output."""
+    one row, even at four, 1.8x slower at five). A row's result then depends on how many rows share its call:
+    a draft only (acceptance moves, never greedy output or the sampled distribution; a seed's draw may: README)."""
 
     max_int4_rows = 4
 
