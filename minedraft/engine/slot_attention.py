@@ -107,7 +107,8 @@ def rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: f
             step["slots"].tolist(), step["lengths"].tolist(), step["feeds"].tolist(), strict=True)) if feed]
     for row, slot, length, feed in memo["rows"]:
         if ("runs", row) not in memo:
-            memo["runs", row] = _query_runs(length, feed, key.shape[1], one_at_a_time, stack=not softcap)
+            stack = not softcap and query.device.type == "cpu"  # measured on CPU SDPA only
+            memo["runs", row] = _query_runs(length, feed, key.shape[1], one_at_a_time, stack)
         slot_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # a verify's queries mostly share a width
         for first, last, width, stacked in memo["runs", row]:
             # Queries first..last-1 of the row's real (right-aligned) feed: each KV head's query heads packed as
@@ -149,7 +150,8 @@ def _query_runs(length: int, feed: int, capacity: int, one_at_a_time: bool,
     share a width, as extra query rows of one attention; or in float32 a decode or verify (feed <=
     QUERY_AT_A_TIME) each query with the arguments a decode of that position has, those sharing a width
     stacked as batch items of one call (CPU SDPA computes each batch item alone, the same bits as its own call:
-    `tests/test_static_kv.py`), or one call each where `stack` is off (soft-capped logits: plain math)."""
+    `tests/test_static_kv.py`), or one call each where `stack` is off (soft-capped logits, whose plain math
+    batches its own way, and other devices' kernels)."""
     one_each = one_at_a_time and feed <= QUERY_AT_A_TIME
     runs: list[tuple[int, int, int, bool]] = []
     for i in range(feed):
