@@ -13,6 +13,7 @@ from minedraft.engine.precision import quantize_linears
 from minedraft.engine.static_kv import StaticKV
 from tests.formats import FBGEMM
 from tests.test_model_families import FAMILIES, SHAPE
+from tests.test_static_kv import decode_one_at_a_time
 
 LEAN = ["llama", "mistral", "qwen2"]
 
@@ -116,3 +117,21 @@ def test_a_long_multithreaded_prefill_keeps_its_bits(dtype: torch.dtype) -> None
         return out
 
     assert all(torch.equal(x, y) for x, y in zip(logits(None), logits(lean), strict=True))
+
+
+def test_a_float32_verify_under_a_sliding_window_equals_its_decodes() -> None:
+    """Mistral with a 20-token window, W8A8 (row-exact linears), float32: a verify's queries stacked in one
+    attention call (their widths shared, the earlier ones inside the window and the later ones past it) give
+    each position the bits its own decode gives."""
+    runner = runner_for(model_of(MistralConfig(**SHAPE, sliding_window=20), torch.float32, "w8a8"), torch.float32)
+    generator = torch.Generator().manual_seed(2)
+    for length in (14, 17, 27, 40):
+        prompt = torch.randint(3, 200, (length,), generator=generator).tolist()
+        feed = torch.randint(3, 200, (5,), generator=generator).tolist()
+        state = SequenceState(list(prompt))
+        decoded = decode_one_at_a_time(runner, state, feed)
+        state.truncate(length)
+        state.tokens.extend(feed)
+        verified = runner.forward([state], logits_to_keep=5)[0].clone()
+        runner.drop(state)
+        assert torch.equal(verified, torch.stack(decoded[1:])), length

@@ -28,7 +28,7 @@ PAGE = 256  # Flash-Attention's paged KV wants pages of a multiple of 256 tokens
 # speculative decoding. Each query reads its own whole blocks, and a feed's queries are attended in runs that
 # share a width. The query count matters too in float32 (MKL's GEMM inside SDPA rounds a block of 2 or 3 query
 # rows its own way), so there each of a verify's queries is attended exactly as a decode of its position,
-# those sharing a width as batch items of one call (`_query_runs`): a token is the same bits decoded or
+# on the CPU those sharing a width as batch items of one call (`_query_runs`): a token is the same bits decoded or
 # verified (tested bit for bit; a C = 32 bench on AVX2 had sd write other tokens than ar before). bfloat16
 # keeps one call per run (tested, prefills too).
 KEY_BLOCK = 32
@@ -107,7 +107,9 @@ def rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: f
             step["slots"].tolist(), step["lengths"].tolist(), step["feeds"].tolist(), strict=True)) if feed]
     for row, slot, length, feed in memo["rows"]:
         if ("runs", row) not in memo:
-            stack = not softcap and query.device.type == "cpu"  # measured on CPU SDPA only
+            # CPU SDPA only, where measured; with one KV head a decode's call is a single work item, whose GEMMs
+            # may thread otherwise than a stacked item's
+            stack = not softcap and query.device.type == "cpu" and kv_heads > 1
             memo["runs", row] = _query_runs(length, feed, key.shape[1], one_at_a_time, stack)
         slot_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # a verify's queries mostly share a width
         for first, last, width, stacked in memo["runs", row]:
@@ -144,14 +146,14 @@ def rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: f
 
 
 def _query_runs(length: int, feed: int, capacity: int, one_at_a_time: bool,
-                stack: bool = True) -> list[tuple[int, int, int, bool]]:
+                stack: bool = False) -> list[tuple[int, int, int, bool]]:
     """The feed's queries in the calls that attend them: (first, last, width, stacked), query i seeing
     length - feed + i + 1 keys, read in whole KEY_BLOCKs up to the cache's capacity: runs of queries that
     share a width, as extra query rows of one attention; or in float32 a decode or verify (feed <=
     QUERY_AT_A_TIME) each query with the arguments a decode of that position has, those sharing a width
     stacked as batch items of one call (CPU SDPA computes each batch item alone, the same bits as its own call:
     `tests/test_static_kv.py`), or one call each where `stack` is off (soft-capped logits, whose plain math
-    batches its own way, and other devices' kernels)."""
+    batches its own way, one KV head, and other devices' kernels)."""
     one_each = one_at_a_time and feed <= QUERY_AT_A_TIME
     runs: list[tuple[int, int, int, bool]] = []
     for i in range(feed):
