@@ -102,14 +102,14 @@ def rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: f
     groups = heads // kv_heads
     out = query.new_zeros(batch, n, heads, head_dim)
     one_at_a_time = query.dtype == torch.float32  # QUERY_AT_A_TIME's note
+    # Stacking such queries: on CPU SDPA only, where measured; with one KV head a decode's call is a single work
+    # item, whose GEMMs may thread otherwise than a stacked item's
+    stack = not softcap and query.device.type == "cpu" and kv_heads > 1
     if "rows" not in memo:  # the same for every layer of this forward: worked out once
         memo["rows"] = [(row, slot, length, feed) for row, (slot, length, feed) in enumerate(zip(
             step["slots"].tolist(), step["lengths"].tolist(), step["feeds"].tolist(), strict=True)) if feed]
     for row, slot, length, feed in memo["rows"]:
         if ("runs", row) not in memo:
-            # CPU SDPA only, where measured; with one KV head a decode's call is a single work item, whose GEMMs
-            # may thread otherwise than a stacked item's
-            stack = not softcap and query.device.type == "cpu" and kv_heads > 1
             memo["runs", row] = _query_runs(length, feed, key.shape[1], one_at_a_time, stack)
         slot_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # a verify's queries mostly share a width
         for first, last, width, stacked in memo["runs", row]:
