@@ -94,10 +94,17 @@ def target_lines(steps: dict, bench: dict, checks: dict) -> list[str]:
 
 
 def main(out: str) -> None:
-    steps = json.loads((Path(out) / "steps" / "steps.json").read_text())
-    bench = json.loads((Path(out) / "bench" / "results.json").read_text())
-    checks = json.loads((Path(out) / "checks.json").read_text())
-    print("\n".join(step_lines(steps) + check_lines(checks) + mode_lines(bench) + target_lines(steps, bench, checks)))
+    """Prints the tables of the stages that wrote their results; a failed stage's are named as missing."""
+    parts = {"steps": Path(out) / "steps" / "steps.json", "checks": Path(out) / "checks.json",
+             "bench": Path(out) / "bench" / "results.json"}
+    found = {name: json.loads(path.read_text()) for name, path in parts.items() if path.exists()}
+    lines = [f"(no {path.relative_to(out)}: its stage failed)" for name, path in parts.items() if name not in found]
+    makers = {"steps": step_lines, "checks": check_lines, "bench": mode_lines}
+    for name, part in found.items():
+        lines += makers[name](part)
+    if len(found) == len(parts):
+        lines += target_lines(found["steps"], found["bench"], found["checks"])
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -15,10 +15,12 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-
-from openai import APIError, AsyncOpenAI
+from typing import TYPE_CHECKING
 
 from minedraft.app.bench.metrics import RequestRecord
+
+if TYPE_CHECKING:  # imported where a peer is driven: `minedraft bench` without one runs where openai is absent
+    from openai import AsyncOpenAI  # (the GPU image: scripts/gpu-check)
 
 SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "peer-llamacpp"
 BUILT_IN = {"llamacpp": [], "llamacpp-spec": ["--spec"]}
@@ -73,6 +75,8 @@ def _healthy(base: str) -> bool:
 
 
 async def _one(client: AsyncOpenAI, item: dict, max_tokens: int) -> RequestRecord:
+    from openai import APIError
+
     submitted, first, tokens = time.time(), None, 0
     common = {"model": "peer", "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
               "stream_options": {"include_usage": True}}
@@ -96,6 +100,8 @@ async def _one(client: AsyncOpenAI, item: dict, max_tokens: int) -> RequestRecor
 
 async def drive_peer(base_url: str, items: list[dict], concurrency: int, max_tokens: int) -> list[RequestRecord]:
     """Closed loop with `concurrency` streams, as the modes are driven."""
+    from openai import AsyncOpenAI
+
     records: list[RequestRecord] = []
     queue = list(reversed(items))
     # A connection per request: llama.cpp's server drops a kept-alive connection after a streamed answer, and a
