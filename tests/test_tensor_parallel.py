@@ -49,3 +49,19 @@ def test_a_two_rank_target_gives_the_single_process_tokens(tiny_pair) -> None:
             ranks.terminate()  # torchrun passes SIGTERM to both ranks
             front.wait()
             ranks.wait(timeout=60)
+
+
+def test_a_tensor_parallel_rank_refuses_what_its_shard_would_ignore(monkeypatch) -> None:
+    import argparse
+
+    import pytest
+
+    from minedraft.engine import tensor_parallel
+    from minedraft.serving import model_service
+
+    monkeypatch.setattr(tensor_parallel, "world_size", lambda: 2)
+    base = {"device": "cpu", "dtype": "float32", "kv": "dynamic", "quant": "none", "vocab": 0}
+    for extra, refused in (({"quant": "int4"}, "--quant int4"), ({"vocab": 32768}, "--vocab 32768")):
+        with pytest.raises(SystemExit, match=refused):
+            model_service.runner_loader(argparse.Namespace(**{**base, **extra}), "unused")
+    assert model_service.runner_loader(argparse.Namespace(**base), "unused").func is tensor_parallel.load_sharded
