@@ -101,3 +101,20 @@ def test_paths_that_cannot_keep_a_window_stop_at_it() -> None:
     model = AutoModelForCausalLM.from_config(windowed, dtype=torch.float64).eval()
     assert ModelRunner(model, torch.device("cpu")).max_context == 5
     assert runner_for(model, "rows").max_context == 128
+
+
+def test_a_torch_without_paged_varlen_reads_takes_another_attention_path(monkeypatch) -> None:
+    """The GPU image may hold an older torch whose varlen kernel lacks block_table: choose another path, not crash."""
+    import torch.nn.attention.varlen as varlen
+
+    from minedraft.engine import slot_attention
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda")
+    assert slot_attention.varlen_available(cuda, torch.bfloat16, 128)  # this torch's kernel reads pages
+
+    def unpaged(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None):  # an older signature
+        raise AssertionError("not to be called")
+
+    monkeypatch.setattr(varlen, "varlen_attn", unpaged)
+    assert not slot_attention.varlen_available(cuda, torch.bfloat16, 128)

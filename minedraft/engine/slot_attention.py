@@ -15,6 +15,8 @@ cache's `update` hands over the whole layer and this attention function reads ea
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -33,6 +35,7 @@ PAGE = 256  # Flash-Attention's paged KV wants pages of a multiple of 256 tokens
 # keeps one call per run (tested, prefills too).
 KEY_BLOCK = 32
 QUERY_AT_A_TIME = 64  # float32 feeds up to this long (decodes; verifies: a target takes 32 drafts at most)
+VARLEN_ARGS = {"block_table", "seqused_k", "enable_gqa", "window_size", "scale"}  # what `_varlen` passes by name
 
 
 def varlen_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -42,10 +45,11 @@ def varlen_available(device: torch.device, dtype: torch.dtype, head_dim: int) ->
     if torch.cuda.get_device_capability(device) < (8, 0) or head_dim % 8 or head_dim > 256:
         return False
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return False
-    return True
+    # Paged reads came after the kernel itself (torch 2.13 has them): an older torch reads rows or a gather.
+    return VARLEN_ARGS.issubset(inspect.signature(varlen_attn).parameters)
 
 
 def attention_window(config) -> int | None:
