@@ -103,18 +103,36 @@ def test_paths_that_cannot_keep_a_window_stop_at_it() -> None:
     assert runner_for(model, "rows").max_context == 128
 
 
-def test_a_torch_without_paged_varlen_reads_takes_another_attention_path(monkeypatch) -> None:
-    """The GPU image may hold an older torch whose varlen kernel lacks block_table: choose another path, not crash."""
+
+def test_varlen_attention_is_chosen_only_where_it_reads_a_paged_cache(monkeypatch) -> None:
+    """The GPU image may hold an older torch, or one whose kernel (FA2) refuses block_table when called: choose
+    another attention path there rather than fail at the first step."""
     import torch.nn.attention.varlen as varlen
 
     from minedraft.engine import slot_attention
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    cuda = torch.device("cuda")
-    assert slot_attention.varlen_available(cuda, torch.bfloat16, 128)  # this torch's kernel reads pages
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
 
     def unpaged(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None):  # an older signature
         raise AssertionError("not to be called")
 
     monkeypatch.setattr(varlen, "varlen_attn", unpaged)
-    assert not slot_attention.varlen_available(cuda, torch.bfloat16, 128)
+    assert not slot_attention.varlen_available(torch.device("cuda"), torch.bfloat16, 128)
+
+    calls = []
+
+    def paged(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+              enable_gqa=False, seqused_k=None, block_table=None):
+        calls.append((tuple(key.shape), block_table.tolist(), seqused_k.tolist()))
+        if refuse:
+            raise RuntimeError("block_table is only supported with FA3")
+        return query
+
+    monkeypatch.setattr(varlen, "varlen_attn", paged)
+    cpu = torch.device("cpu")  # the trial call itself, on tensors this machine can hold
+    for refuse in (True, False):
+        slot_attention._paged_read_runs.cache_clear()
+        assert slot_attention._paged_read_runs(cpu, torch.bfloat16, 64) is not refuse
+    assert calls == [((1, slot_attention.PAGE, 1, 64), [[0]], [1])] * 2
+    slot_attention._paged_read_runs.cache_clear()

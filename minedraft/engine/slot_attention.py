@@ -15,7 +15,9 @@ cache's `update` hands over the whole layer and this attention function reads ea
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,7 @@ PAGE = 256  # Flash-Attention's paged KV wants pages of a multiple of 256 tokens
 # on the CPU those sharing a width as batch items of one call (`_query_runs`): a token is the same bits decoded or
 # verified (tested bit for bit; a C = 32 bench on AVX2 had sd write other tokens than ar before). bfloat16
 # keeps one call per run (tested, prefills too).
+log = logging.getLogger(__name__)
 KEY_BLOCK = 32
 QUERY_AT_A_TIME = 64  # float32 feeds up to this long (decodes; verifies: a target takes 32 drafts at most)
 VARLEN_ARGS = {"block_table", "seqused_k", "enable_gqa", "window_size", "scale"}  # what `_varlen` passes by name
@@ -48,8 +51,28 @@ def varlen_available(device: torch.device, dtype: torch.dtype, head_dim: int) ->
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return False
-    # Paged reads came after the kernel itself (torch 2.13 has them): an older torch reads rows or a gather.
-    return VARLEN_ARGS.issubset(inspect.signature(varlen_attn).parameters)
+    # Paged reads came after the kernel itself (torch 2.13 has them), and a build whose kernel is FA2 refuses
+    # them when called: one tiny paged read decides, else rows or a gather are read.
+    return VARLEN_ARGS.issubset(inspect.signature(varlen_attn).parameters) and _paged_read_runs(
+        device, dtype, head_dim)
+
+
+@functools.cache
+def _paged_read_runs(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    ints = {"device": device, "dtype": torch.int32}
+    pool = torch.zeros(1, PAGE, 1, head_dim, device=device, dtype=dtype)  # one page, one KV head
+    try:
+        varlen_attn(torch.zeros(1, 2, head_dim, device=device, dtype=dtype), pool, pool,
+                    torch.tensor([0, 1], **ints), torch.tensor([0, 1], **ints), 1, PAGE, window_size=(-1, 0),
+                    enable_gqa=True, seqused_k=torch.tensor([1], **ints), block_table=torch.zeros(1, 1, **ints))
+        torch.cuda.synchronize(device)
+    except (RuntimeError, ValueError, TypeError) as error:
+        log.warning("torch's varlen attention cannot read a paged cache here (%s): slots are read per row "
+                    "(or gathered, under graphs)", error)
+        return False
+    return True
 
 
 def attention_window(config) -> int | None:
