@@ -142,12 +142,17 @@ def test_quantiser_recovers_weights_already_on_a_4_bit_grid() -> None:
 def test_dtype_and_quant_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_dtype("auto", "cpu") == ("bfloat16" if native_bf16_cpu() else "float32")
     assert resolve_dtype("float64", "cpu") == "float64"
-    here = "w8a8" if int8_vnni() else "w8a8-fbgemm" if fbgemm_available() else "int4"
+    amx = torch.cpu._is_amx_tile_supported()
+    here = ("w8a8" if amx or not fbgemm_available() else "w8a8-fbgemm") if int8_vnni() else (
+        "w8a8-fbgemm" if fbgemm_available() else "int4")
     assert resolve_quant("auto", "target", "cpu") == here
-    for vnni, fbgemm, draft, target in ((True, True, "int4-w8a8", "w8a8"),
-                                        (False, True, "w8a8-fbgemm", "w8a8-fbgemm"),
-                                        (False, False, "int4", "int4")):
+    for vnni, amx, fbgemm, draft, target in ((True, True, True, "int4-w8a8", "w8a8"),
+                                             (True, False, True, "int4-w8a8", "w8a8-fbgemm"),
+                                             (True, False, False, "int4-w8a8", "w8a8"),
+                                             (False, False, True, "w8a8-fbgemm", "w8a8-fbgemm"),
+                                             (False, False, False, "int4", "int4")):
         monkeypatch.setattr(precision, "int8_vnni", lambda vnni=vnni: vnni)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
         monkeypatch.setattr(fbgemm_w8a8, "fbgemm_available", lambda fbgemm=fbgemm: fbgemm)
         assert (resolve_quant("auto", "draft", "cpu"), resolve_quant("auto", "target", "cpu")) == (draft, target)
     assert resolve_quant("auto", "target", "cuda") == "none"

@@ -41,7 +41,7 @@ class ClusterConfig:
                               f"output); auto on the CPU: {CPU_DEFAULT_QUANT['draft']} with VNNI, else "
                               f"{CPU_DEFAULT_QUANT_NO_VNNI['draft']} (int4 without fbgemm)", choices=("auto", *QUANTS))
     target_quant: str = option("auto", "CPU weight format of the target; auto on the CPU: "
-                               f"{CPU_DEFAULT_QUANT['target']} with VNNI, else "
+                               f"{CPU_DEFAULT_QUANT['target']} with AMX, else "
                                f"{CPU_DEFAULT_QUANT_NO_VNNI['target']} (int4 without fbgemm)",
                                choices=("auto", *TARGET_QUANTS))
     tokenizer: str | None = option(None, "the router's tokenizer (default: the target model's)", type=str)

@@ -22,16 +22,18 @@ from minedraft.engine.fused_linears import GroupMember, fuse_siblings
 QUANTS = ("none", "int8", "int4", "w8a8", "w8a8-fbgemm", "int4-w8a8", "int4-w8a8-prompt")
 DRAFT_ONLY_QUANTS = frozenset({"int4-w8a8"})
 # `--quant auto` on the CPU, chosen from measurements (README, "Measured"), by what the CPU multiplies natively.
-# With VNNI (oneDNN's exact u8·s8 GEMM): target W8A8, whose integer GEMM is 1.6-1.8x bfloat16's at every row
-# count from decode to prefill (top-1 agreement with float32 0.985 against bfloat16's 0.995) and whose rows
-# never depend on the batch; draft int4 for decode steps (the fewest bytes: 2.8x a bfloat16 step at batch 1)
-# and W8A8 for its prefills, where the int4 kernel is slowest; a draft's precision only moves acceptance.
+# With AMX (oneDNN's exact u8·s8 GEMM on tiles): target W8A8, 1.6-1.8x bfloat16 at every row count (top-1
+# agreement with float32 0.985 against bfloat16's 0.995), its rows never dependent on the batch; draft int4 for
+# decode steps (the fewest bytes) and W8A8 for its prefills; a draft's precision only moves acceptance.
 CPU_DEFAULT_QUANT = {"draft": "int4-w8a8", "target": "w8a8"}
-# Without VNNI (AVX2) oneDNN's int8 GEMM is 2-3x slower than int4 below 8 rows and int4 is bound by its arithmetic;
-# fbgemm's int8 GEMM made row-exact (fbgemm_w8a8) is 2-3x int4 from decode to prefill rows: both roles run it.
+# With VNNI but no AMX (AVX-512 EPYCs) oneDNN's int8 GEMM reads weights at 16-20 GB/s at a step's few rows and
+# fbgemm's row-exact W8A8 (7-bit weights) at up to 35, as fast or faster from 1 to 600 rows: the 1.5B target's
+# decode 82 against 122-128 ms at batch 1, 104 against 141-172 at 8.
+CPU_DEFAULT_QUANT_NO_AMX = {"draft": "int4-w8a8", "target": "w8a8-fbgemm"}
+# Without VNNI (AVX2) oneDNN's int8 GEMM is 2-3x slower than int4 below 8 rows, and int4 is bound by its
+# arithmetic; fbgemm's is 2-3x int4 from decode to prefill rows: both roles run it.
 CPU_DEFAULT_QUANT_NO_VNNI = {"draft": "w8a8-fbgemm", "target": "w8a8-fbgemm"}
-# Without either int8 GEMM in torch: int4 for both (W8A8 would be torch._int_mm, 10-30x slower than int4).
-CPU_DEFAULT_QUANT_NO_INT8 = {"draft": "int4", "target": "int4"}
+CPU_DEFAULT_QUANT_NO_INT8 = {"draft": "int4", "target": "int4"}  # no int8 GEMM in torch (_int_mm is 10-30x slower)
 # Formats whose sibling projections share one GEMM (fused_linears): W8A8's integer GEMM gives a column the
 # same value fused or alone; the draft's int4 form may round differently, which moves acceptance only.
 FUSED_QUANTS = frozenset({"w8a8", "w8a8-fbgemm", "int4-w8a8"})
@@ -39,12 +41,13 @@ INT4_GROUP = 32  # input channels sharing one scale and zero: the finest groupin
 
 
 def cpu_default_quant(role: str) -> str:
-    """The CPU's `--quant auto` for a role: by whether it multiplies full 8-bit weights here (VNNI), else
-    whether torch has fbgemm's int8 linear."""
+    """The CPU's `--quant auto` for a role: by whether it multiplies full 8-bit weights here (VNNI) and on AMX
+    tiles, else whether torch has fbgemm's int8 linear."""
     from minedraft.engine.fbgemm_w8a8 import fbgemm_available  # imports this module
 
     if int8_vnni():
-        return CPU_DEFAULT_QUANT[role]
+        return (CPU_DEFAULT_QUANT if torch.cpu._is_amx_tile_supported() or not fbgemm_available()
+                else CPU_DEFAULT_QUANT_NO_AMX)[role]
     return (CPU_DEFAULT_QUANT_NO_VNNI if fbgemm_available() else CPU_DEFAULT_QUANT_NO_INT8)[role]
 
 
