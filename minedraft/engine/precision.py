@@ -27,7 +27,7 @@ DRAFT_ONLY_QUANTS = frozenset({"int4-w8a8"})
 # decode steps (the fewest bytes) and W8A8 for its prefills; a draft's precision only moves acceptance.
 CPU_DEFAULT_QUANT = {"draft": "int4-w8a8", "target": "w8a8"}
 # With VNNI but no AMX (AVX-512 EPYCs) oneDNN's int8 GEMM reads weights at 16-20 GB/s at a step's few rows and
-# fbgemm's row-exact W8A8 (7-bit weights) at up to 35, as fast or faster from 1 to 600 rows: the 1.5B target's
+# fbgemm's row-exact W8A8 (7-bit weights) at up to 35, and within 6 % at prefill sizes: the 1.5B target's
 # decode 82 against 122-128 ms at batch 1, 104 against 141-172 at 8.
 CPU_DEFAULT_QUANT_NO_AMX = {"draft": "int4-w8a8", "target": "w8a8-fbgemm"}
 # Without VNNI (AVX2) oneDNN's int8 GEMM is 2-3x slower than int4 below 8 rows, and int4 is bound by its
