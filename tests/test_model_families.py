@@ -103,7 +103,6 @@ def test_paths_that_cannot_keep_a_window_stop_at_it() -> None:
     assert runner_for(model, "rows").max_context == 128
 
 
-
 def test_varlen_attention_is_chosen_only_where_it_reads_a_paged_cache(monkeypatch) -> None:
     """The GPU image may hold an older torch, or one whose kernel (FA2) refuses block_table when called: choose
     another attention path there rather than fail at the first step."""

@@ -1,6 +1,6 @@
 """The test that matters most: on the real default pair, in its default configuration (bfloat16 where the
-CPU multiplies it natively, W8A8 target, int4/W8A8 draft), speculative output equals target-only output,
-token for token, exact ties included.
+CPU multiplies it natively, W8A8 target on oneDNN or fbgemm as the CPU has it, int4/W8A8 draft), speculative
+output equals target-only output, token for token, exact ties included.
 
 On the CPU's in-place attention a position's logits are the same bits whether it is decoded or verified (and,
 in bfloat16, prefilled: W8A8 accumulates in integers; slot_attention.KEY_BLOCK says how the attention does), so no
@@ -41,5 +41,6 @@ def test_psd_on_real_pair_equals_target_only() -> None:
     accepted = sum(int(r.stats["accepted_tokens"]) for r in speculative)
     assert drafted > 0 and accepted / drafted > 0.3, "a real pair should agree often"
     expected, actual = [r.token_ids for r in target_only], [r.token_ids for r in speculative]
-    # Bit-exact on every CPU class measured: AVX2 (float32), AVX-512 BF16 with VNNI, and AMX (bfloat16).
+    # Bit-exact on every CPU class measured: AVX2 (float32), AVX-512 BF16 with VNNI (oneDNN's and, since session
+    # 39, fbgemm's W8A8 target), and AMX (bfloat16).
     assert actual == expected

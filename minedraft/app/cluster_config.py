@@ -11,7 +11,13 @@ import argparse
 from dataclasses import dataclass, field, fields
 
 from minedraft.app import forwarding
-from minedraft.engine.precision import CPU_DEFAULT_QUANT, CPU_DEFAULT_QUANT_NO_VNNI, DRAFT_ONLY_QUANTS, QUANTS
+from minedraft.engine.precision import (
+    CPU_DEFAULT_QUANT,
+    CPU_DEFAULT_QUANT_NO_AMX,
+    CPU_DEFAULT_QUANT_NO_VNNI,
+    DRAFT_ONLY_QUANTS,
+    QUANTS,
+)
 from minedraft.engine.sequence_table import DEFAULT_LEASE_S
 from minedraft.serving.model_service import add_kv_args
 from services.router.modes import MODES
@@ -41,8 +47,9 @@ class ClusterConfig:
                               f"output); auto on the CPU: {CPU_DEFAULT_QUANT['draft']} with VNNI, else "
                               f"{CPU_DEFAULT_QUANT_NO_VNNI['draft']} (int4 without fbgemm)", choices=("auto", *QUANTS))
     target_quant: str = option("auto", "CPU weight format of the target; auto on the CPU: "
-                               f"{CPU_DEFAULT_QUANT['target']} with AMX, else "
-                               f"{CPU_DEFAULT_QUANT_NO_VNNI['target']} (int4 without fbgemm)",
+                               f"{CPU_DEFAULT_QUANT['target']} with AMX, {CPU_DEFAULT_QUANT_NO_AMX['target']} with "
+                               f"VNNI only, {CPU_DEFAULT_QUANT_NO_VNNI['target']} without VNNI (without fbgemm: "
+                               f"{CPU_DEFAULT_QUANT['target']} with VNNI, int4 without)",
                                choices=("auto", *TARGET_QUANTS))
     tokenizer: str | None = option(None, "the router's tokenizer (default: the target model's)", type=str)
     lease_s: float = option(DEFAULT_LEASE_S, "the services drop sequences the router has not used or renewed for "

@@ -22,16 +22,13 @@ from minedraft.engine.fused_linears import GroupMember, fuse_siblings
 QUANTS = ("none", "int8", "int4", "w8a8", "w8a8-fbgemm", "int4-w8a8", "int4-w8a8-prompt")
 DRAFT_ONLY_QUANTS = frozenset({"int4-w8a8"})
 # `--quant auto` on the CPU, chosen from measurements (README, "Measured"), by what the CPU multiplies natively.
-# With AMX (oneDNN's exact u8·s8 GEMM on tiles): target W8A8, 1.6-1.8x bfloat16 at every row count (top-1
-# agreement with float32 0.985 against bfloat16's 0.995), its rows never dependent on the batch; draft int4 for
-# decode steps (the fewest bytes) and W8A8 for its prefills; a draft's precision only moves acceptance.
+# With AMX (oneDNN's exact u8·s8 GEMM on tiles): target W8A8, 1.6-1.8x bfloat16 at every row count, rows never
+# batch-dependent; draft int4 for decode steps (the fewest bytes), W8A8 for prefills (it only moves acceptance).
 CPU_DEFAULT_QUANT = {"draft": "int4-w8a8", "target": "w8a8"}
-# With VNNI but no AMX (AVX-512 EPYCs) oneDNN's int8 GEMM reads weights at 16-20 GB/s at a step's few rows and
-# fbgemm's row-exact W8A8 (7-bit weights) at up to 35, and within 6 % at prefill sizes: the 1.5B target's
-# decode 82 against 122-128 ms at batch 1, 104 against 141-172 at 8.
+# With VNNI but no AMX (AVX-512 EPYCs) fbgemm's row-exact W8A8 (7-bit weights) reads weights at up to 35 GB/s at
+# a step's few rows, oneDNN's at 16-20, and is within ~15 % at prefill sizes (1.5B decode 82 against 122-128 ms).
 CPU_DEFAULT_QUANT_NO_AMX = {"draft": "int4-w8a8", "target": "w8a8-fbgemm"}
-# Without VNNI (AVX2) oneDNN's int8 GEMM is 2-3x slower than int4 below 8 rows, and int4 is bound by its
-# arithmetic; fbgemm's is 2-3x int4 from decode to prefill rows: both roles run it.
+# Without VNNI (AVX2) fbgemm's int8 GEMM is 2-3x int4 (bound by its arithmetic) and oneDNN's, decode to prefill.
 CPU_DEFAULT_QUANT_NO_VNNI = {"draft": "w8a8-fbgemm", "target": "w8a8-fbgemm"}
 CPU_DEFAULT_QUANT_NO_INT8 = {"draft": "int4", "target": "int4"}  # no int8 GEMM in torch (_int_mm is 10-30x slower)
 # Formats whose sibling projections share one GEMM (fused_linears): W8A8's integer GEMM gives a column the
