@@ -62,6 +62,6 @@ def test_a_tensor_parallel_rank_refuses_what_its_shard_would_ignore(monkeypatch)
     monkeypatch.setattr(tensor_parallel, "world_size", lambda: 2)
     base = {"device": "cpu", "dtype": "float32", "kv": "dynamic", "quant": "none", "vocab": 0}
     for extra, refused in (({"quant": "int4"}, "--quant int4"), ({"vocab": 32768}, "--vocab 32768")):
-        with pytest.raises(SystemExit, match=refused):
-            model_service.runner_loader(argparse.Namespace(**{**base, **extra}), "unused")
+        with pytest.raises(SystemExit, match=refused):  # at start, before any weights are read
+            model_service.runner_loader(argparse.Namespace(**{**base, **extra}), "unused")()
     assert model_service.runner_loader(argparse.Namespace(**base), "unused").func is tensor_parallel.load_sharded

@@ -32,10 +32,15 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def load_sharded(path: str, device: str, dtype: str, kv: str) -> ModelRunner:
+def load_sharded(path: str, device: str, dtype: str, kv: str, quant: str = "none", vocab: int = 0) -> ModelRunner:
     """This rank's shard of the model, with per-sequence KV (each rank's cache holds its own heads)."""
     if kv == "static":
         raise SystemExit("a tensor-parallel target runs with --kv dynamic (the static cache is sized for all heads)")
+    # A shard is transformers' own dense model: refuse what it would silently not do.
+    ignored = [f"--quant {quant}"] if quant not in ("none", "auto") else []
+    ignored += [f"--vocab {vocab}"] if vocab else []
+    if ignored:
+        raise SystemExit(f"a tensor-parallel model runs its weights as loaded: drop {' and '.join(ignored)}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[resolve_dtype(dtype, device)],
                                                  tp_plan="auto").eval()
     log.info("rank %d of %d: %s sharded (%s)", dist.get_rank(), dist.get_world_size(), path, dist.get_backend())

@@ -93,12 +93,8 @@ def parse_cores(spec: str) -> set[int]:
 def runner_loader(args: argparse.Namespace, model_path: str) -> Callable[[], ModelRunner]:
     """Loads the model as the arguments say: whole, or (under torchrun) this rank's tensor-parallel shard."""
     if tensor_parallel.world_size() > 1:
-        # A shard is transformers' own dense model: refuse what it would silently not do.
-        ignored = [f"--quant {args.quant}"] if args.quant not in ("none", "auto") else []
-        ignored += [f"--vocab {args.vocab}"] if getattr(args, "vocab", 0) else []
-        if ignored:
-            raise SystemExit(f"a tensor-parallel model runs its weights as loaded: drop {' and '.join(ignored)}")
-        return functools.partial(tensor_parallel.load_sharded, model_path, args.device, args.dtype, args.kv)
+        return functools.partial(tensor_parallel.load_sharded, model_path, args.device, args.dtype, args.kv,
+                                 args.quant, getattr(args, "vocab", 0))  # a draft's option only
     return functools.partial(ModelRunner.load, model_path, args.device, args.dtype, cpu_linear=args.cpu_linear,
                              quant=resolve_quant(args.quant, args.role, args.device), kv=args.kv,
                              max_seqs=args.max_seqs, max_context=args.max_context, cuda_graphs=args.cuda_graphs,
