@@ -28,6 +28,15 @@ log = logging.getLogger(__name__)
 # longer than this is measured once: a long call's jitter is a small part of it, and a second pass would cost
 # seconds (2 AVX2 cores: a full lane's verify of 8 drafts takes 9 s; calibrating twice took 3.6 minutes).
 SECOND_PASS_BELOW_MS = 15_000.0  # over a first pass that may itself be slowed 1.5-1.9x
+# A host can stay busy through both passes, and then only some calls are slowed: on the Zen 4 EPYC one start
+# calibrated batch 4's target-only verify at 148 ms, above batch 1's verify of 4 drafts (5 rows, 106 ms), where
+# both passes measure 70-84 and 72-82 undisturbed; auto, planning with it and cached for a week, kept speculating
+# at C = 4 (0.75-0.82x ar). A call may cost at most this times one with more rows on the same cores (undisturbed:
+# ≤ 1.13x), and by NOISE_MS (tiny models' calls of a few ms jitter by more than the ratio), else its batch is
+# measured again, up to EXTRA_PASSES times; a calibration still inconsistent is used, but not kept.
+CONSISTENT_WITHIN = 1.25
+NOISE_MS = 10.0
+EXTRA_PASSES = 2
 FORMAT = 3  # of a cached calibration: raise it when what is measured, or how, changes
 # A kept calibration older than this is measured again: a host's speed drifts (a VM moved, a neighbour came),
 # and each commit's code makes a new key, so older files would otherwise stay forever.
@@ -59,7 +68,8 @@ async def calibrate(scheduler: Scheduler, cache: CalibrationCache | None = None,
     plans rest on this machine's stage times (rounds keep them current). The full lane matters: verify cost
     grows faster with the batch at large k than small batches suggest. On shared cores each is measured with
     every core and with half; a batch whose calls are short is measured again after every batch's first pass, and
-    each of its stage times is the faster of the two. With a `cache`, a calibration of the same engines
+    each of its stage times is the faster of the two (of more, where a call cost more than one with more rows:
+    `_slowed`). With a `cache`, a calibration of the same engines
     (`engine_key`) and settings is read back instead of measured again (2 AVX2 cores: 1.8 minutes of start-up)."""
     batches = batches or tuple(sorted({1, min(4, scheduler.max_batch), scheduler.max_batch}))
     lengths = sorted({0, scheduler.k, scheduler.k_max})
@@ -71,11 +81,19 @@ async def calibrate(scheduler: Scheduler, cache: CalibrationCache | None = None,
     cached = observations is not None
     if not cached:
         passes = [await _calibrate_batch(scheduler, batch, prompt_len, lengths) for batch in batches]
-        for i, batch in enumerate(batches):
-            if sum(ms for *_, ms, _ in passes[i]) < SECOND_PASS_BELOW_MS:
-                passes[i] = _faster(passes[i], await _calibrate_batch(scheduler, batch, prompt_len, lengths))
+        short = [sum(ms for *_, ms, _ in measured) < SECOND_PASS_BELOW_MS for measured in passes]
+        again = [i for i in range(len(batches)) if short[i]]
+        for _ in range(1 + EXTRA_PASSES):
+            for i in again:
+                passes[i] = _faster(passes[i], await _calibrate_batch(scheduler, batches[i], prompt_len, lengths))
+            again = [i for i in _slowed(passes) if short[i]]
         observations = [observation for measured in passes for observation in measured]
-        if path and write_atomically(path, lambda temporary: temporary.write_text(json.dumps(observations))):
+        consistent = not _slowed(passes)
+        if not consistent:
+            log.warning("calibration: a call cost over %.2fx one with more rows after %d extra passes (a busy host?); "
+                        "using it, not keeping it: %s", CONSISTENT_WITHIN, EXTRA_PASSES, observations)
+        if path and consistent and write_atomically(
+                path, lambda temporary: temporary.write_text(json.dumps(observations))):
             prune_older_than(path.parent, KEPT_FILES, cache.max_age_s)
     stages = scheduler.stages
     for stage, batch, k, ms, shared in observations:
@@ -102,6 +120,17 @@ def _key(scheduler: Scheduler, engines: list[str], batches: tuple[int, ...], len
 def _faster(first: list[Observation], second: list[Observation]) -> list[Observation]:
     """Two passes' observations of one batch (made in the same order), each at the faster of its two times."""
     return [(*a[:3], min(a[3], b[3]), a[4]) for a, b in zip(first, second, strict=True)]
+
+
+def _slowed(passes: list[list[Observation]]) -> list[int]:
+    """The batches (indexes into `passes`) with a draft step or verify that cost more than CONSISTENT_WITHIN times,
+    and NOISE_MS more than, a call of the same stage with more rows (a batch of proposals; verified tokens) on the
+    same cores: on an undisturbed host a call's cost grows with its rows."""
+    calls = [(i, stage, batch * (k + 1) if stage == "verify" else batch, ms, shared)
+             for i, measured in enumerate(passes) for stage, batch, k, ms, shared in measured if stage != "prefill"]
+    return sorted({i for i, stage, rows, ms, shared in calls
+                   if any(s == stage and r > rows and h == shared and ms > CONSISTENT_WITHIN * m and ms - m > NOISE_MS
+                          for _, s, r, m, h in calls)})
 
 
 def _read(path: Path) -> list[Observation] | None:
