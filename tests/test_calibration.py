@@ -176,6 +176,28 @@ def test_each_service_names_what_its_speed_depends_on(tiny_clusters, tiny_pair) 
     assert target["dtype"] == "torch.float64" and target["threads"] >= 1 and target["cpu"] and target["torch"]
 
 
+def test_a_call_is_judged_against_calls_of_its_stage_with_more_rows_on_its_cores(monkeypatch) -> None:
+    monkeypatch.setattr(calibration, "CONSISTENT_WITHIN", 1.25)
+    one = [("prefill", 1, 16, 900.0, False), ("propose", 1, 4, 100.0, False), ("verify", 1, 0, 75.0, False),
+           ("verify", 1, 4, 72.0, False), ("verify", 1, 0, 200.0, True)]  # the shared call: on fewer cores
+    four = [("prefill", 4, 64, 130.0, False), ("propose", 4, 4, 160.0, False), ("verify", 4, 0, 84.0, False),
+            ("verify", 4, 4, 168.0, False), ("verify", 4, 0, 250.0, True)]
+    assert calibration._slowed([one, four]) == []  # undisturbed (a Zen 4 start's; a slow prefill is not judged)
+    four[2] = ("verify", 4, 0, 148.0, False)  # 4 rows, costlier than batch 1's 5 by 1.43x: slowed
+    assert calibration._slowed([one, four]) == [(1, "verify 4x0", 148.0, "verify 1x4", 72.0)]
+    one[1] = ("propose", 1, 4, 250.0, False)  # a draft step of 1 sequence costlier than one of 4
+    assert {i for i, *_ in calibration._slowed([one, four])} == {0, 1}
+    monkeypatch.setattr(calibration, "NOISE_MS", 100.0)  # 76 and 90 ms more: within the noise
+    assert calibration._slowed([one, four]) == []
+
+
+def check_rows(monkeypatch) -> None:
+    """The check on, with a noise floor far above the tiny models' jitter and below the 1 s a slowed call adds."""
+    monkeypatch.setattr(calibration, "CONSISTENT_WITHIN", 1.25)
+    monkeypatch.setattr(calibration, "NOISE_MS", 200.0)
+    monkeypatch.setattr(calibration, "EXTRA_PASS_PAUSE_S", 0.0)
+
+
 def target_only_at_batch_2(calls: int) -> Callable[[str, object], float]:
     """A target that reports its first `calls` verifies of 2 sequences without drafts (2 rows) 1 s slower: a host
     busy during them, through both passes."""
@@ -193,7 +215,7 @@ def test_a_call_costlier_than_one_with_more_rows_is_measured_again(tiny_clusters
     """On the Zen 4 EPYC a start calibrated batch 4's target-only verify (4 rows) at 148 ms, above batch 1's verify
     of 4 drafts (5 rows) at 106, both passes busy; auto planned with it, and kept it a week. Slowed in both passes
     here, the batch is measured a third time, and the plan and the kept file have the third pass's time."""
-    monkeypatch.setattr(calibration, "CONSISTENT_WITHIN", 1.25)
+    check_rows(monkeypatch)
     cache = CalibrationCache(str(tmp_path), engines=["target engine", "draft engine"])
     times, _, scheduler = asyncio.run(calibrate_on(tiny_clusters["sd"], cache,
                                                    target_delay_ms=target_only_at_batch_2(2)))
@@ -205,8 +227,12 @@ def test_a_call_costlier_than_one_with_more_rows_is_measured_again(tiny_clusters
 
 
 def test_a_calibration_slowed_in_every_pass_is_used_but_not_kept(tiny_clusters, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(calibration, "CONSISTENT_WITHIN", 1.25)
+    """Nor is one kept before it left: `--recalibrate` asked to replace it, so the next start measures afresh."""
     cache = CalibrationCache(str(tmp_path), engines=["target engine", "draft engine"])
+    asyncio.run(calibrate_on(tiny_clusters["sd"], cache))
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    check_rows(monkeypatch)
+    cache.refresh = True
     times, _, scheduler = asyncio.run(calibrate_on(tiny_clusters["sd"], cache,
                                                    target_delay_ms=target_only_at_batch_2(10**6)))
     slowed = [ms for ms in times["Verify"] if ms >= 1000.0]

@@ -29,14 +29,17 @@ log = logging.getLogger(__name__)
 # seconds (2 AVX2 cores: a full lane's verify of 8 drafts takes 9 s; calibrating twice took 3.6 minutes).
 SECOND_PASS_BELOW_MS = 15_000.0  # over a first pass that may itself be slowed 1.5-1.9x
 # A host can stay busy through both passes, and then only some calls are slowed: on the Zen 4 EPYC one start
-# calibrated batch 4's target-only verify at 148 ms, above batch 1's verify of 4 drafts (5 rows, 106 ms), where
-# both passes measure 70-84 and 72-82 undisturbed; auto, planning with it and cached for a week, kept speculating
-# at C = 4 (0.75-0.82x ar). A call may cost at most this times one with more rows on the same cores (undisturbed:
-# ≤ 1.13x), and by NOISE_MS (tiny models' calls of a few ms jitter by more than the ratio), else its batch is
-# measured again, up to EXTRA_PASSES times; a calibration still inconsistent is used, but not kept.
+# calibrated batch 4's target-only verify (4 rows) at 148 ms, above batch 1's verify of 4 drafts (5 rows) at 106,
+# where undisturbed starts measure 70-84 and 72-82; auto, planning with it and cached for a week, kept speculating
+# at C = 4 (0.75-0.82x ar). A call may cost at most CONSISTENT_WITHIN times one of the same stage with more rows on
+# the same cores (within one undisturbed calibration at most 1.13x), or at most NOISE_MS more (tiny models' calls
+# of a few ms jitter by more than the ratio); else its batch is measured again, up to EXTRA_PASSES times, each
+# after a pause (a busy spell slows back-to-back calls alike), and a calibration still inconsistent is used but
+# not kept (a kept one it was to replace is removed).
 CONSISTENT_WITHIN = 1.25
 NOISE_MS = 10.0
 EXTRA_PASSES = 2
+EXTRA_PASS_PAUSE_S = 2.0
 FORMAT = 3  # of a cached calibration: raise it when what is measured, or how, changes
 # A kept calibration older than this is measured again: a host's speed drifts (a VM moved, a neighbour came),
 # and each commit's code makes a new key, so older files would otherwise stay forever.
@@ -69,8 +72,8 @@ async def calibrate(scheduler: Scheduler, cache: CalibrationCache | None = None,
     grows faster with the batch at large k than small batches suggest. On shared cores each is measured with
     every core and with half; a batch whose calls are short is measured again after every batch's first pass, and
     each of its stage times is the faster of the two (of more, where a call cost more than one with more rows:
-    `_slowed`). With a `cache`, a calibration of the same engines
-    (`engine_key`) and settings is read back instead of measured again (2 AVX2 cores: 1.8 minutes of start-up)."""
+    `_slowed`). With a `cache`, a calibration of the same engines (`engine_key`) and settings is read back instead
+    of measured again (2 AVX2 cores: 1.8 minutes of start-up)."""
     batches = batches or tuple(sorted({1, min(4, scheduler.max_batch), scheduler.max_batch}))
     lengths = sorted({0, scheduler.k, scheduler.k_max})
     known = cache is not None and len(cache.engines) == 2 and all(cache.engines)  # an unnamed engine: no key
@@ -83,17 +86,21 @@ async def calibrate(scheduler: Scheduler, cache: CalibrationCache | None = None,
         passes = [await _calibrate_batch(scheduler, batch, prompt_len, lengths) for batch in batches]
         short = [sum(ms for *_, ms, _ in measured) < SECOND_PASS_BELOW_MS for measured in passes]
         again = [i for i in range(len(batches)) if short[i]]
-        for _ in range(1 + EXTRA_PASSES):
+        for extra in range(1 + EXTRA_PASSES):
+            if extra and again:
+                await asyncio.sleep(EXTRA_PASS_PAUSE_S)
             for i in again:
                 passes[i] = _faster(passes[i], await _calibrate_batch(scheduler, batches[i], prompt_len, lengths))
-            again = [i for i in _slowed(passes) if short[i]]
+            slowed = _slowed(passes)
+            again = sorted({i for i, *_ in slowed if short[i]})
         observations = [observation for measured in passes for observation in measured]
-        consistent = not _slowed(passes)
-        if not consistent:
-            log.warning("calibration: a call cost over %.2fx one with more rows after %d extra passes (a busy host?); "
-                        "using it, not keeping it: %s", CONSISTENT_WITHIN, EXTRA_PASSES, observations)
-        if path and consistent and write_atomically(
-                path, lambda temporary: temporary.write_text(json.dumps(observations))):
+        if slowed:
+            log.warning("calibration inconsistent (a busy host?), used but not kept: %s",
+                        "; ".join(f"{call} {ms:.0f} ms against {other} {other_ms:.0f}" for _, call, ms, other, other_ms
+                                  in slowed))
+            if path:
+                path.unlink(missing_ok=True)
+        elif path and write_atomically(path, lambda temporary: temporary.write_text(json.dumps(observations))):
             prune_older_than(path.parent, KEPT_FILES, cache.max_age_s)
     stages = scheduler.stages
     for stage, batch, k, ms, shared in observations:
@@ -122,15 +129,17 @@ def _faster(first: list[Observation], second: list[Observation]) -> list[Observa
     return [(*a[:3], min(a[3], b[3]), a[4]) for a, b in zip(first, second, strict=True)]
 
 
-def _slowed(passes: list[list[Observation]]) -> list[int]:
-    """The batches (indexes into `passes`) with a draft step or verify that cost more than CONSISTENT_WITHIN times,
-    and NOISE_MS more than, a call of the same stage with more rows (a batch of proposals; verified tokens) on the
-    same cores: on an undisturbed host a call's cost grows with its rows."""
-    calls = [(i, stage, batch * (k + 1) if stage == "verify" else batch, ms, shared)
+def _slowed(passes: list[list[Observation]]) -> list[tuple[int, str, float, str, float]]:
+    """Each draft step or verify that cost over CONSISTENT_WITHIN times, and over NOISE_MS more than, a call of the
+    same stage with more rows (sequences for a draft step, sequences × (drafts + 1) for a verify) on the same cores:
+    (its batch's index in `passes`, the call, its ms, the other call, its ms). Undisturbed, cost grows with rows."""
+    calls = [(i, f"{stage} {batch}x{k}{' shared' if shared else ''}", stage, shared,
+              batch * (k + 1) if stage == "verify" else batch, ms)
              for i, measured in enumerate(passes) for stage, batch, k, ms, shared in measured if stage != "prefill"]
-    return sorted({i for i, stage, rows, ms, shared in calls
-                   if any(s == stage and r > rows and h == shared and ms > CONSISTENT_WITHIN * m and ms - m > NOISE_MS
-                          for _, s, r, m, h in calls)})
+    return [(i, name, ms, other, other_ms) for i, name, stage, shared, rows, ms in calls
+            for _, other, other_stage, other_shared, other_rows, other_ms in calls
+            if (other_stage, other_shared) == (stage, shared) and other_rows > rows
+            and ms > CONSISTENT_WITHIN * other_ms and ms - other_ms > NOISE_MS]
 
 
 def _read(path: Path) -> list[Observation] | None:

@@ -86,7 +86,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="auto: a folder of start-up calibrations, each read back when the draft's and the "
                              "target's engines and the router's settings are the same again (none: always measure)")
     parser.add_argument("--recalibrate", action="store_true", help="auto: measure at start even when a cached "
-                        "calibration matches, and cache the new one")
+                        "calibration matches, and cache the new one in its place (or none, where it is inconsistent)")
     parser.add_argument("--calibration-max-age", type=positive_float, default=MAX_AGE_DAYS, metavar="DAYS",
                         help="auto: a cached calibration older than this is measured again, and removed")
     parser.add_argument("--max-context", type=int, default=None,
