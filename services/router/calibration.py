@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 SECOND_PASS_BELOW_MS = 15_000.0  # over a first pass that may itself be slowed 1.5-1.9x
 # A host can stay busy through both passes, and then only some calls are slowed: on the Zen 4 EPYC one start
 # calibrated batch 4's target-only verify (4 rows) at 148 ms, above batch 1's verify of 4 drafts (5 rows) at 106,
-# where undisturbed starts measure 70-84 and 72-82; auto, planning with it and cached for a week, kept speculating
+# where the session's other starts measured 70-98 for the first; auto, planning with it and cached, kept speculating
 # at C = 4 (0.75-0.82x ar). A call may cost at most CONSISTENT_WITHIN times one of the same stage with more rows on
 # the same cores (within one undisturbed calibration at most 1.13x), or at most NOISE_MS more (tiny models' calls
 # of a few ms jitter by more than the ratio); else its batch is measured again, up to EXTRA_PASSES times, each
